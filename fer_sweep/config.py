@@ -1,0 +1,214 @@
+"""The typed schema of a run's config, checked once, up front, before any data is read.
+
+Hydra composes YAML; this module merges the result into dataclasses so that a wrong type, an
+unknown key or an out-of-range value is reported as one clear message naming the setting and
+the fix, instead of surfacing as a crash an hour into a sweep.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fer_sweep.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fer2013"
+    synthetic: bool = False
+    root: str = "data/fer2013"
+    format: str = "auto"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    limit_per_class: int | None = None
+    cache_dir: str | None = None
+    mean: float | None = None
+    std: float | None = None
+    skip_bad_images: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.format in ("auto", "folder", "csv"),
+                 f"data.format={self.format!r} is not one of auto, folder, csv.")
+        _require(0.0 < self.val_fraction < 1.0,
+                 f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1 "
+                 "(the study uses 0.2).")
+        _require(self.limit_per_class is None or self.limit_per_class > 0,
+                 f"data.limit_per_class={self.limit_per_class} must be a positive number of "
+                 "images per class, or null for all images.")
+        _require(self.std is None or self.std > 0, f"data.std={self.std} must be positive.")
+        _require((self.mean is None) == (self.std is None),
+                 "data.mean and data.std must be pinned together (or both null to compute them).")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn2"
+    builder: str = "cnn"
+    # conv_net
+    conv_channels: list[int] = field(default_factory=lambda: [10, 20])
+    kernel_size: int = 3
+    padding: int = 0
+    pool: int = 2
+    batchnorm: bool = False
+    # resnet
+    stem_channels: int = 64
+    stages: list[dict[str, int]] = field(default_factory=list)
+    pool_size: int = 6
+    # head
+    hidden: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.builder in ("cnn", "resnet"),
+                 f"model.builder={self.builder!r} is not one of cnn, resnet.")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must lie in [0, 1).")
+        _require(all(h > 0 for h in self.hidden), f"model.hidden={self.hidden} must be positive.")
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Only the keys the chosen builder takes."""
+        head = {"hidden": list(self.hidden), "dropout": self.dropout}
+        if self.builder == "cnn":
+            return {"conv_channels": list(self.conv_channels), "kernel_size": self.kernel_size,
+                    "padding": self.padding, "pool": self.pool, "batchnorm": self.batchnorm,
+                    **head}
+        return {"stem_channels": self.stem_channels, "stages": [dict(s) for s in self.stages],
+                "pool_size": self.pool_size, **head}
+
+
+@dataclass
+class TransformsConfig:
+    name: str = "norm"
+    rotation: float = 0.0
+    translate: float = 0.0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.rotation <= 180.0,
+                 f"transforms.rotation={self.rotation} must be in degrees, 0..180.")
+        _require(0.0 <= self.translate < 1.0,
+                 f"transforms.translate={self.translate} is a fraction of the image, 0..1.")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("sgd", "adam", "adamw"),
+                 f"optimizer.name={self.name!r} is not one of sgd, adam, adamw.")
+        _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (the study uses 0.01).")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
+        _require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0.")
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "plateau"
+    factor: float = 0.1
+    patience: int = 10
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("plateau", "cosine", "none"),
+                 f"scheduler.name={self.name!r} is not one of plateau, cosine, none.")
+        _require(0.0 < self.factor < 1.0, f"scheduler.factor={self.factor} must be in (0, 1).")
+        _require(self.patience >= 0, f"scheduler.patience={self.patience} must be >= 0.")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 100
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    device: str = "auto"
+    seed: int = 0
+    amp: bool = True
+    channels_last: str = "auto"
+    compile: bool = False
+    threads: int | None = None
+    progress: bool = True
+    checkpoint_dir: str = "checkpoints"
+    resume: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
+        _require(self.batch_size > 0,
+                 f"trainer.batch_size={self.batch_size} must be a positive integer.")
+        _require(self.eval_batch_size > 0,
+                 f"trainer.eval_batch_size={self.eval_batch_size} must be positive.")
+        _require(bool(_DEVICE.match(self.device)),
+                 f"trainer.device={self.device!r} is not a device: use auto, cpu, cuda, "
+                 "cuda:N or mps.")
+        _require(self.channels_last in ("auto", "true", "false", "True", "False"),
+                 f"trainer.channels_last={self.channels_last!r}: use auto, true or false.")
+        _require(self.threads is None or self.threads > 0,
+                 f"trainer.threads={self.threads} must be a positive integer or null.")
+
+
+@dataclass
+class EvalConfig:
+    tta: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.tta in ("none", "flip", "shift", "flip_shift"),
+                 f"eval.tta={self.tta!r} is not one of none, flip, shift, flip_shift.")
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "fer_sweep"
+    run_name: str | None = None
+    log_model: bool = True
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment), "mlflow.experiment must not be empty.")
+        _require(bool(re.match(r"^(sqlite|https?|postgresql|mysql|file|databricks)[:+]",
+                               self.tracking_uri)),
+                 f"mlflow.tracking_uri={self.tracking_uri!r} is not a tracking URI: use "
+                 "sqlite:///path.db or http://host:port.")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Resolve and type-check a composed config; raise ConfigError with one readable message."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ConfigError(f"invalid setting {key}: {msg}") from None
