@@ -1,0 +1,48 @@
+"""``python -m fer_sweep [-m] [overrides]``: the Hydra entry point for training runs and sweeps."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import traceback
+
+import hydra
+from omegaconf import DictConfig
+
+from fer_sweep import tracking
+from fer_sweep.errors import FerSweepError
+
+log = logging.getLogger("fer_sweep")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train one configuration; returns the best validation accuracy for Hydra's sweepers.
+
+    In a multirun a failed job is recorded (MLflow run FAILED, a note for the sweep's summary)
+    and NaN is returned so that its siblings still run; the sweep then exits non-zero.
+    """
+    from fer_sweep.job import _hydra, run_job
+    from fer_sweep.train import Interrupted
+
+    multirun, sweep_dir, job_num, overrides = _hydra()
+    try:
+        return run_job(cfg)
+    except (Interrupted, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as err:
+        if not multirun:
+            if isinstance(err, FerSweepError):
+                print(f"fer_sweep: error: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        if not isinstance(err, FerSweepError):
+            traceback.print_exc()
+        print(f"fer_sweep: job #{job_num} failed: {err}", file=sys.stderr)
+        tracking.write_job_failure(sweep_dir, job_num, overrides, err, None)
+        return math.nan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""One job of a sweep: validate -> connect -> load data -> open the MLflow run -> fit -> report.
+
+Every check that can fail on user input happens before the first training step; once the run
+exists, any failure marks it FAILED (or KILLED) with the error saved on it, so nothing already
+logged is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from fer_sweep import figures, tracking
+from fer_sweep.config import Config, validate
+from fer_sweep.data import CLASSES, Dataset, load_dataset
+from fer_sweep.errors import FerSweepError
+from fer_sweep.models import describe, summary_text
+from fer_sweep.train import Result, evaluate, fit
+
+log = logging.getLogger(__name__)
+
+# Settings that do not change what a run computes: excluded from the resume key.
+_VOLATILE = {"trainer.resume", "trainer.progress", "trainer.threads", "trainer.checkpoint_dir",
+             "data.cache_dir", "data.root"}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Identifies "the same run" for trainer.resume=auto."""
+    flat = {k: v for k, v in tracking.flatten(_job_config(cfg)).items()
+            if k not in _VOLATILE and not k.startswith("mlflow.")}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _job_config(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+
+
+def _hydra() -> tuple[bool, Path | None, int, list[str]]:
+    """(multirun?, sweep dir, job number, overrides) of the current Hydra job, if any."""
+    if not HydraConfig.initialized():
+        return False, None, 0, []
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return (multirun, Path(hc.sweep.dir) if multirun else None, int(hc.job.get("num", 0) or 0),
+            list(hc.overrides.task))
+
+
+def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
+             parent_id: str | None, overrides: list[str]) -> tuple[str, bool]:
+    """(run id, resuming?): a new run, or the interrupted one named by trainer.resume."""
+    ckpt_dir = Path(conf.trainer.checkpoint_dir)
+    key = config_hash(cfg)
+    resume = conf.trainer.resume
+    if resume == "auto":
+        runs = client.search_runs(
+            [exp_id], f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=50)
+        for run in runs:
+            if (ckpt_dir / f"{run.info.run_id}.pt").exists():
+                resume = run.info.run_id
+                break
+        else:
+            log.info("trainer.resume=auto: no interrupted run of this config; starting a new one")
+            resume = None
+    if resume:
+        try:
+            run = client.get_run(resume)
+        except Exception:
+            raise FerSweepError(f"trainer.resume={resume}: no such run in "
+                                f"{conf.mlflow.tracking_uri}.") from None
+        if not (ckpt_dir / f"{resume}.pt").exists():
+            raise FerSweepError(f"trainer.resume={resume}: no checkpoint {ckpt_dir / resume}.pt "
+                                "(it is deleted when a run finishes; set trainer.checkpoint_dir "
+                                "to where the run wrote it).")
+        if run.data.tags.get("fer_sweep.config_hash") != key:
+            raise FerSweepError(f"trainer.resume={resume}: that run was trained with different "
+                                "settings; resume it with the same overrides.")
+        client.update_run(resume, status="RUNNING")
+        log.info("resuming MLflow run %s from %s", resume, ckpt_dir / f"{resume}.pt")
+        return resume, True
+
+    synthetic = conf.data.synthetic
+    name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
+    tags = {"model": conf.model.name, "transforms": conf.transforms.name,
+            "data": conf.data.name, "synthetic": str(synthetic).lower(),
+            "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
+            "fer_sweep.role": "job"}
+    if synthetic:
+        name = f"SYNTHETIC-{name}"
+        tags["mlflow.note.content"] = ("Trained on fer_sweep's synthetic faces (data=synthetic): "
+                                       "a pipeline check, never a FER2013 result.")
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    tracking.log_params(client, run_id, tracking.flatten(_job_config(cfg)))
+    return run_id, False
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
+    conf = validate(cfg)
+    multirun, sweep_dir, job_num, overrides = _hydra()
+    client = tracking.connect(conf.mlflow.tracking_uri)
+    parent = tracking.parent_info(sweep_dir) if sweep_dir else None
+    parent_id = None
+    if parent and parent["tracking_uri"] == conf.mlflow.tracking_uri \
+            and parent["experiment"] == conf.mlflow.experiment:
+        exp_id, parent_id = parent["experiment_id"], parent["parent_run_id"]
+    else:
+        exp_id = tracking.experiment_id(client, conf.mlflow.experiment)
+
+    data = load_dataset(conf.data)
+    log.info("data: %s  train %d  val %d  test %d  mean %.4f std %.4f  (%s)", conf.data.name,
+             len(data.train), len(data.val), len(data.test), data.mean, data.std,
+             "cache hit" if data.info.get("cache_hit") else "decoded")
+
+    run_id, resuming = open_run(client, exp_id, conf, cfg, parent_id, overrides)
+    ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
+    try:
+        if resuming:
+            _relog_missing_epochs(client, run_id, ckpt)
+        else:
+            _log_data_info(client, run_id, data)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            tracking.log_metrics(client, run_id, metrics, step=epoch)
+
+        result = fit(conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch)
+        report(client, run_id, conf, cfg, data, result)
+        client.set_terminated(run_id, status="FINISHED")
+    except BaseException as err:
+        from fer_sweep.train import Interrupted
+
+        killed = isinstance(err, (Interrupted, KeyboardInterrupt))
+        tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
+        if killed:
+            print(f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
+                  f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
+                  file=sys.stderr)
+        raise
+    ckpt.unlink(missing_ok=True)
+    return result.state.best_val_acc
+
+
+def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
+    counts = {split: dict(zip(CLASSES, getattr(data, split).class_counts(), strict=True))
+              for split in ("train", "val", "test")}
+    client.log_dict(run_id, {"classes": list(CLASSES), "counts": counts, **data.info},
+                    "data.json")
+    tracking.log_params(client, run_id, {"data.mean_used": f"{data.mean:.8f}",
+                                         "data.std_used": f"{data.std:.8f}",
+                                         "data.n_train": str(len(data.train)),
+                                         "data.n_val": str(len(data.val)),
+                                         "data.n_test": str(len(data.test)),
+                                         "data.converted": str(data.info.get("converted", 0))})
+
+
+def _relog_missing_epochs(client: MlflowClient, run_id: str, ckpt: Path) -> None:
+    """An interruption between the checkpoint and the metric write leaves a gap: fill it."""
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
+    for epoch in range(blob["epoch"] + 1):
+        if epoch not in logged:
+            tracking.log_metrics(client, run_id,
+                                 {k: v[epoch] for k, v in blob["history"].items()}, step=epoch)
+
+
+def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset,
+           result: Result) -> None:
+    """Test metrics for the best-validation weights (and the last epoch's), figures, model."""
+    model, state, dev = result.model, result.state, result.device
+    tc = conf.trainer
+
+    def test(tta: str = "none") -> dict[str, Any]:
+        return evaluate(model, data.test, result.tfm, tc.eval_batch_size, dev, tc.amp,
+                        result.channels_last, tta)
+
+    last = test()
+    if state.best_weights is not None:
+        model.load_state_dict(state.best_weights)
+    best = test()
+    y = data.test.y
+    pred = best["pred"]
+    metrics: dict[str, float] = {
+        "test_acc": best["acc"], "test_loss": best["loss"],
+        "test_acc_last": last["acc"], "test_loss_last": last["loss"],
+        "best_epoch": state.best_epoch + 1, "best_val_acc": state.best_val_acc,
+        "final_train_loss": state.history["train_loss"][-1],
+        "n_params": result.n_params, "train_seconds": result.train_seconds,
+        "macro_f1": figures.macro_f1(y, pred, len(CLASSES)),
+    }
+    for name, acc in zip(CLASSES, figures.per_class_accuracy(y, pred, len(CLASSES)), strict=True):
+        metrics[f"test_acc_{name}"] = acc
+    usage = data.test.usage
+    if usage is not None:
+        for code, name in ((0, "public"), (1, "private")):
+            mask = usage == code
+            if mask.any():
+                metrics[f"test_acc_{name}"] = (pred[mask] == y[mask]).float().mean().item()
+    if conf.eval.tta != "none":
+        tta = test(conf.eval.tta)
+        metrics["test_acc_tta"], metrics["test_loss_tta"] = tta["acc"], tta["loss"]
+    tracking.log_metrics(client, run_id, metrics, step=state.epoch)
+    log.info("test_acc %.4f (best epoch %d, val_acc %.4f), last-epoch test_acc %.4f",
+             best["acc"], state.best_epoch + 1, state.best_val_acc, last["acc"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(_job_config(cfg), resolve=True))
+        model_cpu = model.to("cpu", memory_format=torch.contiguous_format).float()
+        (out / "model_summary.txt").write_text(
+            f"{describe(model_cpu)}\n\n{summary_text(model_cpu)}\n")
+        np.savez_compressed(out / "predictions.npz", test_probs=best["probs"].numpy(),
+                            test_y=y.numpy(), classes=np.array(CLASSES))
+        if conf.mlflow.figures:
+            title = f"{conf.model.name} / {conf.transforms.name}"
+            figures.learning_curves(state.history, out / "curves.png", title=title,
+                                    best_epoch=state.best_epoch)
+            figures.confusion_matrix(y, pred, CLASSES, out / "confusion_matrix.png",
+                                     title=f"{title}: test accuracy {best['acc']:.1%}")
+            figures.misclassification_panels(data.test.x, y, pred, CLASSES,
+                                             out / "misclassified")
+        client.log_artifacts(run_id, str(out))
+    if conf.mlflow.log_model:
+        _log_model(client, run_id, model_cpu)
+
+
+def _log_model(client: MlflowClient, run_id: str, model: torch.nn.Module) -> None:
+    """The best weights as an MLflow PyTorch model: ``mlflow.pytorch.load_model(runs:/ID/model)``."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    # Pickle is what lets any model class load back without an example input (MLflow warns
+    # about it on every run); predict.py only loads runs of the user's own store.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -1,0 +1,225 @@
+"""MLflow tracking: one store, one experiment, one run per job, one parent run per sweep.
+
+Everything goes through ``MlflowClient`` with explicit run ids, so nothing depends on MLflow's
+process-global "active run" (jobs may share a process, a thread pool or nothing at all).
+
+The parent run of a multirun is created ONCE, in the launching process, before any job starts
+(``MultirunParentCallback.on_multirun_start``): parallel jobs that first touch a new sqlite file
+race in its schema migration and lose runs. The parent's id reaches the jobs through a small file
+in the sweep folder, which every launcher (basic, joblib, submitit) shares.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from fer_sweep.errors import FerSweepError
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent.json"
+FAILURES_DIR = "failures"
+TAG_PREFIX = "fer_sweep."
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the URI, when an HTTP tracking server does not answer.
+
+    MLflow's own client retries for minutes before giving up, which would look like a hang.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
+            if resp.status == 200:
+                return
+            problem = f"it answered HTTP {resp.status}"
+    except (TimeoutError, urllib.error.URLError, OSError) as err:
+        problem = f"{getattr(err, 'reason', err)}"
+    raise FerSweepError(
+        f"cannot reach the MLflow tracking server at {uri} ({problem}). Start it (e.g. "
+        "`mlflow server --host 127.0.0.1 --port 5000 --serve-artifacts`) or log to a local "
+        "store with mlflow.tracking_uri=sqlite:///mlflow.db."
+    )
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for ``uri``, after a fast reachability check; sqlite parent folders are created."""
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created when missing (tolerating a concurrent creator)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it between our two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into MLflow params: ``{"optimizer.lr": "0.01", ...}``."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def git_commit() -> str | None:
+    """The source tree's commit, so a run can be traced back to the code that produced it."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
+                step: int = 0) -> None:
+    """One batched call per step; non-finite values are skipped (MLflow rejects some stores' NaN)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+    if items:
+        client.log_batch(run_id, metrics=items)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def record_failure(client: MlflowClient | None, run_id: str | None, err: BaseException,
+                   status: str = "FAILED") -> None:
+    """Mark a run FAILED (or KILLED) with the error saved on it; never raises."""
+    if client is None or run_id is None:
+        return
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    try:
+        set_tags(client, run_id, {f"{TAG_PREFIX}error": f"{type(err).__name__}: {err}"[:5000]})
+        client.log_text(run_id, text, "error.txt")
+    except Exception as log_err:  # the store itself may be what failed
+        log.warning("could not save the error on run %s: %s", run_id, log_err)
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as term_err:
+        log.warning("could not mark run %s %s: %s", run_id, status, term_err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiruns: one parent run, created before the jobs; failures summarised at the end.
+
+
+def parent_info(sweep_dir: str | os.PathLike[str]) -> dict[str, str] | None:
+    """What on_multirun_start wrote for the jobs of this sweep, if anything."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_job_failure(sweep_dir: str | os.PathLike[str], job_num: int, overrides: Iterable[str],
+                      err: BaseException, run_id: str | None) -> None:
+    """Leave a note for on_multirun_end: the launcher reports failures differently or not at all."""
+    folder = Path(sweep_dir) / FAILURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    note = {"job": job_num, "overrides": list(overrides), "run_id": run_id,
+            "error": f"{type(err).__name__}: {err}"}
+    (folder / f"{job_num}.json").write_text(json.dumps(note))
+
+
+class MultirunParentCallback(Callback):
+    """Create the sweep's parent run up front; close it with a summary when the sweep ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
+
+        try:
+            conf = validate(config)  # catches what is wrong for every job before any starts
+            client = connect(conf.mlflow.tracking_uri)
+            exp_id = experiment_id(client, conf.mlflow.experiment)
+        except FerSweepError as err:
+            print(f"fer_sweep: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        overrides = list(config.hydra.overrides.task)
+        name = str(config.hydra.get("job", {}).get("name", "sweep"))
+        tags = {f"{TAG_PREFIX}sweep_dir": str(sweep_dir.resolve()),
+                f"{TAG_PREFIX}overrides": " ".join(overrides),
+                f"{TAG_PREFIX}role": "parent",
+                f"{TAG_PREFIX}sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                f"{TAG_PREFIX}launcher": str(config.hydra.launcher.get("_target_", ""))}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}-{name}", tags=tags)
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({
+            "tracking_uri": conf.mlflow.tracking_uri, "experiment": conf.mlflow.experiment,
+            "experiment_id": exp_id, "parent_run_id": run.info.run_id}))
+        log.info("MLflow parent run %s in experiment %r (%s)", run.info.run_id,
+                 conf.mlflow.experiment, conf.mlflow.tracking_uri)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        info = parent_info(sweep_dir)
+        failures = sorted((json.loads(p.read_text()) for p in
+                           (sweep_dir / FAILURES_DIR).glob("*.json")), key=lambda f: f["job"])
+        if info is not None:
+            client = MlflowClient(tracking_uri=info["tracking_uri"])
+            parent = info["parent_run_id"]
+            children = client.search_runs([info["experiment_id"]],
+                                          f"tags.mlflow.parentRunId = '{parent}'",
+                                          max_results=10000)
+            counts: dict[str, int] = {}
+            for child in children:
+                counts[child.info.status] = counts.get(child.info.status, 0) + 1
+            log_metrics(client, parent, {"jobs": len(children), "jobs_failed": len(failures)})
+            if failures:
+                client.log_text(parent, json.dumps(failures, indent=2), "failures.json")
+            client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
+        if failures:
+            lines = [f"fer_sweep: {len(failures)} job(s) failed:"]
+            lines += [f"  #{f['job']} {' '.join(f['overrides'])}: {f['error']}" for f in failures]
+            print("\n".join(lines), file=sys.stderr)
+            raise SystemExit(1)

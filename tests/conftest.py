@@ -1,0 +1,37 @@
+"""Shared fixtures: real data when FER2013_ROOT is set, else the synthetic dataset; every cache
+and MLflow store in a temporary folder (../shared is read-only in CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One decoded-data cache for the whole session (subprocesses inherit it).
+os.environ.setdefault("FER_SWEEP_CACHE", tempfile.mkdtemp(prefix="fer_sweep_cache_"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def real_data() -> bool:
+    root = os.environ.get("FER2013_ROOT")
+    return bool(root) and (Path(root) / "train").is_dir()
+
+
+@pytest.fixture
+def data_overrides() -> list[str]:
+    """Real FER2013 when FER2013_ROOT points at it, else data=synthetic."""
+    return [] if real_data() else ["data=synthetic"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 900, module: str = "fer_sweep",
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <module> args`` the way a user does, in ``cwd``."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
