@@ -112,7 +112,8 @@ class OptimizerConfig:
         _require(self.name in ("sgd", "adam", "adamw"),
                  f"optimizer.name={self.name!r} is not one of sgd, adam, adamw.")
         _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (the study uses 0.01).")
-        _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
+        _require(self.weight_decay >= 0,
+                 f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
         _require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0.")
 
 

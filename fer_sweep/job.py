@@ -106,7 +106,7 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
     commit = tracking.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
-    run = client.create_run(exp_id, run_name=name, tags=tags)
+    run = tracking.retry(client.create_run, exp_id, run_name=name, tags=tags)
     run_id = run.info.run_id
     tracking.log_params(client, run_id, tracking.flatten(_job_config(cfg)))
     return run_id, False
@@ -116,6 +116,9 @@ def run_job(cfg: DictConfig) -> float:
     """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
     conf = validate(cfg)
     multirun, sweep_dir, job_num, overrides = _hydra()
+    if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
+        # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.
+        conf.trainer.device = f"cuda:{job_num % torch.cuda.device_count()}"
     client = tracking.connect(conf.mlflow.tracking_uri)
     parent = tracking.parent_info(sweep_dir) if sweep_dir else None
     parent_id = None
@@ -143,7 +146,7 @@ def run_job(cfg: DictConfig) -> float:
 
         result = fit(conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch)
         report(client, run_id, conf, cfg, data, result)
-        client.set_terminated(run_id, status="FINISHED")
+        tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
         from fer_sweep.train import Interrupted
 
@@ -158,11 +161,15 @@ def run_job(cfg: DictConfig) -> float:
     return result.state.best_val_acc
 
 
-def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
+def _data_json(data: Dataset) -> str:
     counts = {split: dict(zip(CLASSES, getattr(data, split).class_counts(), strict=True))
               for split in ("train", "val", "test")}
-    client.log_dict(run_id, {"classes": list(CLASSES), "counts": counts, **data.info},
-                    "data.json")
+    return json.dumps({"classes": list(CLASSES), "counts": counts, **data.info}, indent=2)
+
+
+def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
+    """Params only: artifacts are written at the end, so a broken artifact store cannot stop
+    the metrics from being logged."""
     tracking.log_params(client, run_id, {"data.mean_used": f"{data.mean:.8f}",
                                          "data.std_used": f"{data.std:.8f}",
                                          "data.n_train": str(len(data.train)),
@@ -222,6 +229,7 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        (out / "data.json").write_text(_data_json(data))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(_job_config(cfg), resolve=True))
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).float()
         (out / "model_summary.txt").write_text(
@@ -242,7 +250,7 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
 
 
 def _log_model(client: MlflowClient, run_id: str, model: torch.nn.Module) -> None:
-    """The best weights as an MLflow PyTorch model: ``mlflow.pytorch.load_model(runs:/ID/model)``."""
+    """The best weights as an MLflow PyTorch model (``mlflow.pytorch.load_model``)."""
     import mlflow
     import mlflow.pytorch
 

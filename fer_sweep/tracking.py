@@ -21,9 +21,9 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.experimental.callback import Callback
 from mlflow.entities import Metric, Param, RunTag
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_DIR = "failures"
 TAG_PREFIX = "fer_sweep."
+T = TypeVar("T")
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -105,30 +106,47 @@ def git_commit() -> str | None:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """Call ``fn``, retrying while a shared sqlite store is locked by another writer.
+
+    Eight jobs writing to one sqlite file at once do hit "database is locked" now and then;
+    waiting a moment is all it takes, and a lost metric is worse than a short pause.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(run_id, params=items[i:i + 100])
+        retry(client.log_batch, run_id, params=items[i:i + 100])
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
                 step: int = 0) -> None:
-    """One batched call per step; non-finite values are skipped (MLflow rejects some stores' NaN)."""
+    """One batched call per step; non-finite values are skipped (some stores reject NaN)."""
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
     if items:
-        client.log_batch(run_id, metrics=items)
+        retry(client.log_batch, run_id, metrics=items)
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    retry(client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
 def record_failure(client: MlflowClient | None, run_id: str | None, err: BaseException,
@@ -143,7 +161,7 @@ def record_failure(client: MlflowClient | None, run_id: str | None, err: BaseExc
     except Exception as log_err:  # the store itself may be what failed
         log.warning("could not save the error on run %s: %s", run_id, log_err)
     try:
-        client.set_terminated(run_id, status=status)
+        retry(client.set_terminated, run_id, status=status)
     except Exception as term_err:
         log.warning("could not mark run %s %s: %s", run_id, status, term_err)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow.pytorch
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -54,7 +53,8 @@ def test_six_finished_child_runs_under_one_parent(sweep: tuple[MlflowClient, str
 def test_artifacts_and_model_round_trip(sweep: tuple[MlflowClient, str, Path]) -> None:
     client, uri, _ = sweep
     exp = client.get_experiment_by_name("smoke")
-    run = client.search_runs([exp.experiment_id], "tags.model = 'cnn2' and tags.transforms = 'aug'")[0]
+    run = client.search_runs([exp.experiment_id],
+                             "tags.model = 'cnn2' and tags.transforms = 'aug'")[0]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model_summary.txt", "curves.png", "confusion_matrix.png",
             "predictions.npz", "misclassified"} <= names, names

@@ -1,0 +1,134 @@
+"""Faults: a crashing or diverging job, an interruption, many writers, a broken artifact store.
+Nothing a user already computed may be lost."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+TINY = ["data.limit_per_class=8", "trainer.progress=false", "mlflow.log_model=false",
+        "mlflow.figures=false"]
+
+
+def _runs(uri: str, experiment: str, role: str = "job") -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("fer_sweep.role") == role]
+
+
+def _history(uri: str, run_id: str, key: str) -> list[float]:
+    hist = MlflowClient(uri).get_metric_history(run_id, key)
+    return [m.value for m in sorted(hist, key=lambda m: m.step)]
+
+
+def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
+        tmp_path: Path, data_overrides: list[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = run_cli(["-m", "optimizer.lr=0.01,1e12,0.02", "trainer.epochs=2", *TINY,
+                    f"mlflow.tracking_uri={uri}", "mlflow.experiment=div", *data_overrides],
+                   cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "1 job(s) failed" in proc.stderr and "optimizer.lr=1000000000000.0" in proc.stderr
+    runs = {r.data.params["optimizer.lr"]: r for r in _runs(uri, "div")}
+    assert runs["1000000000000.0"].info.status == "FAILED"
+    assert "diverg" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower() or \
+        "nan" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower()
+    assert runs["0.01"].info.status == "FINISHED" and runs["0.02"].info.status == "FINISHED"
+    assert "test_acc" in runs["0.02"].data.metrics  # the job after the failure still ran
+    (parent,) = _runs(uri, "div", role="parent")
+    assert parent.info.status == "FAILED"
+
+
+def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
+        tmp_path: Path, data_overrides: list[str]) -> None:
+    args = ["model=cnn2", "trainer.epochs=20", "data.limit_per_class=60", "trainer.seed=3",
+            "trainer.progress=false", "mlflow.log_model=false", "mlflow.figures=false",
+            *data_overrides]
+    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    ref = run_cli([*args, f"mlflow.tracking_uri={ref_uri}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    (ref_run,) = _runs(ref_uri, "fer_sweep")
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    # Create the store first: this test polls it while the job runs, and two processes that
+    # first touch a new sqlite file race in MLflow's schema migration.
+    MlflowClient(uri).search_experiments()
+    proc = subprocess.Popen([sys.executable, "-m", "fer_sweep", *args,
+                             f"mlflow.tracking_uri={uri}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until two epochs are logged, then interrupt in the middle of the third.
+    deadline = time.time() + 300
+    run_id = None
+    while time.time() < deadline and proc.poll() is None:
+        exp = MlflowClient(uri).get_experiment_by_name("fer_sweep")
+        runs = _runs(uri, "fer_sweep") if exp else []
+        if runs and len(_history(uri, runs[0].info.run_id, "val_acc")) >= 2:
+            run_id = runs[0].info.run_id
+            break
+        time.sleep(0.05)
+    assert run_id is not None, "the run never reached its second epoch"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "KILLED" in err and "trainer.resume" in err
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+
+    resumed = run_cli([*args, f"mlflow.tracking_uri={uri}", "trainer.resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = _runs(uri, "fer_sweep")
+    assert [r.info.run_id for r in runs] == [run_id]  # the same run continued
+    assert runs[0].info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert _history(uri, run_id, key) == _history(ref_uri, ref_run.info.run_id, key), key
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch"):
+        assert runs[0].data.metrics[key] == ref_run.data.metrics[key], key
+    assert not (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+
+
+def test_eight_parallel_writers_on_a_new_default_store(
+        tmp_path: Path, data_overrides: list[str]) -> None:
+    seeds = ",".join(str(s) for s in range(8))
+    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=8",
+                    f"trainer.seed={seeds}", "trainer.epochs=3", "model=cnn2", *TINY,
+                    *data_overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlflow.db"  # the default store, new to this sweep
+    uri = f"sqlite:///{db}"
+    runs = _runs(uri, "fer_sweep")
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.params["trainer.seed"] for r in runs) == [str(s) for s in range(8)]
+    for r in runs:
+        for key in ("train_loss", "val_acc", "lr"):
+            assert len(_history(uri, r.info.run_id, key)) == 3, (r.info.run_id, key)
+        assert "test_acc" in r.data.metrics
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_artifact_failure_keeps_metrics_and_marks_the_run_failed(
+        tmp_path: Path, data_overrides: list[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("artifacts cannot be written below a file")
+    client = MlflowClient(uri)
+    client.create_experiment("broken", artifact_location=(blocker / "artifacts").as_uri())
+    proc = run_cli(["model=cnn2", "trainer.epochs=2", *TINY, "mlflow.figures=true",
+                    f"mlflow.tracking_uri={uri}", "mlflow.experiment=broken", *data_overrides],
+                   cwd=tmp_path)
+    assert proc.returncode != 0
+    (run,) = _runs(uri, "broken")
+    assert run.info.status == "FAILED"
+    assert run.data.tags.get("fer_sweep.error")
+    assert len(_history(uri, run.info.run_id, "val_acc")) == 2
+    assert "test_acc" in run.data.metrics
