@@ -1,0 +1,737 @@
+"""FER2013 loading: image folders or the challenge CSV -> uint8 tensors, with a checked cache.
+
+Label order (``CLASSES``) is the Kaggle challenge CSV's ``emotion`` column, 0..6 =
+Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral. Image folders are mapped onto it by
+folder name, so the same image gets the same label from either format and results stay
+comparable with papers that use the CSV. It is *not* the alphabetical order that
+torchvision's ImageFolder would use.
+
+Decoding 35,887 JPEGs takes seconds, so decoded arrays are cached in ``cache_dir`` (never in
+the data root, which may be read-only). The cache file name holds a key derived from the
+file listing (paths, sizes, mtimes), so an edited dataset gets a new cache instead of stale
+arrays; the content is checksummed because a half-written or damaged cache must never be
+trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from pathlib import Path
+from stat import S_ISREG
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from PIL.JpegImagePlugin import JpegImageFile
+
+from fer_sweep.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+IMAGE_SIZE = 48
+
+CACHE_VERSION = 1
+SYNTHETIC_DIRNAME = "synthetic-v1"  # bump when make_synthetic's output changes
+CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+)
+_USAGE_CODES = {"Training": None, "PublicTest": 0, "PrivateTest": 1}
+_NPIX = IMAGE_SIZE * IMAGE_SIZE
+_CSV_CHUNK_ROWS = 1024  # ~10 MB of text per numpy parse: bounded memory, still fast
+
+
+@dataclass
+class Split:
+    """One split as plain tensors: small enough (83 MB for all of FER2013) to keep in RAM."""
+
+    x: torch.Tensor  # uint8 (N, 48, 48)
+    y: torch.Tensor  # int64 (N,)
+    usage: torch.Tensor | None = None  # int8 (N,): 0 PublicTest, 1 PrivateTest, -1 unknown
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def class_counts(self) -> list[int]:
+        """Samples per class in ``CLASSES`` order (zeros included, so always length 7)."""
+        return torch.bincount(self.y, minlength=len(CLASSES)).tolist()
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        """A copy holding only ``idx`` (indices or a bool mask); copies stay contiguous."""
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx, as_tuple=True)[0]
+        # numpy's gather is several times faster than torch's for this uint8 copy
+        i = idx.to(torch.int64).cpu().numpy()
+        usage = None if self.usage is None else torch.from_numpy(self.usage.numpy()[i])
+        return Split(torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]),
+                     usage)
+
+
+@dataclass
+class Dataset:
+    """Train/val/test splits plus the normalisation the model should use."""
+
+    train: Split
+    val: Split
+    test: Split
+    mean: float
+    std: float
+    info: dict = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    """$FER_SWEEP_CACHE if set, else ~/.cache/fer_sweep (outside any read-only data root)."""
+    env = os.environ.get("FER_SWEEP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "fer_sweep"
+
+
+# ----------------------------------------------------------------------------- source lookup
+
+
+def _not_found(problem: str) -> DataError:
+    """One message that says where we looked, what we expected and how to get the data."""
+    return DataError(
+        f"FER2013 not found: {problem}. Expected either the image folders "
+        f"train/<class>/ and test/<class>/ with class folders {', '.join(CLASSES)} "
+        '(Kaggle dataset "msambare/fer2013"), or the challenge CSV fer2013.csv '
+        "(or icml_face_data.csv). Download one of them, then set data.root=<that folder> or "
+        "the FER2013_ROOT environment variable; or run with data=synthetic to try the tool "
+        "without FER2013."
+    )
+
+
+def _resolve_format(root: Path, fmt: str) -> tuple[str, Path]:
+    """Pick the layout actually present; the returned path is the root or the CSV file."""
+    if fmt not in ("auto", "folder", "csv"):
+        raise ConfigError(f"data.format={fmt!r} is not one of 'auto', 'folder', 'csv'.")
+    if not root.exists():
+        raise _not_found(f"{root} does not exist")
+    if not root.is_dir():
+        raise _not_found(f"{root} is not a folder")
+    has_folders = (root / "train").is_dir() and (root / "test").is_dir()
+    csv = next((root / n for n in CSV_NAMES if (root / n).is_file()), None)
+    if fmt in ("auto", "folder") and has_folders:
+        return "folder", root
+    if fmt in ("auto", "csv") and csv is not None:
+        return "csv", csv
+    present = sorted(p.name for p in root.iterdir())[:8]
+    wanted = {"auto": "neither layout", "folder": "no train/ and test/ folders",
+              "csv": f"no {' or '.join(CSV_NAMES)}"}[fmt]
+    raise _not_found(f"{wanted} in {root}, which contains {present or 'nothing'}")
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def _cache_path(cache_dir: Path, fmt: str, key: str) -> Path:
+    return cache_dir / f"fer2013-{fmt}-v{CACHE_VERSION}-{key[:24]}.pt"
+
+
+def _checksum(arrays: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> int:
+    crc = zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(arrays):
+        crc = zlib.crc32(arrays[name].contiguous().numpy(), crc)
+    return crc
+
+
+_ARRAY_SPECS = {  # name -> (dtype, ndim)
+    "train_x": (torch.uint8, 3), "train_y": (torch.int64, 1),
+    "test_x": (torch.uint8, 3), "test_y": (torch.int64, 1), "test_usage": (torch.int8, 1),
+}
+
+
+def _read_cache(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Arrays and meta from a verified cache file; None (after a warning) if it is unusable."""
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or obj.get("version") != CACHE_VERSION:
+            raise ValueError("written by another cache version")
+        if obj.get("key") != key:
+            raise ValueError("it belongs to a different dataset listing")
+        arrays, meta = obj["arrays"], obj["meta"]
+        for name, (dtype, ndim) in _ARRAY_SPECS.items():
+            a = arrays[name]
+            if not isinstance(a, torch.Tensor) or a.dtype != dtype or a.dim() != ndim:
+                raise ValueError(f"array {name} has the wrong type")
+        for s in ("train", "test"):
+            n = arrays[f"{s}_y"].shape[0]
+            if arrays[f"{s}_x"].shape != (n, IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"{s} arrays have inconsistent shapes")
+        if arrays["test_usage"].shape[0] != arrays["test_y"].shape[0]:
+            raise ValueError("test usage has the wrong length")
+        if _checksum(arrays, meta) != obj["crc"]:
+            raise ValueError("checksum mismatch")
+    except Exception as e:  # any damage at all means: do not trust it, rebuild
+        warnings.warn(f"Ignoring cache file {path} ({e}); rebuilding it.", stacklevel=3)
+        return None
+    return arrays, meta
+
+
+def _write_cache(path: Path, key: str, arrays: dict[str, torch.Tensor], meta: dict) -> bool:
+    """Atomic write (temp file + os.replace), so readers never see a half-written cache."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        payload = {"version": CACHE_VERSION, "key": key, "meta": meta, "arrays": arrays,
+                   "crc": _checksum(arrays, meta)}
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        warnings.warn(f"Could not write the data cache {path} ({e}); continuing without it. "
+                      "Set data.cache_dir to a writable folder to speed up later runs.",
+                      stacklevel=3)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
+
+
+# ----------------------------------------------------------------------------- folder format
+
+
+@dataclass
+class _Listing:
+    # split -> [(class index, folder path, sorted image file names)], in class-index order
+    files: dict[str, list[tuple[int, str, list[str]]]]
+    ignored: list[str]
+    key: str
+
+
+_IMAGE_SUFFIXES = tuple(IMAGE_EXTENSIONS)
+
+
+def _scan_folder(root: Path) -> _Listing:
+    """List and stat every file once: the listing drives decoding and the cache key.
+
+    This runs on every load, cache hit or not, so the per-file loop is kept minimal."""
+    stamp: list[tuple[str, list]] = []  # per folder: sorted (name, size, mtime_ns, mode)
+    ignored: list[str] = []
+    files: dict[str, list[tuple[int, str, list[str]]]] = {}
+    for split in ("train", "test"):
+        seen: dict[int, str] = {}
+        folders: list[tuple[int, str, list[str]]] = []
+        with os.scandir(root / split) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = f"{split}/{entry.name}"
+            if entry.name.startswith(".") or not entry.is_dir():
+                ignored.append(rel)
+                st = entry.stat()
+                stamp.append((rel, [(entry.name, st.st_size, st.st_mtime_ns, st.st_mode)]))
+                continue
+            cls = entry.name.lower()
+            if cls not in CLASSES:
+                raise DataError(
+                    f"Unknown class folder {root / split / entry.name}: FER2013 class folders "
+                    f"must be named {', '.join(CLASSES)}. Rename or remove it."
+                )
+            c = CLASSES.index(cls)
+            if c in seen:
+                raise DataError(f"Both {split}/{seen[c]} and {rel} map to class {cls!r}; "
+                                "merge them into one folder.")
+            seen[c] = entry.name
+            rows = []
+            with os.scandir(entry.path) as it2:
+                for f in it2:
+                    st = f.stat()
+                    rows.append((f.name, st.st_size, st.st_mtime_ns, st.st_mode))
+            rows.sort()
+            stamp.append((rel, rows))
+            # Hidden files such as macOS "._x.jpg" are not images, whatever their suffix.
+            names = [n for n, _, _, mode in rows
+                     if n[0] != "." and n.lower().endswith(_IMAGE_SUFFIXES) and S_ISREG(mode)]
+            if len(names) < len(rows):
+                keep = set(names)
+                ignored.extend(f"{rel}/{n}" for n, _, _, _ in rows if n not in keep)
+            if not names:
+                raise DataError(f"Class folder {root / split / entry.name} contains no images; "
+                                "add its images or restore the original download.")
+            folders.append((c, entry.path, names))
+        missing = [CLASSES[c] for c in range(len(CLASSES)) if c not in seen]
+        if missing:
+            raise DataError(f"{root / split} has no class folder for {', '.join(missing)}; "
+                            f"all of {', '.join(CLASSES)} are needed.")
+        files[split] = sorted(folders, key=itemgetter(0))
+    key = hashlib.blake2b(repr(stamp).encode(), digest_size=16).hexdigest()
+    return _Listing(files, sorted(ignored), key)
+
+
+def _decode(data: bytes) -> tuple[np.ndarray, bool]:
+    """Decode anything Pillow reads; returns (48x48 uint8, whether it had to be converted).
+
+    Pillow, not torchvision: torchvision 0.29 deprecates its decoders (a warning per call)
+    and importing it costs ~2 s. Serial: with 2 cores, threads lose more to GIL hand-offs on
+    these tiny images than they gain. FER2013 JPEGs skip Image.open's format probing."""
+    fp = io.BytesIO(data)
+    with JpegImageFile(fp) if data[:3] == b"\xff\xd8\xff" else Image.open(fp) as im:
+        if im.mode == "L" and im.size == (IMAGE_SIZE, IMAGE_SIZE):  # the common case
+            return np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(im.size), False
+        im.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode straight to gray, reduced
+        if im.mode != "L":
+            im = im.convert("L")
+        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8), True
+
+
+def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    arrays: dict[str, torch.Tensor] = {}
+    converted: list[str] = []
+    skipped: list[str] = []
+    for split, folders in listing.files.items():
+        paths = [os.path.join(folder, n) for _, folder, names in folders for n in names]
+        x = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        keep = np.ones(len(paths), dtype=bool)
+        for i, path in enumerate(paths):
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                x[i], was_converted = _decode(data)
+            except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
+                if not skip_bad:
+                    raise DataError(
+                        f"Cannot decode image {path} ({type(e).__name__}: {e}). Replace or "
+                        "delete the file, or set data.skip_bad_images=true to skip "
+                        "unreadable images."
+                    ) from e
+                keep[i] = False
+                skipped.append(path)
+                continue
+            if was_converted:
+                converted.append(path)
+        y = np.concatenate([np.full(len(names), c, dtype=np.int64) for c, _, names in folders])
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = torch.from_numpy(x), torch.from_numpy(y)
+        if split == "test":
+            arrays["test_usage"] = torch.from_numpy(np.array(
+                [_usage_from_name(n) for _, _, names in folders for n in names], dtype=np.int8))
+        if not keep.all():  # drop skipped images (copying only when there are any)
+            for name in [k for k in arrays if k.startswith(f"{split}_")]:
+                arrays[name] = arrays[name][torch.from_numpy(keep)]
+    if converted:
+        log.warning("Converted %d images that were not 48x48 grayscale to 48x48 gray "
+                    "(e.g. %s).", len(converted), converted[0])
+    if skipped:
+        warnings.warn(f"Skipped {len(skipped)} unreadable images (data.skip_bad_images=true), "
+                      f"e.g. {skipped[0]}.", stacklevel=3)
+    return arrays, {"converted": len(converted), "skipped": len(skipped)}
+
+
+def _usage_from_name(name: str) -> int:
+    low = name.lower()
+    if low.startswith("publictest_"):
+        return 0
+    if low.startswith("privatetest_"):
+        return 1
+    return -1
+
+
+# ----------------------------------------------------------------------------- CSV format
+
+
+def _csv_key(path: Path) -> str:
+    st = path.stat()
+    text = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _row_error(path: Path, lineno: int, problem: str) -> DataError:
+    return DataError(f"{path} line {lineno}: {problem}. Fix or delete that row.")
+
+
+def _text(field: bytes) -> str:
+    return repr(field.decode(errors="replace"))
+
+
+def _parse_pixels_slow(path: Path, lineno: int, text: bytes) -> np.ndarray:
+    """Exact per-row check, only run when the fast parse failed, to name the bad line."""
+    tokens = text.split()
+    if len(tokens) != _NPIX:
+        raise _row_error(path, lineno, f"expected {_NPIX} pixel values, found {len(tokens)}")
+    values = np.empty(_NPIX, dtype=np.uint8)
+    for j, tok in enumerate(tokens):
+        try:
+            v = int(tok)
+        except ValueError:
+            raise _row_error(path, lineno, f"pixel {j + 1} is {_text(tok)}, not an integer "
+                             "0..255") from None
+        if not 0 <= v <= 255:
+            raise _row_error(path, lineno, f"pixel {j + 1} is {v}, outside 0..255")
+        values[j] = v
+    return values
+
+
+def _parse_pixel_chunk(path: Path, rows: Sequence[tuple[int, bytes]]) -> np.ndarray:
+    """Parse rows with numpy's C parser (it checks counts and 0..255 itself); only if that
+    fails, re-check row by row to report the exact line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # empty input warns; the shape check catches it
+            out = np.loadtxt(io.BytesIO(b"\n".join(t for _, t in rows)), dtype=np.uint8,
+                             delimiter=" ", comments=None, ndmin=2)
+        if out.shape == (len(rows), _NPIX):
+            return out.reshape(len(rows), IMAGE_SIZE, IMAGE_SIZE)
+    except ValueError:
+        pass
+    out = np.stack([_parse_pixels_slow(path, n, t) for n, t in rows])
+    return out.reshape(len(rows), IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Both Kaggle CSV variants; columns are found by (stripped) header name, not position.
+    Works on bytes: decoding 290 MB of text would only cost time."""
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    usages: list[int] = []
+    chunks: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    pending: dict[str, list[tuple[int, bytes]]] = {"train": [], "test": []}
+    usage_codes = {k.encode(): v for k, v in _USAGE_CODES.items()}
+    with open(path, "rb") as f:
+        first = f.readline().decode("utf-8-sig", errors="replace")
+        header = [h.strip().strip('"').lower() for h in first.split(",")]
+        try:
+            ci, ui, pi = (header.index(n) for n in ("emotion", "usage", "pixels"))
+        except ValueError:
+            raise DataError(f"{path} line 1: header is {header}, expected the columns "
+                            "emotion, pixels, Usage (the Kaggle FER2013 CSV).") from None
+        for lineno, line in enumerate(f, start=2):
+            fields = [v.strip().strip(b'"') for v in line.split(b",")]
+            if len(fields) != len(header):
+                if not line.strip():
+                    continue
+                raise _row_error(path, lineno, f"expected {len(header)} comma-separated "
+                                 f"fields, found {len(fields)}")
+            label = fields[ci]
+            if not (label.isdigit() and int(label) < len(CLASSES)):
+                raise _row_error(path, lineno, f"emotion is {_text(label)}, expected an "
+                                 f"integer 0..{len(CLASSES) - 1}")
+            usage = usage_codes.get(fields[ui], -2)
+            if usage == -2:
+                raise _row_error(path, lineno, f"Usage is {_text(fields[ui])}, expected one "
+                                 f"of {', '.join(_USAGE_CODES)}")
+            split = "train" if usage is None else "test"
+            labels[split].append(int(label))
+            if usage is not None:
+                usages.append(usage)
+            pending[split].append((lineno, fields[pi]))
+            if len(pending[split]) >= _CSV_CHUNK_ROWS:
+                chunks[split].append(_parse_pixel_chunk(path, pending[split]))
+                pending[split] = []
+    arrays: dict[str, torch.Tensor] = {}
+    for split in ("train", "test"):
+        if pending[split]:
+            chunks[split].append(_parse_pixel_chunk(path, pending[split]))
+        x = (np.concatenate(chunks[split]) if chunks[split]
+             else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
+        arrays[f"{split}_x"] = torch.from_numpy(x)
+        arrays[f"{split}_y"] = torch.tensor(labels[split], dtype=torch.int64)
+    arrays["test_usage"] = torch.tensor(usages, dtype=torch.int8)
+    return arrays, {"converted": 0, "skipped": 0}
+
+
+# ----------------------------------------------------------------------------- public loaders
+
+
+def load_source(
+    root: str | os.PathLike,
+    fmt: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad_images: bool = False,
+) -> tuple[Split, Split, dict]:
+    """Full train and test splits as stored in the source (test with usage), decoded once and
+    cached; ``info`` says where they came from and what was converted, skipped or ignored."""
+    start = time.perf_counter()
+    root = Path(root).expanduser().absolute()
+    fmt, source = _resolve_format(root, fmt)
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if fmt == "folder":
+        listing = _scan_folder(root)
+        if listing.ignored:
+            warnings.warn(f"Ignored {len(listing.ignored)} non-image files or folders under "
+                          f"{root} (e.g. {listing.ignored[0]}).", stacklevel=2)
+        key = hashlib.blake2b(f"{listing.key}\0skip={bool(skip_bad_images)}".encode(),
+                              digest_size=16).hexdigest()
+    else:
+        listing = None
+        key = _csv_key(source)
+    path = _cache_path(cache_dir, fmt, key)
+    cached = _read_cache(path, key)
+    written = False
+    if cached is not None:
+        arrays, meta = cached
+        if meta.get("skipped"):
+            log.warning("Cache %s excludes %d unreadable images (data.skip_bad_images=true).",
+                        path, meta["skipped"])
+    else:
+        if listing is not None:
+            arrays, meta = _decode_folder(listing, skip_bad_images)
+        else:
+            arrays, meta = _load_csv(source)
+        written = _write_cache(path, key, arrays, meta)
+    train = Split(arrays["train_x"], arrays["train_y"])
+    test = Split(arrays["test_x"], arrays["test_y"], arrays["test_usage"])
+    info = {
+        "source": fmt,
+        "root": str(root),
+        "synthetic": False,
+        "converted": int(meta["converted"]),
+        "skipped": int(meta["skipped"]),
+        "ignored": len(listing.ignored) if listing is not None else 0,
+        "cache_path": str(path),
+        "cache_hit": cached is not None,
+        "load_seconds": round(time.perf_counter() - start, 4),
+    }
+    log.info("Loaded FER2013 %s from %s: %d train, %d test images in %.2f s (cache %s).",
+             fmt, source, len(train), len(test), info["load_seconds"],
+             "hit" if cached is not None else f"written to {path}" if written else "not written")
+    return train, test, info
+
+
+def _class_perms(y: torch.Tensor, seed: int) -> list[np.ndarray]:
+    """Per class, that class's indices in a seeded random order (numpy: torch's small
+    gathers cost milliseconds each on a busy 2-core machine)."""
+    labels = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    rng = np.random.default_rng(int(seed))
+    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(CLASSES))]
+
+
+def stratified_split(
+    y: torch.Tensor, val_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train_idx, val_idx): per class round(n_c*val_fraction) to val, deterministic for a
+    seed, so every class keeps its share and runs with the same seed see the same split.
+    Both index tensors are sorted, keeping the source order within each split."""
+    if not 0.0 <= float(val_fraction) <= 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction} must be between 0 and 1.")
+    train_parts, val_parts = [], []
+    for idx in _class_perms(y, seed):
+        n_val = round(idx.size * float(val_fraction))
+        val_parts.append(idx[:n_val])
+        train_parts.append(idx[n_val:])
+    return (torch.from_numpy(np.sort(np.concatenate(train_parts))),
+            torch.from_numpy(np.sort(np.concatenate(val_parts))))
+
+
+def limit_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices keeping at most n per class, chosen at random (seeded) rather than the
+    first n files, so a small debug subset is still a fair sample."""
+    parts = [idx[: int(n)] for idx in _class_perms(y, seed)]
+    return torch.from_numpy(np.sort(np.concatenate(parts)))
+
+
+def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None and default is not None else value
+
+
+def _mean_std(x: torch.Tensor) -> tuple[float, float]:
+    """Exact pixel mean/std in [0,1] units from a 256-bin histogram: 15x faster than floats."""
+    hist = torch.bincount(x.reshape(-1), minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    n = hist.sum()
+    mean = float((hist * levels).sum() / n)
+    var = float((hist * levels * levels).sum() / n) - mean * mean
+    return mean, math.sqrt(max(var, 0.0))
+
+
+def _require_every_class(split: Split, where: str, fix: str) -> None:
+    counts = split.class_counts()
+    missing = [CLASSES[c] for c, k in enumerate(counts) if k == 0]
+    if missing:
+        raise DataError(f"The {where} split has no images of class {', '.join(missing)} "
+                        f"(counts per class {dict(zip(CLASSES, counts, strict=True))}); {fix}")
+
+
+def load_dataset(cfg: Any) -> Dataset:
+    """Train/val/test with normalisation, from a data config (DictConfig, dict or object).
+
+    Order: load source -> stratified train/val split of the source's train split ->
+    limit_per_class on each split -> mean/std of the final train split (unless pinned)."""
+    start = time.perf_counter()
+    cache_dir_cfg = _cfg_get(cfg, "cache_dir", None)
+    cache_dir = Path(cache_dir_cfg).expanduser() if cache_dir_cfg else default_cache_dir()
+    skip_bad = bool(_cfg_get(cfg, "skip_bad_images", False))
+    val_fraction = float(_cfg_get(cfg, "val_fraction", 0.2))
+    seed = int(_cfg_get(cfg, "split_seed", 0))
+    limit = _cfg_get(cfg, "limit_per_class", None)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or int(limit) != limit:
+            raise ConfigError(f"data.limit_per_class={limit!r} must be a whole number or null.")
+        limit = int(limit)
+        if limit < 1:
+            raise DataError(f"data.limit_per_class={limit} leaves every split empty; use a "
+                            "positive number, or null for all images.")
+
+    synthetic = bool(_cfg_get(cfg, "synthetic", False))
+    if synthetic:
+        root: Path | str = _ensure_synthetic(cache_dir)
+        fmt = "folder"
+    else:
+        root = _cfg_get(cfg, "root", None) or os.environ.get("FER2013_ROOT", "")
+        if not root:
+            raise _not_found("data.root is not set and FER2013_ROOT is unset")
+        fmt = str(_cfg_get(cfg, "format", "auto"))
+    train_src, test, info = load_source(root, fmt, cache_dir, skip_bad)
+    where = f"source {info['root']}"
+    _require_every_class(train_src, f"train ({where})", "the dataset is incomplete.")
+    _require_every_class(test, f"test ({where})", "the dataset is incomplete.")
+
+    train_idx, val_idx = stratified_split(train_src.y, val_fraction, seed)
+    if limit is not None:
+        # compose index arrays so the images are copied once
+        y_src = train_src.y.numpy()
+        train_idx = train_idx[limit_per_class(y_src[train_idx.numpy()], limit, seed)]
+        val_idx = val_idx[limit_per_class(y_src[val_idx.numpy()], limit, seed)]
+        test = test.subset(limit_per_class(test.y, limit, seed))
+    train, val = train_src.subset(train_idx), train_src.subset(val_idx)
+    fix = f"change data.val_fraction={val_fraction} so each class has images on both sides."
+    _require_every_class(train, "train", fix)
+    _require_every_class(val, "val", fix)
+
+    pinned_mean, pinned_std = _cfg_get(cfg, "mean", None), _cfg_get(cfg, "std", None)
+    if pinned_std is not None and not float(pinned_std) > 0:
+        raise ConfigError(f"data.std={pinned_std} must be positive (or null to compute it).")
+    mean, std = _mean_std(train.x)
+    mean = float(pinned_mean) if pinned_mean is not None else mean
+    std = float(pinned_std) if pinned_std is not None else std
+    info["synthetic"] = synthetic
+    info["load_seconds"] = round(time.perf_counter() - start, 4)
+    log.info("Dataset: train %d, val %d, test %d (limit_per_class=%s); mean %.6f std %.6f%s.",
+             len(train), len(val), len(test), limit, mean, std,
+             " (pinned)" if pinned_mean is not None or pinned_std is not None else "")
+    return Dataset(train=train, val=val, test=test, mean=mean, std=std, info=info)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def _ensure_synthetic(cache_dir: Path) -> Path:
+    """Generate the synthetic set once; built in a temp dir and renamed, so parallel sweep
+    jobs never see a half-written one."""
+    root = cache_dir / SYNTHETIC_DIRNAME
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{SYNTHETIC_DIRNAME}."))
+    make_synthetic(tmp)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process won the race (or a stale folder): keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "train").is_dir():
+            raise DataError(f"{root} exists but is not a synthetic dataset; delete it.") from None
+    return root
+
+
+# Per class: brow tilt (+ = inner ends lowered, a frown), brow lift, eye height and width,
+# mouth curve (+ = corners up), mouth opening height and width (0 = closed line).
+_FACE_PARAMS: dict[str, dict[str, float]] = {
+    "angry":    {"tilt": 5.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 4.0, "curve": -2.0,
+                 "open_h": 0.0, "open_w": 0.0},
+    "disgust":  {"tilt": 3.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 3.5, "curve": 0.0,
+                 "open_h": 0.0, "open_w": 0.0},
+    "fear":     {"tilt": -4.0, "lift": 4.0, "eye_h": 5.0, "eye_w": 5.0, "curve": -1.0,
+                 "open_h": 4.0, "open_w": 14.0},
+    "happy":    {"tilt": 0.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 7.0,
+                 "open_h": 0.0, "open_w": 0.0},
+    "sad":      {"tilt": -4.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": -6.0,
+                 "open_h": 0.0, "open_w": 0.0},
+    "surprise": {"tilt": 0.0, "lift": 6.0, "eye_h": 6.0, "eye_w": 5.5, "curve": 0.0,
+                 "open_h": 11.0, "open_w": 9.0},
+    "neutral":  {"tilt": 0.0, "lift": 0.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 0.0,
+                 "open_h": 0.0, "open_w": 0.0},
+}
+
+
+def _draw_face(cls: str, rng: np.random.Generator) -> np.ndarray:
+    """One 48x48 'face', drawn at 2x and downsampled (anti-aliased) with random jitter."""
+    p = _FACE_PARAMS[cls]
+    u = rng.uniform
+    s = 2.0 * u(0.85, 1.1)  # 2x canvas times face scale
+    big = 2 * IMAGE_SIZE
+    bg, skin, ink = u(10, 90), u(120, 210), u(0, 60)
+    img = Image.new("L", (big, big), int(bg))
+    d = ImageDraw.Draw(img)
+    cx, cy = big / 2 + u(-4, 4), big / 2 + u(-4, 4)
+    d.ellipse([cx - 17 * s, cy - 21 * s, cx + 17 * s, cy + 21 * s], fill=int(skin))
+
+    def j(strength: float) -> float:  # per-feature strength jitter
+        return strength * u(0.8, 1.2)
+
+    w = max(1, round(1.6 * s))
+    for side in (-1, 1):
+        ex, ey = cx + side * 7.5 * s, cy - 5 * s
+        eh, ew = j(p["eye_h"]) * s / 2, j(p["eye_w"]) * s / 2
+        d.ellipse([ex - ew, ey - eh, ex + ew, ey + eh], fill=int(ink))
+        tilt = j(p["tilt"]) * s / 2
+        if cls == "disgust" and side == 1:  # asymmetric: one brow down, one flat
+            tilt = 0.0
+        by = cy - 11 * s - j(p["lift"]) * s / 2
+        inner, outer = (cx + side * 3 * s, by + tilt), (cx + side * 12 * s, by - tilt)
+        d.line([inner, outer], fill=int(ink), width=w)
+    my, mw = cy + 10 * s, 7 * s
+    if p["open_h"] > 0:
+        oh, ow = j(p["open_h"]) * s / 2, j(p["open_w"]) * s / 2
+        d.ellipse([cx - ow, my - oh, cx + ow, my + oh], fill=int(ink))
+    else:
+        curve = j(p["curve"]) * s / 2
+        xs = np.linspace(-1.0, 1.0, 15)
+        if cls == "disgust":  # one-sided sneer
+            ys = my - 3 * s * np.clip(xs, 0, None) ** 2
+        else:
+            ys = my - curve * (xs**2 - 0.5)
+        d.line(list(zip((cx + mw * xs).tolist(), ys.tolist(), strict=True)),
+               fill=int(ink), width=w)
+    if cls == "disgust":  # wrinkled nose
+        d.line([(cx - 3 * s, cy + 4 * s), (cx + 3 * s, cy + 4 * s)], fill=int(ink), width=w)
+    img = img.rotate(u(-8, 8), resample=Image.Resampling.BILINEAR, fillcolor=int(bg))
+    small = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
+    noisy = small.astype(np.float64) + rng.normal(0.0, u(2, 10), small.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def make_synthetic(
+    root: str | os.PathLike,
+    n_train_per_class: int = 60,
+    n_test_per_class: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Write a small, deterministic, learnable 7-class stand-in for FER2013 in the same folder
+    layout (PNG, lossless so the bytes are reproducible), so machines without FER2013 can run
+    everything. Test images alternate PublicTest_/PrivateTest_ names like the real split."""
+    root = Path(root)
+    for c, cls in enumerate(CLASSES):
+        for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                rng = np.random.default_rng([seed, c, 0 if split == "train" else 1, i])
+                prefix = "Training" if split == "train" else ("PublicTest", "PrivateTest")[i % 2]
+                Image.fromarray(_draw_face(cls, rng)).save(
+                    folder / f"{prefix}_{i:05d}.png", format="PNG")
+    return root
