@@ -3,7 +3,7 @@ PY ?= python
 FER2013_ROOT ?= ../shared/fer2013
 export FER2013_ROOT
 
-.PHONY: install test lint smoke sweep table2 report bench ui clean
+.PHONY: install test lint smoke sweep table2 report ensemble bench ui clean
 
 install:  ## the one install command
 	$(PY) -m pip install -e '.[dev]'
@@ -25,6 +25,9 @@ table2:  ## the study's Table 2 as one multirun
 
 report:  ## Table 2 / Table 1 / figures rebuilt from MLflow
 	$(PY) -m fer_sweep.report
+
+ensemble:  ## top-3 (by validation accuracy) softmax ensemble of the latest sweep
+	$(PY) -m fer_sweep.ensemble --latest --top-k 3
 
 bench:  ## fer_sweep vs the model's compute ceiling vs the naive pipeline
 	$(PY) -m fer_sweep.bench

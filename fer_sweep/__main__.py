@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return run_job(cfg)
     except (Interrupted, KeyboardInterrupt):
+        if multirun:  # the whole sweep stops: its parent run is marked KILLED too
+            tracking.end_parent(sweep_dir, "KILLED")
         sys.exit(130)
     except Exception as err:
         if not multirun:

@@ -296,6 +296,12 @@ def _decode(data: bytes) -> tuple[np.ndarray, bool]:
         return np.asarray(im, dtype=np.uint8), True
 
 
+def decode_image(data: bytes) -> np.ndarray:
+    """One image file's bytes -> the 48x48 uint8 array training sees (predict.py uses it too,
+    so a face crop is prepared by the very function the training data went through)."""
+    return _decode(data)[0]
+
+
 def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.Tensor], dict]:
     arrays: dict[str, torch.Tensor] = {}
     converted: list[str] = []

@@ -97,6 +97,10 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
             "data": conf.data.name, "synthetic": str(synthetic).lower(),
             "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
             "fer_sweep.role": "job"}
+    if HydraConfig.initialized():  # the config-group options this job was composed from
+        tags.update({f"fer_sweep.choice.{k}": str(v)
+                     for k, v in HydraConfig.get().runtime.choices.items()
+                     if v is not None and not k.startswith("hydra/")})
     if synthetic:
         name = f"SYNTHETIC-{name}"
         tags["mlflow.note.content"] = ("Trained on fer_sweep's synthetic faces (data=synthetic): "

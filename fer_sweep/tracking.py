@@ -186,6 +186,14 @@ def write_job_failure(sweep_dir: str | os.PathLike[str], job_num: int, overrides
     (folder / f"{job_num}.json").write_text(json.dumps(note))
 
 
+def end_parent(sweep_dir: str | os.PathLike[str], status: str) -> None:
+    """Terminate the sweep's parent run (an interrupted sweep never reaches on_multirun_end)."""
+    info = parent_info(sweep_dir)
+    if info is not None:
+        retry(MlflowClient(tracking_uri=info["tracking_uri"]).set_terminated,
+              info["parent_run_id"], status=status)
+
+
 class MultirunParentCallback(Callback):
     """Create the sweep's parent run up front; close it with a summary when the sweep ends."""
 

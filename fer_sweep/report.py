@@ -1,0 +1,629 @@
+"""``python -m fer_sweep.report``: the study's Table 2 / Table 1 and comparison figures, rebuilt
+from what a sweep logged in MLflow, and logged back onto the sweep's parent run.
+
+Everything comes from the store (params, metrics, the config.yaml / data.json artifacts), never
+from the sweep folder, so a report can be regenerated later, elsewhere, from the store alone.
+It works for any sweep: rows are the parent's child runs, and the settings that differ between
+them become columns. Rows whose model is one of the study's get its reported accuracy beside
+ours; every other row simply has no reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import io
+import json
+import math
+import re
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fer_sweep.errors import FerSweepError
+
+ROLE = "fer_sweep.role"
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fer_sweep"
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One row of the study's Table 2, as printed (accuracy in percent)."""
+
+    row: int
+    model: str
+    network: str
+    transforms: str
+    epochs: int
+    train_loss: float
+    acc: float
+
+
+_AUG = "Normalize, RandomRotation(10), RandomAffine(degrees=0, translate=(0.1, 0.1))"
+_RES = ("Conv2d-64-3x3, BatchNorm2d-64, Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (x2), "
+        "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (x2), Linear-8192-500")
+_CNN2 = "Conv2d-10-3x3, MaxPool2d-2x2, Conv2d-20-3x3, MaxPool2d-2x2"
+
+# The reference study, §4.1 Table 2, in its order; matched to our runs by model name
+# (conf/model/<name>.yaml), which is how conf/table2/row<N>.yaml picks each row's network.
+STUDY_TABLE2: tuple[StudyRow, ...] = (
+    StudyRow(1, "cnn2", f"{_CNN2}, Linear-720-300, Linear-300-150, Linear-150-7",
+             "Normalize", 50, 0.015543, 52.6),
+    StudyRow(2, "cnn2_fc1000", f"{_CNN2}, Linear-1000, Linear-250-1000, Linear-1000-7",
+             "Normalize", 500, 0.016786, 51.3),
+    StudyRow(3, "cnn2_fc3",
+             f"{_CNN2}, Linear-1000-1000, Linear-250-1000, Linear-100-250, Linear-7-100",
+             "Normalize", 500, 0.017463, 51.4),
+    StudyRow(4, "cnn3", f"{_CNN2}, Conv2d-40-3x3, MaxPool2d-2x2, Linear-360-300, "
+             "Linear-300-150, Linear-150-7", "Normalize", 100, 0.015525, 50.4),
+    StudyRow(5, "resnet_small", "Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (2 layers), "
+             "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (2 layers), Linear-8192-500, "
+             "Linear-500-7", "Normalize", 100, 0.012914, 60.4),
+    StudyRow(6, "resnet", f"{_RES}, Linear-500-7", _AUG, 100, 0.004955, 65.9),
+    StudyRow(7, "resnet_dropout", f"{_RES}, Dropout-500, Linear-500-7", _AUG, 100, 0.009753,
+             63.3),
+)
+STUDY_BY_MODEL: dict[str, StudyRow] = {r.model: r for r in STUDY_TABLE2}
+
+# The study's Table 1 (train / validation / test), keyed by fer_sweep.data.CLASSES names.
+STUDY_TABLE1: dict[str, tuple[int, int, int]] = {
+    "angry": (3190, 805, 958), "disgust": (362, 74, 111), "fear": (3318, 779, 1024),
+    "happy": (5770, 1445, 1774), "sad": (3859, 971, 1247), "surprise": (2487, 684, 831),
+    "neutral": (3981, 984, 1233),
+}
+STUDY_CLASS_NAMES = {"angry": "Anger", "disgust": "Disgust", "fear": "Fear",
+                     "happy": "Happiness", "sad": "Sadness", "surprise": "Surprise",
+                     "neutral": "Neutral"}
+
+# The ensemble accuracy the study quotes (§6, Table 3, from its reference [2]).
+STUDY_ENSEMBLE_ACC = 75.8
+
+# Params that differ between runs without being a setting of the experiment.
+_NOT_SWEPT = re.compile(r"^(mlflow\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
+                        r"trainer\.(resume|progress|threads|checkpoint_dir|device)$)")
+_GROUPS = ("model", "transforms", "optimizer", "scheduler", "data")
+
+# Optional test metrics: a column appears when at least one row has the metric.
+OPTIONAL_ACC = (("test_acc_tta", "TTA"), ("test_acc_public", "PublicTest"),
+                ("test_acc_private", "PrivateTest"))
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client for an existing store: a missing sqlite file is the user's mistake, not a new
+    empty store (which MLflow would silently create)."""
+    from fer_sweep.tracking import check_reachable
+
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///")).expanduser()
+        if not path.is_file():
+            raise FerSweepError(f"no MLflow store at {path} (--tracking-uri {uri}). Pass the "
+                                "store the sweep logged to, e.g. --tracking-uri "
+                                "sqlite:///path/to/mlflow.db, or run from that folder.")
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise FerSweepError(f"no experiment {name!r} in this store (it has: "
+                            f"{', '.join(names) or 'none'}); pass --experiment NAME.")
+    return exp.experiment_id
+
+
+def find_parent(client: MlflowClient, exp_id: str, parent: str | None) -> Run:
+    """The named parent run, or the latest sweep parent of the experiment."""
+    if parent:
+        try:
+            run = client.get_run(parent)
+        except Exception:
+            raise FerSweepError(f"--parent {parent}: no such run in this store.") from None
+        if run.info.experiment_id != exp_id:
+            raise FerSweepError(f"--parent {parent} belongs to another experiment (id "
+                                f"{run.info.experiment_id}); pass its --experiment.")
+        return run
+    runs = client.search_runs([exp_id], f"tags.`{ROLE}` = 'parent'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise FerSweepError("no sweep parent run in this experiment: run a multirun first "
+                            "(python -m fer_sweep -m ... or experiment=table2), or name one "
+                            "with --parent RUN_ID.")
+    return runs[0]
+
+
+def children(client: MlflowClient, exp_id: str, parent_id: str, role: str = "job") -> list[Run]:
+    """The parent's child runs of one role (jobs, or ensembles), oldest first."""
+    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=10000)
+    return [r for r in runs if r.data.tags.get(ROLE, "job") == role]
+
+
+def download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path | None:
+    """A run's artifact as a local file, or None when the run has no such artifact."""
+    try:
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    except Exception:
+        return None
+
+
+def _literal(value: str) -> Any:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def unflatten(params: Mapping[str, str]) -> dict[str, Any]:
+    """MLflow params ({"model.hidden": "[300, 150]"}) back to a nested config."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        node = out
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[leaf] = _literal(value)
+    return out
+
+
+def run_config(client: MlflowClient, run: Run, tmp: Path) -> dict[str, Any]:
+    """The job's resolved config: its config.yaml artifact, else its params."""
+    path = download(client, run.info.run_id, "config.yaml", tmp / run.info.run_id)
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text())
+        if isinstance(loaded, dict):
+            return loaded
+    return unflatten(run.data.params)
+
+
+# --------------------------------------------------------------------------------------------
+# Describing a run in the study's words
+
+
+def describe_network(model_cfg: Mapping[str, Any], num_classes: int = 7) -> str:
+    """Table 2's "Network configuration", read off the model the config builds."""
+    from fer_sweep.models import build_model, describe
+
+    try:
+        return describe(build_model(dict(model_cfg), num_classes=num_classes))
+    except Exception as err:  # a run logged by an older / newer model schema
+        return f"? ({model_cfg.get('name', 'model')}: {err})"
+
+
+def _num(value: Any) -> str:
+    return f"{float(value):g}"
+
+
+def describe_transforms(tcfg: Mapping[str, Any]) -> str:
+    """Table 2's "Transformations", in torchvision's words, e.g. "Normalize, RandomRotation(10),
+    RandomAffine(degrees=0, translate=(0.1, 0.1))"."""
+    parts = ["Normalize"]
+    rot = tcfg.get("rotation") or 0
+    if isinstance(rot, (list, tuple)):
+        if any(float(r) for r in rot):
+            parts.append(f"RandomRotation(({_num(rot[0])}, {_num(rot[1])}))")
+    elif float(rot):
+        parts.append(f"RandomRotation({_num(rot)})")
+    tr = tcfg.get("translate") or 0
+    pair = tuple(tr) if isinstance(tr, (list, tuple)) else (tr, tr)
+    if any(float(t) for t in pair):
+        parts.append(f"RandomAffine(degrees=0, translate=({_num(pair[0])}, {_num(pair[1])}))")
+    if tcfg.get("hflip"):
+        parts.append("RandomHorizontalFlip(0.5)")
+    return ", ".join(parts)
+
+
+def swept_keys(params: Sequence[Mapping[str, str]]) -> list[str]:
+    """The settings that differ between runs: the columns that tell the rows apart.
+
+    A config group whose option differs (model=cnn2,cnn3) is one column named after the group,
+    instead of one per key the options happen to set; a key inside a group stays a column only
+    where it differs between runs of the same option (model.dropout=0.1,0.5).
+    """
+    keys = sorted({k for p in params for k in p})
+    differing = [k for k in keys if not _NOT_SWEPT.match(k)
+                 and len({p.get(k) for p in params}) > 1]
+    out: list[str] = []
+    for key in differing:
+        group = key.split(".", 1)[0]
+        if group in _GROUPS and f"{group}.name" in differing:
+            if key == f"{group}.name":
+                out.append(group)
+                continue
+            by_option: dict[str | None, set[str | None]] = {}
+            for p in params:
+                by_option.setdefault(p.get(f"{group}.name"), set()).add(p.get(key))
+            if all(len(v) == 1 for v in by_option.values()):
+                continue
+        out.append(key)
+    return sorted(out, key=lambda k: (k.split(".", 1)[0], "." in k, k))  # group, then its keys
+
+
+def swept_value(run: Run, key: str) -> str:
+    params = run.data.params
+    return params.get(f"{key}.name", "") if key in _GROUPS else params.get(key, "")
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class Row:
+    """One child run as a row of the report."""
+
+    run: Run
+    model: str
+    transforms_name: str
+    network: str
+    transforms: str
+    epochs: int | None
+    synthetic: bool
+    metrics: dict[str, float]
+    swept: dict[str, str] = field(default_factory=dict)
+    study: StudyRow | None = None
+    wall_seconds: float | None = None
+    row_tag: int | None = None
+    label: str = ""
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.metrics.get("test_acc")
+
+
+def _row_tag(run: Run) -> int | None:
+    """The Table 2 row a job was launched as (table2=row<N>, see conf/table2/), if any."""
+    m = re.search(r"(?:^|\s)table2=row(\d+)", run.data.tags.get("overrides", ""))
+    return int(m.group(1)) if m else None
+
+
+def _wall_seconds(run: Run) -> float | None:
+    if "train_seconds" in run.data.metrics:
+        return float(run.data.metrics["train_seconds"])
+    if run.info.end_time and run.info.start_time:
+        return (run.info.end_time - run.info.start_time) / 1000.0
+    return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[list[Row],
+                                                                              list[str]]:
+    """Rows in the study's order (study rows first, by model), then the others as launched."""
+    keys = swept_keys([r.data.params for r in runs])
+    rows: list[Row] = []
+    for run in runs:
+        cfg = run_config(client, run, tmp)
+        mcfg, tcfg = cfg.get("model") or {}, cfg.get("transforms") or {}
+        metrics = dict(run.data.metrics)
+        if "final_train_loss" not in metrics and "train_loss" in metrics:
+            metrics["final_train_loss"] = metrics["train_loss"]  # the last logged epoch's
+        model = str(mcfg.get("name") or run.data.tags.get("model", "?"))
+        rows.append(Row(
+            run=run, model=model,
+            transforms_name=str(tcfg.get("name") or run.data.tags.get("transforms", "?")),
+            network=describe_network(mcfg) if mcfg else "?",
+            transforms=describe_transforms(tcfg),
+            epochs=_int((cfg.get("trainer") or {}).get("epochs",
+                                                      run.data.params.get("trainer.epochs"))),
+            synthetic=run.data.tags.get("synthetic") == "true"
+            or str((cfg.get("data") or {}).get("synthetic")).lower() == "true",
+            metrics=metrics, swept={k: swept_value(run, k) for k in keys},
+            study=STUDY_BY_MODEL.get(model), wall_seconds=_wall_seconds(run),
+            row_tag=_row_tag(run)))
+
+    def order(r: Row) -> tuple[int, float, float]:
+        first = r.study.row if r.study else (r.row_tag or math.inf)
+        return (0 if r.study else 1, first, r.run.info.start_time or 0)
+
+    rows.sort(key=order)
+    for i, r in enumerate(rows, 1):
+        names = [r.swept[k] for k in keys if r.swept[k]] or [r.run.info.run_name or r.run_id[:8]]
+        r.label = f"{i}. {' / '.join(names)}"
+    return rows, keys
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{int(minutes)} min {int(seconds % 60):02d} s"
+    return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]],
+                   right: Sequence[bool] | None = None) -> str:
+    right = right or [False] * len(header)
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _optional_metrics(rows: Sequence[Row]) -> list[tuple[str, str]]:
+    return [(m, title) for m, title in OPTIONAL_ACC if any(m in r.metrics for r in rows)]
+
+
+def table2_records(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The CSV: raw numbers (accuracies in percent, differences in percentage points)."""
+    extra = _optional_metrics(rows)
+    records = []
+    for i, r in enumerate(rows, 1):
+        acc = r.test_acc
+        rec: dict[str, Any] = {
+            "row": i, "run_id": r.run_id, "run_name": r.run.info.run_name,
+            "status": r.run.info.status, "synthetic": str(r.synthetic).lower(),
+            "model": r.model, "transforms_name": r.transforms_name}
+        rec.update({k: r.swept[k] for k in keys if k not in ("model", "transforms")})
+        rec.update({
+            "network": r.network, "transformations": r.transforms, "epochs": r.epochs,
+            "final_train_loss": r.metrics.get("final_train_loss"),
+            "test_acc_pct": None if acc is None else 100 * acc,
+            "study_row": r.study.row if r.study else None,
+            "study_network": r.study.network if r.study else None,
+            "study_transformations": r.study.transforms if r.study else None,
+            "study_epochs": r.study.epochs if r.study else None,
+            "study_train_loss": r.study.train_loss if r.study else None,
+            "study_acc_pct": r.study.acc if r.study else None,
+            "diff_pp": (100 * acc - r.study.acc) if r.study and acc is not None else None})
+        for metric, _ in extra:
+            value = r.metrics.get(metric)
+            rec[f"{metric}_pct"] = None if value is None else 100 * value
+        best = r.metrics.get("best_val_acc")
+        rec.update({"n_params": _int(r.metrics.get("n_params")),
+                    "best_epoch": _int(r.metrics.get("best_epoch")),
+                    "best_val_acc_pct": None if best is None else 100 * best,
+                    "wall_seconds": r.wall_seconds})
+        records.append(rec)
+    return records
+
+
+def table2_markdown(rows: Sequence[Row], keys: Sequence[str], parent: Run, uri: str,
+                    experiment: str, ensembles: Sequence[Run] = ()) -> str:
+    extra = _optional_metrics(rows)
+    tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
+    header = ["#", *keys, "Network configuration", "Transformations", "Epochs",
+              "Training loss", "Test acc.", "Study", "Δ (pp)"]
+    header += [f"{t} ({'/'.join(sorted(tta))})" if m == "test_acc_tta" and tta else t
+               for m, t in extra]
+    header += ["Params", "Best epoch", "Wall time", "Data", "Run"]
+    right = [True, *[False] * len(keys), False, False, True, True, True, True, True]
+    right += [True] * len(extra) + [True, True, True, False, False]
+    body = []
+    for i, r in enumerate(rows, 1):
+        acc = r.test_acc
+        loss = r.metrics.get("final_train_loss")
+        diff = (f"{100 * acc - r.study.acc:+.1f}" if r.study and acc is not None else "")
+        n_params = _int(r.metrics.get("n_params"))
+        best = _int(r.metrics.get("best_epoch"))
+        status = "" if r.run.info.status == "FINISHED" else f" ({r.run.info.status})"
+        body.append([
+            i, *[r.swept[k] for k in keys], r.network, r.transforms, r.epochs or "",
+            "" if loss is None else f"{loss:.6f}", _pct(acc) + status,
+            f"{r.study.acc:.1f}% (row {r.study.row})" if r.study else "—", diff,
+            *[_pct(r.metrics.get(m)) for m, _ in extra],
+            "" if n_params is None else f"{n_params:,}", "" if best is None else best,
+            _duration(r.wall_seconds), "**SYNTHETIC**" if r.synthetic else "fer2013",
+            f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"])
+    out = [f"# Table 2: network configurations and their performance ({len(rows)} runs)", ""]
+    n_syn = sum(r.synthetic for r in rows)
+    if n_syn:
+        out += [f"> **Warning: {n_syn} of {len(rows)} runs were trained on fer_sweep's "
+                "SYNTHETIC faces (data=synthetic)**: a pipeline check, never a FER2013 result; "
+                "their accuracies are not comparable with the study's.", ""]
+    overrides = parent.data.tags.get("fer_sweep.overrides", "")
+    out += [f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
+            f"`{experiment}` in `{uri}`" + (f", launched with `{overrides}`" if overrides else "")
+            + ".", "",
+            markdown_table(header, body, right), "",
+            "Test acc.: the best-validation-epoch weights on the test split. Study: the "
+            "reference study's Table 2 accuracy for the same model (matched by model name; "
+            "other runs have none); Δ = ours − study, in percentage points. Training loss: the "
+            "last epoch's mean training loss. Wall time: training time of the run."]
+    if ensembles:
+        ens_body = []
+        for e in ensembles:
+            m = e.data.metrics
+            acc = m.get("test_acc")
+            ens_body.append([
+                f"`{e.info.run_id[:8]}` {e.info.run_name}", e.data.params.get("ensemble.by", ""),
+                _int(m.get("n_members")) or "", _pct(acc),
+                "" if m.get("test_loss") is None else f"{m['test_loss']:.4f}",
+                f"{STUDY_ENSEMBLE_ACC:.1f}%",
+                "" if acc is None else f"{100 * acc - STUDY_ENSEMBLE_ACC:+.1f}"])
+        out += ["", "## Ensembles of this sweep (python -m fer_sweep.ensemble)", "",
+                markdown_table(["Run", "Chosen by", "Members", "Test acc.", "Test NLL",
+                                "Study's ensemble", "Δ (pp)"], ens_body,
+                               [False, False, True, True, True, True, True]), "",
+                "The study quotes an ensemble of other authors' networks (its Table 3, [2]) "
+                "at 75.8%, not an ensemble of its Table 2."]
+    return "\n".join(out) + "\n"
+
+
+def _class_counts(client: MlflowClient, runs: Sequence[Run], tmp: Path
+                  ) -> list[tuple[dict[str, dict[str, int]], list[str]]]:
+    """Distinct (counts per split, run names) among the runs' data.json artifacts."""
+    groups: list[tuple[dict[str, dict[str, int]], list[str]]] = []
+    for run in runs:
+        path = download(client, run.info.run_id, "data.json", tmp / run.info.run_id)
+        if path is None:
+            continue
+        counts = json.loads(path.read_text()).get("counts", {})
+        for known, names in groups:
+            if known == counts:
+                names.append(run.info.run_name or run.info.run_id)
+                break
+        else:
+            groups.append((counts, [run.info.run_name or run.info.run_id]))
+    return groups
+
+
+def table1_markdown(groups: Sequence[tuple[dict[str, dict[str, int]], list[str]]],
+                    synthetic: bool) -> str:
+    out = ["# Table 1: class counts of the splits used, beside the study's", ""]
+    if synthetic:
+        out += ["> **Warning: these runs used fer_sweep's SYNTHETIC faces (data=synthetic)**, "
+                "not FER2013.", ""]
+    if not groups:
+        out += ["No run of this sweep logged data.json.", ""]
+    header = ["Emotion", "Train", "Val", "Test", "Total", "Study train", "Study val",
+              "Study test", "Study total"]
+    right = [False] + [True] * 8
+    for counts, names in groups:
+        classes = list(dict.fromkeys(c for split in counts.values() for c in split))
+        classes.sort(key=lambda c: list(STUDY_TABLE1).index(c) if c in STUDY_TABLE1 else 99)
+        body, tot, stot = [], [0, 0, 0], [0, 0, 0]
+        for c in classes:
+            ours = [int(counts.get(s, {}).get(c, 0)) for s in ("train", "val", "test")]
+            study = STUDY_TABLE1.get(c)
+            tot = [a + b for a, b in zip(tot, ours, strict=True)]
+            if study:
+                stot = [a + b for a, b in zip(stot, study, strict=True)]
+            body.append([STUDY_CLASS_NAMES.get(c, c), *ours, sum(ours),
+                         *(study or ("", "", "")), sum(study) if study else ""])
+        body.append(["**Total**", *tot, sum(tot), *stot, sum(stot)])
+        if len(groups) > 1:
+            out += [f"Runs: {', '.join(names)}", ""]
+        out += [markdown_table(header, body, right), ""]
+    out += ["Ours: the train / validation / test images each run actually used (after "
+            "data.limit_per_class and the stratified validation hold-out). Study: its Table 1."]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
+                 out: Path, log: bool = True) -> list[Row]:
+    """Write table2.md/.csv, table1.md, accuracy.png, curves.png to ``out``; log them on the
+    parent run (under report/)."""
+    from fer_sweep import figures
+
+    exp_id = parent.info.experiment_id
+    parent_id = parent.info.run_id
+    runs = children(client, exp_id, parent_id)
+    if not runs:
+        raise FerSweepError(f"parent run {parent_id} has no child job runs (yet); pick another "
+                            "with --parent RUN_ID.")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        rows, keys = build_rows(client, runs, tmp)
+        groups = _class_counts(client, [r.run for r in rows], tmp)
+    ensembles = children(client, exp_id, parent_id, role="ensemble")
+    (out / "table2.md").write_text(
+        table2_markdown(rows, keys, parent, uri, experiment, ensembles))
+    records = table2_records(rows, keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
+    (out / "table2.csv").write_text(buf.getvalue())
+    (out / "table1.md").write_text(table1_markdown(groups, any(r.synthetic for r in rows)))
+
+    syn = " (SYNTHETIC data)" if any(r.synthetic for r in rows) else ""
+    figures.accuracy_bars([r.label for r in rows],
+                          [math.nan if r.test_acc is None else r.test_acc for r in rows],
+                          [r.study.acc / 100 if r.study else None for r in rows],
+                          out / "accuracy.png", title=f"Test accuracy: ours vs the study{syn}")
+    curves = {}
+    for r in rows:
+        hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
+        curves[r.label] = [100 * m.value for m in hist]
+    figures.overlay_curves(curves, out / "curves.png", ylabel="validation accuracy (%)",
+                           title=f"Validation accuracy per epoch{syn}")
+    if log:
+        client.log_artifacts(parent_id, str(out), artifact_path="report")
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fer_sweep.report",
+        description="Rebuild the study's Table 2 (one row per child run of a sweep), Table 1 "
+                    "(class counts of the splits used) and comparison figures from MLflow; "
+                    "write them to --out and log them on the sweep's parent run (report/).",
+        epilog="Example: python -m fer_sweep experiment=table2 && python -m fer_sweep.report")
+    p.add_argument("--tracking-uri", default=DEFAULT_URI,
+                   help="the MLflow store the sweep logged to (default: %(default)s)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help="MLflow experiment name (default: %(default)s)")
+    p.add_argument("--parent", metavar="RUN_ID",
+                   help="the sweep's parent run (default: the latest parent in the experiment)")
+    p.add_argument("--out", metavar="DIR", type=Path,
+                   help="output folder (default: reports/<parent run id>)")
+    p.add_argument("--no-log", action="store_true",
+                   help="only write the files; do not log them on the parent run")
+    return p
+
+
+def quiet_downloads() -> None:
+    """MLflow draws a progress bar per downloaded artifact: noise for a few small files."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_downloads()
+    try:
+        client = open_store(args.tracking_uri)
+        exp_id = experiment_id(client, args.experiment)
+        parent = find_parent(client, exp_id, args.parent)
+        out = args.out or Path("reports") / parent.info.run_id
+        rows = write_report(client, args.tracking_uri, args.experiment, parent, out,
+                            log=not args.no_log)
+    except FerSweepError as err:
+        print(f"fer_sweep: error: {err}", file=sys.stderr)
+        return 2
+    print((out / "table2.md").read_text())
+    where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
+    print(f"{len(rows)} rows -> {out}/ (table2.md, table2.csv, table1.md, accuracy.png, "
+          f"curves.png){where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
