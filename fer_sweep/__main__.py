@@ -43,7 +43,18 @@ def main(cfg: DictConfig) -> float:
             traceback.print_exc()
         print(f"fer_sweep: job #{job_num} failed: {err}", file=sys.stderr)
         tracking.write_job_failure(sweep_dir, job_num, overrides, err, None)
+        if _optuna_sweep():
+            # Optuna records a raised job as a FAILED trial and samples on (hparams_search
+            # configs set max_failure_rate); a NaN return crashes hydra-optuna-sweeper 1.3.0
+            # under optuna 2.10.1, which tells the study the NaN a second time.
+            raise
         return math.nan
+
+
+def _optuna_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", ""))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
     tags = {"model": conf.model.name, "transforms": conf.transforms.name,
             "data": conf.data.name, "synthetic": str(synthetic).lower(),
             "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
-            "fer_sweep.role": "job"}
+            "fer_sweep.role": "job", **tracking.process_tags()}
     if HydraConfig.initialized():  # the config-group options this job was composed from
         tags.update({f"fer_sweep.choice.{k}": str(v)
                      for k, v in HydraConfig.get().runtime.choices.items()

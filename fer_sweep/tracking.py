@@ -11,10 +11,13 @@ in the sweep folder, which every launcher (basic, joblib, submitit) shares.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +40,11 @@ log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_DIR = "failures"
 TAG_PREFIX = "fer_sweep."
+OPTUNA_RESULTS = "optimization_results.yaml"
+
+# Parent runs opened by this process and not yet closed by on_multirun_end: run id -> store.
+_open_parents: dict[str, str] = {}
+
 T = TypeVar("T")
 
 
@@ -192,6 +200,20 @@ def end_parent(sweep_dir: str | os.PathLike[str], status: str) -> None:
     if info is not None:
         retry(MlflowClient(tracking_uri=info["tracking_uri"]).set_terminated,
               info["parent_run_id"], status=status)
+        _open_parents.pop(info["parent_run_id"], None)
+
+
+def _fail_unclosed_parents() -> None:
+    """At exit: a sweep that died between on_multirun_start and on_multirun_end (a launcher or
+    sweeper crash) must not leave its parent run RUNNING forever."""
+    for run_id, uri in list(_open_parents.items()):
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            set_tags(client, run_id, {f"{TAG_PREFIX}error": "the sweep stopped before its end "
+                                      "(see the launcher's or sweeper's error in its output)"})
+            client.set_terminated(run_id, status="FAILED")
+        except Exception as err:  # the store itself may be what failed
+            log.warning("could not mark the sweep's parent run %s FAILED: %s", run_id, err)
 
 
 class MultirunParentCallback(Callback):
@@ -202,6 +224,7 @@ class MultirunParentCallback(Callback):
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
+            _check_launcher(config)
             client = connect(conf.mlflow.tracking_uri)
             exp_id = experiment_id(client, conf.mlflow.experiment)
         except FerSweepError as err:
@@ -220,6 +243,9 @@ class MultirunParentCallback(Callback):
         if commit:
             tags["mlflow.source.git.commit"] = commit
         run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}-{name}", tags=tags)
+        if not _open_parents:
+            atexit.register(_fail_unclosed_parents)
+        _open_parents[run.info.run_id] = conf.mlflow.tracking_uri
         (sweep_dir / PARENT_FILE).write_text(json.dumps({
             "tracking_uri": conf.mlflow.tracking_uri, "experiment": conf.mlflow.experiment,
             "experiment_id": exp_id, "parent_run_id": run.info.run_id}))
@@ -237,15 +263,41 @@ class MultirunParentCallback(Callback):
             children = client.search_runs([info["experiment_id"]],
                                           f"tags.mlflow.parentRunId = '{parent}'",
                                           max_results=10000)
-            counts: dict[str, int] = {}
-            for child in children:
-                counts[child.info.status] = counts.get(child.info.status, 0) + 1
             log_metrics(client, parent, {"jobs": len(children), "jobs_failed": len(failures)})
             if failures:
                 client.log_text(parent, json.dumps(failures, indent=2), "failures.json")
+            if (sweep_dir / OPTUNA_RESULTS).exists():
+                log_optimization_results(client, parent, sweep_dir / OPTUNA_RESULTS)
             client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
+            _open_parents.pop(parent, None)
         if failures:
             lines = [f"fer_sweep: {len(failures)} job(s) failed:"]
             lines += [f"  #{f['job']} {' '.join(f['overrides'])}: {f['error']}" for f in failures]
             print("\n".join(lines), file=sys.stderr)
             raise SystemExit(1)
+
+
+def _check_launcher(config: DictConfig) -> None:
+    """hydra/launcher=slurm off a cluster: say so before a parent run is opened."""
+    target = str(config.hydra.launcher.get("_target_", ""))
+    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+        raise FerSweepError("hydra/launcher=slurm needs SLURM (no `srun` on PATH): run the sweep "
+                            "from a cluster's login node, or on this machine with "
+                            "hydra/launcher=submitit_local (same code path) or "
+                            "hydra/launcher=joblib.")
+
+
+def log_optimization_results(client: MlflowClient, run_id: str, path: Path) -> None:
+    """The Optuna sweeper's verdict on the parent run, where the UI shows it: best_value as a
+    metric, each best parameter as a ``best.<key>`` param, the YAML itself as an artifact."""
+    results = OmegaConf.to_container(OmegaConf.load(path))
+    client.log_artifact(run_id, str(path))
+    if isinstance(results, dict) and "best_value" in results:
+        log_metrics(client, run_id, {"best_value": float(results["best_value"])})
+        best = results.get("best_params") or {}
+        log_params(client, run_id, {f"best.{k}": str(v) for k, v in best.items()})
+
+
+def process_tags() -> dict[str, str]:
+    """Where a job ran: tells parallel launchers' jobs apart (and finds a stuck node)."""
+    return {f"{TAG_PREFIX}host": socket.gethostname(), f"{TAG_PREFIX}pid": str(os.getpid())}
