@@ -7,8 +7,9 @@ the fix, instead of surfacing as a crash an hour into a sweep.
 
 from __future__ import annotations
 
+import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -201,6 +202,17 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+def _did_you_mean(full_key: str) -> str:
+    """A hint for a misspelled key of a known group (`+trainer.epochz=3`), else ''."""
+    group, _, name = full_key.rpartition(".")
+    section = next((f for f in fields(Config) if f.name == group), None)
+    if section is None or not name:
+        return ""
+    close = difflib.get_close_matches(name, [f.name for f in fields(section.default_factory)],
+                                      n=1)
+    return f"; did you mean {group}.{close[0]}?" if close else ""
+
+
 def validate(cfg: DictConfig) -> Config:
     """Resolve and type-check a composed config; raise ConfigError with one readable message."""
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
@@ -212,4 +224,4 @@ def validate(cfg: DictConfig) -> Config:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = getattr(err, "msg", str(err)).splitlines()[0]
-        raise ConfigError(f"invalid setting {key}: {msg}") from None
+        raise ConfigError(f"invalid setting {key}: {msg}{_did_you_mean(key)}") from None

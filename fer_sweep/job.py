@@ -27,7 +27,7 @@ from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset
 from fer_sweep.errors import FerSweepError
 from fer_sweep.models import describe, summary_text
-from fer_sweep.train import Result, evaluate, fit
+from fer_sweep.train import Result, evaluate, fit, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
 def run_job(cfg: DictConfig) -> float:
     """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
     conf = validate(cfg)
+    pick_device(conf.trainer.device)  # a GPU that is not there: named before any data or run
     multirun, sweep_dir, job_num, overrides = _hydra()
     if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
         # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.

@@ -216,6 +216,50 @@ def _fail_unclosed_parents() -> None:
             log.warning("could not mark the sweep's parent run %s FAILED: %s", run_id, err)
 
 
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides as Hydra's basic sweeper will expand them; None for other sweepers
+    (Optuna draws its values while it runs, so they cannot be listed up front)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return None
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(args)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def validate_jobs(config: DictConfig) -> None:
+    """Compose and validate every job of a grid sweep before its parent run exists.
+
+    Hydra only composes a batch's configs after on_multirun_start, and nothing checks a job's
+    values before that job runs: a bad value in one job (model=cnn2,nope; trainer.epochs=1,0)
+    would open a parent run for a sweep that cannot run, or let earlier jobs train first.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from fer_sweep.config import validate
+
+    try:
+        jobs = sweep_jobs(config)
+    except HydraException:  # a sweep syntax the basic sweeper rejects; it says so itself
+        return
+    if not jobs or not GlobalHydra.instance().is_initialized():
+        return
+    loader = GlobalHydra.instance().config_loader()
+    common = set.intersection(*(set(job) for job in jobs))
+    for num, overrides in enumerate(jobs):
+        # Hydra swallows a callback's exceptions (a warning, then the sweep goes on), so
+        # composition errors (model=nope) become ours, which the caller turns into an exit.
+        try:
+            validate(loader.load_sweep_config(config, overrides))
+        except (FerSweepError, HydraException) as err:
+            own = " ".join(o for o in overrides if o not in common)
+            raise FerSweepError(f"job #{num} ({own}): {err}") from None
+
+
 class MultirunParentCallback(Callback):
     """Create the sweep's parent run up front; close it with a summary when the sweep ends."""
 
@@ -224,6 +268,7 @@ class MultirunParentCallback(Callback):
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
+            validate_jobs(config)  # ... and what is wrong for one job of the grid
             _check_launcher(config)
             client = connect(conf.mlflow.tracking_uri)
             exp_id = experiment_id(client, conf.mlflow.experiment)
