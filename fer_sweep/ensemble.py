@@ -136,20 +136,11 @@ def log_ensemble(client: MlflowClient, exp_id: str, parent_id: str | None,
     ids = [m.run_id for m in members]
     name = f"ensemble-top{len(members)}-{by}"
     tags = {ROLE: "ensemble", "fer_sweep.members": ",".join(ids),
-            "synthetic": str(synthetic).lower(),
             "data": members[0].run.data.tags.get("data", ""),
             "model": "ensemble(" + ",".join(m.run.data.tags.get("model", "?")
                                             for m in members) + ")"}
-    if synthetic:
-        name = f"SYNTHETIC-{name}"
-        tags["mlflow.note.content"] = ("An ensemble of runs on fer_sweep's synthetic faces: a "
-                                       "pipeline check, never a FER2013 result.")
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    commit = tracking.git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    run_id = tracking.create_run(client, exp_id, name, tags, parent_id=parent_id,
+                                 synthetic=synthetic, what="An ensemble of runs")
     try:
         tracking.log_params(client, run_id, {
             "ensemble.top_k": str(k), "ensemble.by": by, "ensemble.n_members": str(len(ids)),

@@ -94,24 +94,15 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
     synthetic = conf.data.synthetic
     name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
     tags = {"model": conf.model.name, "transforms": conf.transforms.name,
-            "data": conf.data.name, "synthetic": str(synthetic).lower(),
+            "data": conf.data.name,
             "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
             "fer_sweep.role": "job", **tracking.process_tags()}
     if HydraConfig.initialized():  # the config-group options this job was composed from
         tags.update({f"fer_sweep.choice.{k}": str(v)
                      for k, v in HydraConfig.get().runtime.choices.items()
                      if v is not None and not k.startswith("hydra/")})
-    if synthetic:
-        name = f"SYNTHETIC-{name}"
-        tags["mlflow.note.content"] = ("Trained on fer_sweep's synthetic faces (data=synthetic): "
-                                       "a pipeline check, never a FER2013 result.")
-    if parent_id:
-        tags["mlflow.parentRunId"] = parent_id
-    commit = tracking.git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
-    run = tracking.retry(client.create_run, exp_id, run_name=name, tags=tags)
-    run_id = run.info.run_id
+    run_id = tracking.create_run(client, exp_id, name, tags, parent_id=parent_id,
+                                 synthetic=synthetic)
     tracking.log_params(client, run_id, tracking.flatten(_job_config(cfg)))
     return run_id, False
 

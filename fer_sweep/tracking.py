@@ -138,6 +138,23 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) ->
     raise AssertionError("unreachable")
 
 
+def create_run(client: MlflowClient, exp_id: str, name: str, tags: Mapping[str, str], *,
+               parent_id: str | None = None, synthetic: bool = False, what: str = "Trained") -> str:
+    """A run carrying what every fer_sweep run carries: its parent, the git commit, and a clear
+    SYNTHETIC label when it was computed on the synthetic faces (never a FER2013 result)."""
+    tags = {**tags, "synthetic": str(synthetic).lower()}
+    if synthetic:
+        name = f"SYNTHETIC-{name}"
+        tags["mlflow.note.content"] = (f"{what} on fer_sweep's synthetic faces (data=synthetic): "
+                                       "a pipeline check, never a FER2013 result.")
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
+    return retry(client.create_run, exp_id, run_name=name, tags=tags).info.run_id
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch

@@ -1,0 +1,582 @@
+"""``python -m fer_sweep.bench``: fer_sweep's training speed against the model's own ceiling and
+against the pipeline a user would write by hand.
+
+Three pipelines per (model, transforms), measured in ONE process and interleaved round-robin, so
+that load from other processes hits them alike; medians over the repeats are reported:
+
+- ``ceiling``: forward + backward + optimizer step on one batch already on the device, in the
+  memory format and autocast policy fer_sweep uses for that model. No data path at all: the most
+  any training loop can reach with this model, this batch size and this optimizer.
+- ``fer_sweep``: ``fer_sweep.train.train_epoch`` (the loop ``python -m fer_sweep`` runs) on the
+  data from ``fer_sweep.data.load_dataset``, model and optimizer from the real Hydra config.
+- ``naive``: torchvision ``ImageFolder`` + ``DataLoader(num_workers=os.cpu_count())`` + PIL
+  transforms, fp32, contiguous memory: what a tutorial-following user writes.
+
+Plus the data loading times: cold (decode every image into an empty cache) and warm (from the
+cache). ``naive_loader`` / ``naive_transform`` / ``naive_step`` are reused by the equivalence test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fer_sweep.config import Config, validate
+from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
+from fer_sweep.errors import ConfigError, FerSweepError
+
+PIPELINES = ("ceiling", "fer_sweep", "naive")
+MODELS = ("cnn2", "cnn3", "resnet")
+TRANSFORMS = ("norm", "aug")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+HEAVY = ("resnet",)  # model configs whose CPU step is ~10x the small CNNs': fewer steps
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+
+
+# --------------------------------------------------------------------------- naive pipeline
+
+
+def naive_transform(mean: float, std: float, augment: bool) -> Any:
+    """The study's per-image torchvision pipeline: Grayscale, ToTensor, Normalize and, with
+    augmentation, RandomRotation(10) then RandomAffine(translate 0.1) (fill 0 = mean grey)."""
+    from torchvision import transforms as T
+
+    ops: list[Any] = [T.Grayscale(), T.ToTensor(), T.Normalize((mean,), (std,))]
+    if augment:
+        ops += [T.RandomRotation(10), T.RandomAffine(degrees=0, translate=(0.1, 0.1))]
+    return T.Compose(ops)
+
+
+def naive_dataset(folder: str | os.PathLike[str], mean: float, std: float,
+                  augment: bool) -> Any:
+    """``ImageFolder`` over ``folder`` (e.g. FER2013_ROOT/train) with fer_sweep's label order.
+
+    ImageFolder numbers classes alphabetically (neutral = 4); mapping them onto ``CLASSES``
+    costs nothing and lets both pipelines be scored against the same labels.
+    """
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder), transform=naive_transform(mean, std, augment))
+    unknown = [c for c in ds.classes if c.lower() not in CLASSES]
+    if unknown:
+        raise FerSweepError(f"{folder} has class folders {unknown} that are not FER2013 classes "
+                            f"({', '.join(CLASSES)}).")
+    canon = {i: CLASSES.index(c.lower()) for i, c in enumerate(ds.classes)}
+    ds.target_transform = canon.__getitem__
+    return ds
+
+
+def naive_loader(dataset: Any, batch_size: int = 100, num_workers: int | None = None,
+                 shuffle: bool = True, pin_memory: bool = False,
+                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader(num_workers=os.cpu_count(), shuffle); workers persist across epochs (and
+    across the benchmark's repeats) so their start-up is paid once, as in a real run."""
+    workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=pin_memory, generator=generator)
+
+
+def naive_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
+               yb: torch.Tensor) -> torch.Tensor:
+    """The textbook step: fp32, no autocast, contiguous memory."""
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss
+
+
+# --------------------------------------------------------------------------- config & models
+
+
+def compose_config(overrides: Sequence[str]) -> Config:
+    """The real config: conf/ composed by Hydra with overrides, then fer_sweep's validate."""
+    from hydra import compose, initialize_config_dir
+
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise FerSweepError(f"fer_sweep's config folder {CONF_DIR} is missing; run the benchmark "
+                            "from a source checkout installed with `pip install -e .`.")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                               job_name="fer_sweep_bench"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return validate(cfg)
+
+
+def build_like_fit(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
+                                                                 torch.optim.Optimizer, bool]:
+    """(model, the module the step calls, optimizer, channels_last) exactly as train.fit
+    sets them up: seed, builder, memory format, optional torch.compile, optimizer."""
+    from fer_sweep.models import build_model
+    from fer_sweep.train import make_optimizer, use_channels_last
+
+    tc = conf.trainer
+    torch.manual_seed(tc.seed)
+    channels_last = use_channels_last(tc.channels_last, conf.model.builder)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
+    model = model.to(device, memory_format=fmt)
+    step_model = torch.compile(model) if tc.compile else model
+    return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer measures work done, not work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+class Pipeline:
+    """One timed thing: ``run(steps)`` trains ``steps`` batches and returns the image count."""
+
+    name = ""
+
+    def run(self, steps: int) -> int:
+        raise NotImplementedError
+
+    def before(self) -> None:
+        """Untimed, right before a timed segment."""
+
+    def after(self, seconds: float, steps: int) -> None:
+        """Untimed, right after a timed segment."""
+
+
+class Ceiling(Pipeline):
+    """fer_sweep's step alone, on a batch already normalized and resident on the device."""
+
+    name = "ceiling"
+
+    def __init__(self, conf: Config, data: Dataset, device: torch.device) -> None:
+        from fer_sweep.augment import make_transform
+        from fer_sweep.train import autocast
+
+        self.model, self.step_model, self.opt, channels_last = build_like_fit(conf, device)
+        self.model.train()
+        tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+        bs = conf.trainer.batch_size
+        xb = tfm(data.train.x[:bs].to(device), train=False)
+        self.xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
+        self.yb = data.train.y[:bs].to(device)
+        self.amp = conf.trainer.amp
+        self.device = device
+        self.autocast = autocast
+
+    def run(self, steps: int) -> int:
+        for _ in range(steps):
+            with self.autocast(self.device, self.amp):
+                logits = self.step_model(self.xb)
+                loss = F.cross_entropy(logits.float(), self.yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return steps * len(self.yb)
+
+
+class FerSweepLoop(Pipeline):
+    """fer_sweep.train.train_epoch (cache -> device -> batched augmentation -> step)."""
+
+    name = "fer_sweep"
+
+    def __init__(self, conf: Config, data: Dataset, device: torch.device,
+                 x: torch.Tensor, y: torch.Tensor) -> None:
+        from fer_sweep.augment import make_transform
+
+        self.model, self.step_model, self.opt, self.channels_last = build_like_fit(conf, device)
+        self.tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+        self.x, self.y = x, y  # the training split, already on the device (as in fit)
+        self.bs = conf.trainer.batch_size
+        self.amp = conf.trainer.amp
+        self.lr = conf.optimizer.lr
+
+    def run(self, steps: int) -> int:
+        from fer_sweep.train import train_epoch
+
+        n = len(self.y)
+        per_epoch = math.ceil(n / self.bs)
+        images = 0
+        while steps > 0:  # a tiny (synthetic) set needs several short epochs
+            k = min(steps, per_epoch)
+            train_epoch(self.step_model, self.opt, self.x, self.y, self.tfm, self.bs, self.amp,
+                        self.channels_last, lr=self.lr, max_steps=k)
+            images += min(n, k * self.bs)
+            steps -= k
+        return images
+
+
+class Naive(Pipeline):
+    """ImageFolder + DataLoader + PIL transforms; fp32, contiguous, model moved per batch."""
+
+    name = "naive"
+
+    def __init__(self, conf: Config, loader: Any, device: torch.device) -> None:
+        from fer_sweep.models import build_model
+
+        torch.manual_seed(conf.trainer.seed)
+        self.model = build_model({"builder": conf.model.builder,
+                                  **conf.model.builder_kwargs()}).to(device)
+        self.model.train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=conf.optimizer.lr,
+                                   momentum=conf.optimizer.momentum,
+                                   weight_decay=conf.optimizer.weight_decay)
+        self.loader = loader
+        self.device = device
+        self.nb = device.type == "cuda"
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        it = self.loader.state.get("it")
+        try:
+            return next(it) if it is not None else self._restart()
+        except StopIteration:
+            return self._restart()
+
+    def _restart(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.loader.state["it"] = iter(self.loader.loader)
+        return next(self.loader.state["it"])
+
+    def run(self, steps: int) -> int:
+        images = 0
+        for _ in range(steps):
+            xb, yb = self._next()
+            naive_step(self.model, self.opt, xb.to(self.device, non_blocking=self.nb),
+                       yb.to(self.device, non_blocking=self.nb))
+            images += len(yb)
+        return images
+
+    def before(self) -> None:
+        # Workers filled their prefetch queue while the other pipelines were timed: drop those
+        # batches, so the timed segment starts from the steady state and gets none for free.
+        for _ in range(self.loader.depth):
+            self._next()
+
+    def after(self, seconds: float, steps: int) -> None:
+        # ...and let them refill it NOW, untimed, instead of stealing the CPU from the next
+        # pipeline's timed segment (refilling takes about depth steps of the naive loop).
+        time.sleep(min(2.0, 1.5 * self.loader.depth * seconds / max(steps, 1)))
+
+
+@dataclass
+class SharedLoader:
+    """One DataLoader per transforms, shared by the models (its workers persist)."""
+
+    loader: Any
+    depth: int  # batches the workers prefetch: num_workers * prefetch_factor
+    startup_seconds: float = 0.0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def make_shared_loader(folder: Path, data: Dataset, augment: bool, batch_size: int,
+                       device: torch.device, workers: int | None) -> SharedLoader:
+    t0 = time.perf_counter()
+    ds = naive_dataset(folder, data.mean, data.std, augment)
+    loader = naive_loader(ds, batch_size, workers, pin_memory=device.type == "cuda")
+    shared = SharedLoader(loader, depth=loader.num_workers * (loader.prefetch_factor or 0))
+    shared.state["it"] = it = iter(loader)
+    next(it)  # workers up, first batch through: the start-up a user waits for
+    shared.startup_seconds = time.perf_counter() - t0
+    return shared
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Plan:
+    models: list[str]
+    transforms: list[str]
+    steps: dict[str, int]  # model -> timed steps per repeat
+    warmup: dict[str, int]
+    repeats: int
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    def split(value: str, allowed: Sequence[str] | None, what: str) -> list[str]:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"--{what} is empty; give a comma-separated list.")
+        if allowed is not None:
+            bad = [v for v in items if v not in allowed]
+            if bad:
+                raise ConfigError(f"--{what} {','.join(bad)}: choose from {', '.join(allowed)}.")
+        return items
+
+    models = split(args.models, None, "models")
+    available = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    bad = [m for m in models if m not in available]
+    if bad:
+        raise ConfigError(f"--models {','.join(bad)}: no such model config; choose from "
+                          f"{', '.join(available)}.")
+    transforms = split(args.transforms, None, "transforms")
+    available_t = sorted(p.stem for p in (CONF_DIR / "transforms").glob("*.yaml"))
+    bad = [t for t in transforms if t not in available_t]
+    if bad:
+        raise ConfigError(f"--transforms {','.join(bad)}: choose from {', '.join(available_t)}.")
+    for name in ("steps", "repeats", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise ConfigError(f"--{name}={value} must be a positive number.")
+    light, heavy = (20, 3) if args.quick else (50, 10)
+    steps = {m: args.steps or (heavy if m.startswith(HEAVY) else light) for m in models}
+    warm = {m: (args.warmup if args.warmup is not None
+                else 1 if m.startswith(HEAVY) else 3) for m in models}
+    repeats = args.repeats or (3 if args.quick else 5)
+    return Plan(models, transforms, steps, warm, repeats)
+
+
+def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, float]:
+    """Cold: decode every image into an empty cache dir; warm: the same call, from the cache
+    (median of three). Run before torchvision is imported, as in ``python -m fer_sweep``."""
+    t0 = time.perf_counter()
+    train, test, info = load_source(root, fmt, cache)
+    cold = time.perf_counter() - t0
+    if info["cache_hit"]:
+        raise FerSweepError(f"the cold load found a cache in {cache}; it must start empty.")
+    warm = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        _, _, info = load_source(root, fmt, cache)
+        warm.append(time.perf_counter() - t0)
+    return {"cold_seconds": round(cold, 3), "warm_seconds": round(statistics.median(warm), 3),
+            "images": len(train) + len(test), "source": info["source"]}
+
+
+def resolve_root(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[str]]:
+    """(data root, data overrides): real FER2013 from FER2013_ROOT, or --synthetic."""
+    if args.synthetic:
+        root = tmp / "synthetic-v1"  # where data=synthetic looks for it under cache_dir
+        make_synthetic(root)
+        return root, ["data=synthetic"]
+    env = os.environ.get("FER2013_ROOT", "")
+    if not env:
+        raise FerSweepError("FER2013_ROOT is not set: point it at FER2013's image folders "
+                            "(FER2013_ROOT=/path/to/fer2013 python -m fer_sweep.bench), or run "
+                            "with --synthetic to try the benchmark on generated data.")
+    root = Path(env).expanduser().absolute()
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        raise FerSweepError(f"FER2013_ROOT={env} has no train/ and test/ image folders (the "
+                            'Kaggle "msambare/fer2013" layout, which the naive ImageFolder '
+                            "pipeline needs); fix FER2013_ROOT or run with --synthetic.")
+    return root, [f"data.root='{root}'"]
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median of per-repeat ratios: both sides of a pair ran seconds apart, so a slow spell
+    of the machine cancels out of the ratio (it would not in a ratio of medians)."""
+    return round(_median([x / y for x, y in zip(a, b, strict=True)]), 3)
+
+
+def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from fer_sweep.train import pick_device
+
+    plan = make_plan(args)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loadavg_start = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fer_sweep_bench_") as tmp_name:
+        tmp = Path(tmp_name)
+        root, data_overrides = resolve_root(args, tmp)
+        log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"data {root}")
+        load = measure_load(root, tmp)
+        log(f"load: cold {load['cold_seconds']:.2f} s, warm {load['warm_seconds']:.2f} s "
+            f"({load['images']} images)")
+
+        base = [*data_overrides, f"data.cache_dir='{tmp}'", f"trainer.device={args.device}",
+                f"trainer.batch_size={args.batch_size}"]
+        confs = {(m, t): compose_config([*base, f"model={m}", f"transforms={t}"])
+                 for m in plan.models for t in plan.transforms}
+        t0 = time.perf_counter()
+        data = load_dataset(next(iter(confs.values())).data)
+        load["dataset_seconds"] = round(time.perf_counter() - t0, 3)
+        x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+
+        pipes: dict[tuple[str, str], list[Pipeline]] = {}
+        loaders: dict[str, SharedLoader] = {}
+        for (m, t), conf in confs.items():
+            augment = make_transform_is_random(conf, data)
+            key = "aug" if augment else "norm"
+            if key not in loaders:
+                loaders[key] = make_shared_loader(root / "train", data, augment,
+                                                  args.batch_size, device, args.workers)
+                log(f"naive DataLoader ({key}): {loaders[key].loader.num_workers} workers, "
+                    f"first batch after {loaders[key].startup_seconds:.2f} s")
+            pipes[(m, t)] = [Ceiling(conf, data, device),
+                             FerSweepLoop(conf, data, device, x_train, y_train),
+                             Naive(conf, loaders[key], device)]
+
+        for (m, _), group in pipes.items():  # warm-up: allocator, oneDNN kernels, workers
+            for p in group:
+                p.before()
+                p.run(plan.warmup[m])
+        synchronize(device)
+
+        samples: dict[tuple[str, str, str], list[float]] = {}
+        for rep in range(plan.repeats):
+            for (m, t), group in pipes.items():
+                k = rep % len(group)
+                for p in group[k:] + group[:k]:  # round-robin: no pipeline always goes first
+                    p.before()
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    images = p.run(plan.steps[m])
+                    synchronize(device)
+                    seconds = time.perf_counter() - t0
+                    p.after(seconds, plan.steps[m])
+                    samples.setdefault((m, t, p.name), []).append(images / seconds)
+            log(f"repeat {rep + 1}/{plan.repeats} done")
+        for shared in loaders.values():
+            shared.state.clear()  # drop the iterators: workers shut down
+        torch_threads = torch.get_num_threads()
+
+    records = []
+    for (m, t, name), values in samples.items():
+        records.append({"model": m, "transforms": t, "pipeline": name,
+                        "images_per_second": round(_median(values), 1),
+                        "samples": [round(v, 1) for v in values],
+                        "steps": plan.steps[m], "batch_size": args.batch_size})
+    ratios = []
+    for m, t in pipes:
+        fs, ce, nv = (samples[(m, t, p)] for p in PIPELINES)
+        ratios.append({"model": m, "transforms": t,
+                       "fer_sweep_over_ceiling": _paired_ratio(fs, ce),
+                       "fer_sweep_over_naive": _paired_ratio(fs, nv)})
+    import torchvision
+
+    return {
+        "records": records, "ratios": ratios, "load": load,
+        "naive_startup_seconds": {k: round(v.startup_seconds, 3) for k, v in loaders.items()},
+        "naive_workers": {k: v.loader.num_workers for k, v in loaders.items()},
+        "device": str(device), "device_name": device_name(device),
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "threads": torch_threads, "cpu_count": os.cpu_count(),
+        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "python": platform.python_version(), "platform": platform.platform(),
+        "quick": bool(args.quick), "synthetic": bool(args.synthetic),
+        "repeats": plan.repeats, "warmup": plan.warmup,
+        "loadavg_start": [round(v, 2) for v in loadavg_start],
+        "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def make_transform_is_random(conf: Config, data: Dataset) -> bool:
+    """Whether the transforms config augments (then naive uses the PIL augmentation)."""
+    from fer_sweep.augment import make_transform
+
+    tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+    if tfm.hflip:
+        raise ConfigError(f"transforms={conf.transforms.name}: the naive pipeline mirrors only "
+                          "the study's rotation + translation; benchmark norm or aug.")
+    return tfm.is_random
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table: img/s per pipeline and the two ratios (medians of per-repeat ratios)."""
+    ips = {(r["model"], r["transforms"], r["pipeline"]): r["images_per_second"]
+           for r in result["records"]}
+    lines = ["| model | transforms | ceiling img/s | fer_sweep img/s | naive img/s "
+             "| fer_sweep/ceiling | fer_sweep/naive |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["ratios"]:
+        m, t = r["model"], r["transforms"]
+        lines.append(f"| {m} | {t} | {ips[(m, t, 'ceiling')]:,.0f} | "
+                     f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
+                     f"{r['fer_sweep_over_ceiling']:.2f} | {r['fer_sweep_over_naive']:.2f} |")
+    load = result["load"]
+    startup = ", ".join(f"{k} {v:.1f} s" for k, v in result["naive_startup_seconds"].items())
+    lines += ["",
+              f"Data loading ({load['images']:,} images): cold {load['cold_seconds']:.2f} s "
+              f"(decode into an empty cache), warm {load['warm_seconds']:.2f} s (from the "
+              f"cache); load_dataset from the cache {load['dataset_seconds']:.2f} s. "
+              f"Naive DataLoader start-up (not in its img/s): {startup}.",
+              "",
+              f"{result['device']} ({result['device_name']}), torch {result['torch']}, "
+              f"{result['threads']} threads, batch {result['records'][0]['batch_size']}, "
+              f"median of {result['repeats']} interleaved repeats; ratios are medians of the "
+              f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
+              f"{result['loadavg_end'][0]:.1f}."]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fer_sweep.bench",
+        description="Training throughput of fer_sweep vs the model's compute ceiling vs a naive "
+                    "ImageFolder/DataLoader pipeline, plus data loading times.")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model configs")
+    p.add_argument("--transforms", default=",".join(TRANSFORMS),
+                   help="comma-separated transforms configs (norm, aug)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed batches per pipeline and repeat (default 50, resnet 10; "
+                        "--quick 20, resnet 3)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (5; quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches first (3; resnet 1)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every pipeline (default: torch's own)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="naive DataLoader workers (default os.cpu_count())")
+    p.add_argument("--quick", action="store_true", help="fewer batches (~2 min on 2 CPU cores)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="generated data instead of FER2013 (for trying it; not a real number)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size={args.batch_size} must be positive")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads={args.threads} must be positive")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers={args.workers} must be 0 or more")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        result = run_benchmark(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except FerSweepError as err:
+        print(f"fer_sweep: error: {err}", file=sys.stderr)
+        return 2
+    result["bench_seconds"] = round(time.perf_counter() - started, 1)
+    print(markdown(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
