@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,8 @@ def build_like_fit(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Mo
     from fer_sweep.train import make_optimizer, use_channels_last
 
     tc = conf.trainer
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     channels_last = use_channels_last(tc.channels_last, conf.model.builder)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -150,6 +152,7 @@ class Pipeline:
     """One timed thing: ``run(steps)`` trains ``steps`` batches and returns the image count."""
 
     name = ""
+    transforms: str | None = None  # None: independent of the transforms (the ceiling)
 
     def run(self, steps: int) -> int:
         raise NotImplementedError
@@ -157,12 +160,16 @@ class Pipeline:
     def before(self) -> None:
         """Untimed, right before a timed segment."""
 
-    def after(self, seconds: float, steps: int) -> None:
+    def after(self) -> None:
         """Untimed, right after a timed segment."""
 
 
 class Ceiling(Pipeline):
-    """fer_sweep's step alone, on a batch already normalized and resident on the device."""
+    """fer_sweep's step alone, on a batch already normalized and resident on the device.
+
+    It has no data path, so it is the same for every transforms config of a model: measured
+    once per model and repeat, and paired with each transforms' fer_sweep and naive numbers.
+    """
 
     name = "ceiling"
 
@@ -174,9 +181,10 @@ class Ceiling(Pipeline):
         self.model.train()
         tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
         bs = conf.trainer.batch_size
-        xb = tfm(data.train.x[:bs].to(device), train=False)
+        idx = torch.arange(bs) % len(data.train)  # a full batch even from a tiny split
+        xb = tfm(data.train.x[idx].to(device), train=False)
         self.xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
-        self.yb = data.train.y[:bs].to(device)
+        self.yb = data.train.y[idx].to(device)
         self.amp = conf.trainer.amp
         self.device = device
         self.autocast = autocast
@@ -201,6 +209,7 @@ class FerSweepLoop(Pipeline):
                  x: torch.Tensor, y: torch.Tensor) -> None:
         from fer_sweep.augment import make_transform
 
+        self.transforms = conf.transforms.name
         self.model, self.step_model, self.opt, self.channels_last = build_like_fit(conf, device)
         self.tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
@@ -223,14 +232,52 @@ class FerSweepLoop(Pipeline):
         return images
 
 
+@dataclass
+class SharedLoader:
+    """One naive DataLoader per transforms, shared by the models; its workers persist."""
+
+    loader: Any
+    depth: int  # batches the workers prefetch: num_workers * prefetch_factor
+    startup_seconds: float = 0.0
+    batch_seconds: float = 0.0  # the workers' time per batch when nothing else runs
+    it: Any = None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self.it)
+        except StopIteration:  # end of an epoch: the persistent workers start the next one
+            self.it = iter(self.loader)
+            return next(self.it)
+
+
+def make_shared_loader(folder: Path, data: Dataset, augment: bool, batch_size: int,
+                       device: torch.device, workers: int | None) -> SharedLoader:
+    """Start the workers (the start-up a user waits for) and time their batch rate alone."""
+    t0 = time.perf_counter()
+    ds = naive_dataset(folder, data.mean, data.std, augment)
+    loader = naive_loader(ds, batch_size, workers, pin_memory=device.type == "cuda")
+    shared = SharedLoader(loader, depth=max(1, loader.num_workers * (loader.prefetch_factor or 1)))
+    shared.it = iter(loader)
+    shared.next()
+    shared.startup_seconds = time.perf_counter() - t0
+    for _ in range(shared.depth):  # empty the prefetch queue ...
+        shared.next()
+    t0 = time.perf_counter()
+    for _ in range(shared.depth):  # ... then every batch is made while we wait for it
+        shared.next()
+    shared.batch_seconds = (time.perf_counter() - t0) / shared.depth
+    return shared
+
+
 class Naive(Pipeline):
-    """ImageFolder + DataLoader + PIL transforms; fp32, contiguous, model moved per batch."""
+    """ImageFolder + DataLoader + PIL transforms; fp32, contiguous, batch moved per step."""
 
     name = "naive"
 
-    def __init__(self, conf: Config, loader: Any, device: torch.device) -> None:
+    def __init__(self, conf: Config, loader: SharedLoader, device: torch.device) -> None:
         from fer_sweep.models import build_model
 
+        self.transforms = conf.transforms.name
         torch.manual_seed(conf.trainer.seed)
         self.model = build_model({"builder": conf.model.builder,
                                   **conf.model.builder_kwargs()}).to(device)
@@ -240,60 +287,27 @@ class Naive(Pipeline):
                                    weight_decay=conf.optimizer.weight_decay)
         self.loader = loader
         self.device = device
-        self.nb = device.type == "cuda"
-
-    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        it = self.loader.state.get("it")
-        try:
-            return next(it) if it is not None else self._restart()
-        except StopIteration:
-            return self._restart()
-
-    def _restart(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.loader.state["it"] = iter(self.loader.loader)
-        return next(self.loader.state["it"])
+        self.nb = device.type == "cuda"  # pinned memory: asynchronous copies
 
     def run(self, steps: int) -> int:
         images = 0
         for _ in range(steps):
-            xb, yb = self._next()
+            xb, yb = self.loader.next()
             naive_step(self.model, self.opt, xb.to(self.device, non_blocking=self.nb),
                        yb.to(self.device, non_blocking=self.nb))
             images += len(yb)
         return images
 
     def before(self) -> None:
-        # Workers filled their prefetch queue while the other pipelines were timed: drop those
+        # The workers filled their prefetch queue while other pipelines were timed: drop those
         # batches, so the timed segment starts from the steady state and gets none for free.
         for _ in range(self.loader.depth):
-            self._next()
+            self.loader.next()
 
-    def after(self, seconds: float, steps: int) -> None:
-        # ...and let them refill it NOW, untimed, instead of stealing the CPU from the next
-        # pipeline's timed segment (refilling takes about depth steps of the naive loop).
-        time.sleep(min(2.0, 1.5 * self.loader.depth * seconds / max(steps, 1)))
-
-
-@dataclass
-class SharedLoader:
-    """One DataLoader per transforms, shared by the models (its workers persist)."""
-
-    loader: Any
-    depth: int  # batches the workers prefetch: num_workers * prefetch_factor
-    startup_seconds: float = 0.0
-    state: dict[str, Any] = field(default_factory=dict)
-
-
-def make_shared_loader(folder: Path, data: Dataset, augment: bool, batch_size: int,
-                       device: torch.device, workers: int | None) -> SharedLoader:
-    t0 = time.perf_counter()
-    ds = naive_dataset(folder, data.mean, data.std, augment)
-    loader = naive_loader(ds, batch_size, workers, pin_memory=device.type == "cuda")
-    shared = SharedLoader(loader, depth=loader.num_workers * (loader.prefetch_factor or 0))
-    shared.state["it"] = it = iter(loader)
-    next(it)  # workers up, first batch through: the start-up a user waits for
-    shared.startup_seconds = time.perf_counter() - t0
-    return shared
+    def after(self) -> None:
+        # ... and let them refill it now, untimed, rather than take the CPU from the next
+        # pipeline's timed segment.
+        time.sleep(min(2.0, 1.5 * self.loader.depth * self.loader.batch_seconds))
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -303,46 +317,43 @@ def make_shared_loader(folder: Path, data: Dataset, augment: bool, batch_size: i
 class Plan:
     models: list[str]
     transforms: list[str]
-    steps: dict[str, int]  # model -> timed steps per repeat
+    steps: dict[str, int]  # model -> timed steps per pipeline and repeat
     warmup: dict[str, int]
     repeats: int
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    def split(value: str, allowed: Sequence[str] | None, what: str) -> list[str]:
+# (light, heavy) timed steps per repeat: each timed segment lasts about a second on its device.
+DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (15, 1),
+                 ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
+DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
+
+
+def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
+    def pick(value: str, folder: str, what: str) -> list[str]:
         items = [v.strip() for v in value.split(",") if v.strip()]
-        if not items:
-            raise ConfigError(f"--{what} is empty; give a comma-separated list.")
-        if allowed is not None:
-            bad = [v for v in items if v not in allowed]
-            if bad:
-                raise ConfigError(f"--{what} {','.join(bad)}: choose from {', '.join(allowed)}.")
-        return items
+        available = sorted(p.stem for p in (CONF_DIR / folder).glob("*.yaml"))
+        bad = [v for v in items if v not in available]
+        if not items or bad:
+            raise ConfigError(f"--{what} {value!r}: give a comma-separated list of "
+                              f"{', '.join(available)}.")
+        return list(dict.fromkeys(items))
 
-    models = split(args.models, None, "models")
-    available = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    bad = [m for m in models if m not in available]
-    if bad:
-        raise ConfigError(f"--models {','.join(bad)}: no such model config; choose from "
-                          f"{', '.join(available)}.")
-    transforms = split(args.transforms, None, "transforms")
-    available_t = sorted(p.stem for p in (CONF_DIR / "transforms").glob("*.yaml"))
-    bad = [t for t in transforms if t not in available_t]
-    if bad:
-        raise ConfigError(f"--transforms {','.join(bad)}: choose from {', '.join(available_t)}.")
-    for name in ("steps", "repeats", "warmup"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "warmup" else 1):
-            raise ConfigError(f"--{name}={value} must be a positive number.")
-    light, heavy = (20, 3) if args.quick else (50, 10)
-    steps = {m: args.steps or (heavy if m.startswith(HEAVY) else light) for m in models}
-    warm = {m: (args.warmup if args.warmup is not None
-                else 1 if m.startswith(HEAVY) else 3) for m in models}
-    repeats = args.repeats or (3 if args.quick else 5)
-    return Plan(models, transforms, steps, warm, repeats)
+    models = pick(args.models, "model", "models")
+    transforms = pick(args.transforms, "transforms", "transforms")
+    kind = "cpu" if device.type == "cpu" else "gpu"
+    light, heavy = DEFAULT_STEPS[(kind, bool(args.quick))]
+    warm_light, warm_heavy = DEFAULT_WARMUP[kind]
+
+    def is_heavy(m: str) -> bool:
+        return m.startswith(HEAVY)
+
+    steps = {m: args.steps or (heavy if is_heavy(m) else light) for m in models}
+    warmup = {m: args.warmup if args.warmup is not None
+              else warm_heavy if is_heavy(m) else warm_light for m in models}
+    return Plan(models, transforms, steps, warmup, args.repeats or (3 if args.quick else 5))
 
 
-def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, float]:
+def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, Any]:
     """Cold: decode every image into an empty cache dir; warm: the same call, from the cache
     (median of three). Run before torchvision is imported, as in ``python -m fer_sweep``."""
     t0 = time.perf_counter()
@@ -391,8 +402,8 @@ def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     from fer_sweep.train import pick_device
 
-    plan = make_plan(args)
     device = pick_device(args.device)
+    plan = make_plan(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg_start = os.getloadavg()
@@ -406,7 +417,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             f"({load['images']} images)")
 
         base = [*data_overrides, f"data.cache_dir='{tmp}'", f"trainer.device={args.device}",
-                f"trainer.batch_size={args.batch_size}"]
+                f"trainer.batch_size={args.batch_size}", *args.override]
         confs = {(m, t): compose_config([*base, f"model={m}", f"transforms={t}"])
                  for m in plan.models for t in plan.transforms}
         t0 = time.perf_counter()
@@ -414,29 +425,36 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         load["dataset_seconds"] = round(time.perf_counter() - t0, 3)
         x_train, y_train = data.train.x.to(device), data.train.y.to(device)
 
-        pipes: dict[tuple[str, str], list[Pipeline]] = {}
-        loaders: dict[str, SharedLoader] = {}
-        for (m, t), conf in confs.items():
-            augment = make_transform_is_random(conf, data)
-            key = "aug" if augment else "norm"
-            if key not in loaders:
-                loaders[key] = make_shared_loader(root / "train", data, augment,
-                                                  args.batch_size, device, args.workers)
-                log(f"naive DataLoader ({key}): {loaders[key].loader.num_workers} workers, "
-                    f"first batch after {loaders[key].startup_seconds:.2f} s")
-            pipes[(m, t)] = [Ceiling(conf, data, device),
-                             FerSweepLoop(conf, data, device, x_train, y_train),
-                             Naive(conf, loaders[key], device)]
+        loaders: dict[bool, SharedLoader] = {}
+        groups: dict[str, list[Pipeline]] = {}
+        for m in plan.models:
+            group: list[Pipeline] = [Ceiling(confs[(m, plan.transforms[0])], data, device)]
+            for t in plan.transforms:
+                conf = confs[(m, t)]
+                augment = _augments(conf, data)
+                if augment not in loaders:
+                    loaders[augment] = make_shared_loader(root / "train", data, augment,
+                                                          args.batch_size, device, args.workers)
+                    sl = loaders[augment]
+                    log(f"naive DataLoader ({'aug' if augment else 'norm'}): "
+                        f"{sl.loader.num_workers} workers, first batch after "
+                        f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch")
+                group += [FerSweepLoop(conf, data, device, x_train, y_train),
+                          Naive(conf, loaders[augment], device)]
+            groups[m] = group
 
-        for (m, _), group in pipes.items():  # warm-up: allocator, oneDNN kernels, workers
+        log(f"timing {plan.repeats} x {plan.steps} batches per pipeline "
+            f"after {plan.warmup} warm-up batches")
+        for m, group in groups.items():  # warm-up: allocations, kernels, workers
             for p in group:
                 p.before()
                 p.run(plan.warmup[m])
+                p.after()
         synchronize(device)
 
-        samples: dict[tuple[str, str, str], list[float]] = {}
+        samples: dict[tuple[str, str | None, str], list[float]] = {}
         for rep in range(plan.repeats):
-            for (m, t), group in pipes.items():
+            for m, group in groups.items():
                 k = rep % len(group)
                 for p in group[k:] + group[:k]:  # round-robin: no pipeline always goes first
                     p.before()
@@ -445,45 +463,49 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                     images = p.run(plan.steps[m])
                     synchronize(device)
                     seconds = time.perf_counter() - t0
-                    p.after(seconds, plan.steps[m])
-                    samples.setdefault((m, t, p.name), []).append(images / seconds)
+                    p.after()
+                    samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
             log(f"repeat {rep + 1}/{plan.repeats} done")
-        for shared in loaders.values():
-            shared.state.clear()  # drop the iterators: workers shut down
-        torch_threads = torch.get_num_threads()
+        for sl in loaders.values():
+            sl.it = None  # the iterator owns the workers: they shut down
+        threads = torch.get_num_threads()
 
-    records = []
-    for (m, t, name), values in samples.items():
-        records.append({"model": m, "transforms": t, "pipeline": name,
-                        "images_per_second": round(_median(values), 1),
-                        "samples": [round(v, 1) for v in values],
-                        "steps": plan.steps[m], "batch_size": args.batch_size})
-    ratios = []
-    for m, t in pipes:
-        fs, ce, nv = (samples[(m, t, p)] for p in PIPELINES)
-        ratios.append({"model": m, "transforms": t,
-                       "fer_sweep_over_ceiling": _paired_ratio(fs, ce),
-                       "fer_sweep_over_naive": _paired_ratio(fs, nv)})
+    records, ratios = [], []
+    for m in plan.models:
+        ceiling = samples[(m, None, "ceiling")]
+        for t in plan.transforms:
+            series = {"ceiling": ceiling, "fer_sweep": samples[(m, t, "fer_sweep")],
+                      "naive": samples[(m, t, "naive")]}
+            for name, values in series.items():
+                records.append({"model": m, "transforms": t, "pipeline": name,
+                                "images_per_second": round(_median(values), 1),
+                                "samples": [round(v, 1) for v in values],
+                                "steps": plan.steps[m], "batch_size": args.batch_size})
+            ratios.append({"model": m, "transforms": t,
+                           "fer_sweep_over_ceiling": _paired_ratio(series["fer_sweep"], ceiling),
+                           "fer_sweep_over_naive": _paired_ratio(series["fer_sweep"],
+                                                                 series["naive"])})
     import torchvision
 
     return {
         "records": records, "ratios": ratios, "load": load,
-        "naive_startup_seconds": {k: round(v.startup_seconds, 3) for k, v in loaders.items()},
-        "naive_workers": {k: v.loader.num_workers for k, v in loaders.items()},
+        "naive_startup_seconds": {("aug" if k else "norm"): round(v.startup_seconds, 3)
+                                  for k, v in loaders.items()},
+        "naive_workers": next(iter(loaders.values())).loader.num_workers,
         "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": torch_threads, "cpu_count": os.cpu_count(),
+        "threads": threads, "cpu_count": os.cpu_count(),
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "python": platform.python_version(), "platform": platform.platform(),
-        "quick": bool(args.quick), "synthetic": bool(args.synthetic),
-        "repeats": plan.repeats, "warmup": plan.warmup,
+        "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
+        "repeats": plan.repeats, "steps": plan.steps, "warmup": plan.warmup,
         "loadavg_start": [round(v, 2) for v in loadavg_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def make_transform_is_random(conf: Config, data: Dataset) -> bool:
+def _augments(conf: Config, data: Dataset) -> bool:
     """Whether the transforms config augments (then naive uses the PIL augmentation)."""
     from fer_sweep.augment import make_transform
 
@@ -522,9 +544,10 @@ def markdown(result: dict[str, Any]) -> str:
               "",
               f"{result['device']} ({result['device_name']}), torch {result['torch']}, "
               f"{result['threads']} threads, batch {result['records'][0]['batch_size']}, "
-              f"median of {result['repeats']} interleaved repeats; ratios are medians of the "
+              f"median of {result['repeats']} interleaved repeats (the ceiling, which has no "
+              f"data path, is measured once per model and repeat); ratios are medians of the "
               f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
-              f"{result['loadavg_end'][0]:.1f}."]
+              f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all."]
     return "\n".join(lines)
 
 
@@ -538,24 +561,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="comma-separated transforms configs (norm, aug)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed batches per pipeline and repeat (default 50, resnet 10; "
-                        "--quick 20, resnet 3)")
+                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 15, "
+                        "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (5; quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed batches first (3; resnet 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed batches per pipeline first (CPU 3, resnet 1; GPU 20, resnet 10)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for every pipeline (default: torch's own)")
     p.add_argument("--workers", type=int, default=None,
                    help="naive DataLoader workers (default os.cpu_count())")
-    p.add_argument("--quick", action="store_true", help="fewer batches (~2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="fewer batches (< 3 min on 2 CPU cores)")
     p.add_argument("--synthetic", action="store_true",
                    help="generated data instead of FER2013 (for trying it; not a real number)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for every configuration, e.g. trainer.threads=1 or "
+                        "trainer.channels_last=true (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size} must be positive")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads={args.threads} must be positive")
+    for name in ("steps", "repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name}={value} must be a positive integer")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup={args.warmup} must be 0 or more")
     if args.workers is not None and args.workers < 0:
         p.error(f"--workers={args.workers} must be 0 or more")
     return args
