@@ -39,6 +39,7 @@ from torch import nn
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
 from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.train import build
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
@@ -118,25 +119,6 @@ def compose_config(overrides: Sequence[str]) -> Config:
     return validate(cfg)
 
 
-def build_like_fit(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
-                                                                 torch.optim.Optimizer, bool]:
-    """(model, the module the step calls, optimizer, channels_last) exactly as train.fit
-    sets them up: seed, builder, memory format, optional torch.compile, optimizer."""
-    from fer_sweep.models import build_model
-    from fer_sweep.train import make_optimizer, use_channels_last
-
-    tc = conf.trainer
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    channels_last = use_channels_last(tc.channels_last, conf.model.builder)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
-    model = model.to(device, memory_format=fmt)
-    step_model = torch.compile(model) if tc.compile else model
-    return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a timer measures work done, not work launched."""
     if device.type == "cuda":
@@ -177,7 +159,7 @@ class Ceiling(Pipeline):
         from fer_sweep.augment import make_transform
         from fer_sweep.train import autocast
 
-        self.model, self.step_model, self.opt, channels_last = build_like_fit(conf, device)
+        self.model, self.step_model, self.opt, channels_last = build(conf, device)
         self.model.train()
         tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
         bs = conf.trainer.batch_size
@@ -210,7 +192,7 @@ class FerSweepLoop(Pipeline):
         from fer_sweep.augment import make_transform
 
         self.transforms = conf.transforms.name
-        self.model, self.step_model, self.opt, self.channels_last = build_like_fit(conf, device)
+        self.model, self.step_model, self.opt, self.channels_last = build(conf, device)
         self.tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size

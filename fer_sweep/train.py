@@ -265,6 +265,22 @@ class Result:
     train_seconds: float
 
 
+def build(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
+                                                        torch.optim.Optimizer, bool]:
+    """(model, the module the step calls, optimizer, channels_last): seeded, in the memory
+    format that pays for this model, optionally compiled. fit and the benchmark share it."""
+    tc = conf.trainer
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    channels_last = use_channels_last(tc.channels_last, conf.model.builder)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
+    model = model.to(device, memory_format=fmt)
+    step_model = torch.compile(model) if tc.compile else model
+    return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
+
+
 def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: bool = False,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Result:
     """Train conf.model on data.train, validating on data.val after every epoch.
@@ -274,16 +290,8 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
     """
     tc = conf.trainer
     device = pick_device(tc.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    channels_last = use_channels_last(tc.channels_last, conf.model.builder)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
-    model = model.to(device, memory_format=fmt)
+    model, step_model, opt, channels_last = build(conf, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    step_model = torch.compile(model) if tc.compile else model
-    opt = make_optimizer(model.parameters(), conf.optimizer)
     sched = make_scheduler(opt, conf.scheduler, tc.epochs)
     tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
     amp = tc.amp
