@@ -62,9 +62,24 @@ def affine_batch(
         # Flip applied to the input first: source x -> -x, i.e. negate the first row.
         sign = 1.0 - 2.0 * flip.to(device=x.device, dtype=dt)
         theta = torch.cat((theta[:, :1] * sign.view(b, 1, 1), theta[:, 1:]), dim=1)
-    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    grid = _affine_grid(theta, h, w)
     out = F.grid_sample(x.to(dt), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.to(x.dtype)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, [B, C, h, w], align_corners=False)`` as ONE small matmul.
+
+    affine_grid builds a base grid per image and runs a batched matmul with an inner dimension
+    of 3: ~3.5 ms for 100 48x48 images on a CPU core, more than the rest of the augmentation.
+    This is ~0.2 ms, with the same pixel-centre coordinates (linspace * (n - 1) / n), equal to
+    float32 rounding (99.999 % of warped pixels identical, integer shifts exactly)."""
+    xs = torch.linspace(-1.0, 1.0, w, dtype=theta.dtype, device=theta.device) * ((w - 1) / w)
+    ys = torch.linspace(-1.0, 1.0, h, dtype=theta.dtype, device=theta.device) * ((h - 1) / h)
+    one = torch.ones((), dtype=theta.dtype, device=theta.device)
+    base = torch.stack((xs.expand(h, w), ys[:, None].expand(h, w), one.expand(h, w)),
+                       dim=-1)  # (h, w, 3): x, y, 1 for each output pixel
+    return torch.einsum("hwk,bjk->bhwj", base, theta)
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:

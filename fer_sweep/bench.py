@@ -115,7 +115,12 @@ def compose_config(overrides: Sequence[str]) -> Config:
                             "from a source checkout installed with `pip install -e .`.")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
                                job_name="fer_sweep_bench"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        try:
+            cfg = compose(config_name="config", overrides=list(overrides))
+        except Exception as err:  # Hydra's own errors: a bad --override, usually
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"cannot compose the config with {list(overrides)}: {first}") \
+                from None
     return validate(cfg)
 
 
@@ -394,14 +399,13 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         root, data_overrides = resolve_root(args, tmp)
         log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"data {root}")
-        load = measure_load(root, tmp)
-        log(f"load: cold {load['cold_seconds']:.2f} s, warm {load['warm_seconds']:.2f} s "
-            f"({load['images']} images)")
-
         base = [*data_overrides, f"data.cache_dir='{tmp}'", f"trainer.device={args.device}",
                 f"trainer.batch_size={args.batch_size}", *args.override]
         confs = {(m, t): compose_config([*base, f"model={m}", f"transforms={t}"])
-                 for m in plan.models for t in plan.transforms}
+                 for m in plan.models for t in plan.transforms}  # bad settings fail here, first
+        load = measure_load(root, tmp)
+        log(f"load: cold {load['cold_seconds']:.2f} s, warm {load['warm_seconds']:.2f} s "
+            f"({load['images']} images)")
         t0 = time.perf_counter()
         data = load_dataset(next(iter(confs.values())).data)
         load["dataset_seconds"] = round(time.perf_counter() - t0, 3)
