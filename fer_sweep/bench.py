@@ -310,7 +310,7 @@ class Plan:
 
 
 # (light, heavy) timed steps per repeat: each timed segment lasts about a second on its device.
-DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (15, 1),
+DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (30, 1),
                  ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
 
@@ -562,7 +562,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="generated data instead of FER2013 (for trying it; not a real number)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="a Hydra override for every configuration, e.g. trainer.threads=1 or "
-                        "trainer.channels_last=true (repeatable)")
+                        "trainer.channels_last=false (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.batch_size < 1:
