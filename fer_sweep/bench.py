@@ -45,7 +45,7 @@ PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
 TRANSFORMS = ("norm", "aug")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-HEAVY = ("resnet",)  # model configs whose CPU step is ~10x the small CNNs': fewer steps
+HEAVY = ("resnet",)  # model configs whose CPU step is ~100x the small CNNs': fewer steps
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
 
 

@@ -5,7 +5,7 @@
 #
 # 1. pip install -e . without touching what is already installed (torch above all);
 # 2. python -m fer_sweep.bench --json $OUT/bench_gpu.json (ceiling / fer_sweep / naive, bf16,
-#    channels_last for the ResNets, data resident on the GPU);
+#    channels_last, data resident on the GPU);
 # 3. a full `python -m fer_sweep model=resnet transforms=aug trainer.epochs=100` run and
 # 4. the whole Table 2 sweep (experiment=table2: seven jobs, joblib launcher), 3 and 4 side by
 #    side on the one GPU, on the real data, then Table 2 rebuilt from MLflow (fer_sweep.report).
@@ -119,27 +119,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 timeout "$LIMIT" $PY -m fer_sweep model=resnet transforms=aug "${RESNET_EPOCHS[@]}" "${COMMON[@]}" \
   hydra.run.dir="$WORK/outputs/resnet" > "$OUT/resnet.log" 2>&1 &
 RESNET=$!
-if [ -f "$REPO/conf/experiment/table2.yaml" ]; then
-  timeout "$LIMIT" $PY -m fer_sweep experiment=table2 hydra/launcher=joblib \
-    hydra.launcher.n_jobs=7 "${COMMON[@]}" hydra.sweep.dir="$WORK/multirun/table2" \
-    > "$OUT/table2.log" 2>&1 &
-  TABLE2=$!
-else  # before experiment=table2 existed: the seven rows as seven runs
-  (
-    pids=()
-    for row in "cnn2 norm 50" "cnn2_fc1000 norm 500" "cnn2_fc3 norm 500" "cnn3 norm 100" \
-               "resnet_small norm 100" "resnet aug 100" "resnet_dropout aug 100"; do
-      set -- $row
-      timeout "$LIMIT" $PY -m fer_sweep "model=$1" "transforms=$2" "trainer.epochs=$3" \
-        "${COMMON[@]}" hydra.run.dir="$WORK/outputs/$1" > "$OUT/table2_$1.log" 2>&1 &
-      pids+=($!)
-    done
-    rc=0
-    for p in "${pids[@]}"; do wait "$p" || rc=1; done
-    exit $rc
-  ) &
-  TABLE2=$!
-fi
+timeout "$LIMIT" $PY -m fer_sweep experiment=table2 hydra/launcher=joblib \
+  hydra.launcher.n_jobs=7 "${COMMON[@]}" hydra.sweep.dir="$WORK/multirun/table2" \
+  > "$OUT/table2.log" 2>&1 &
+TABLE2=$!
 RC=0
 wait $RESNET || { RC=1; echo "resnet run failed:"; tail -20 "$OUT/resnet.log"; }
 wait $TABLE2 || { RC=1; echo "Table 2 sweep failed:"; tail -30 "$OUT"/table2*.log; }
@@ -182,7 +165,7 @@ if bad:
     sys.exit(f"gpu_check: error: runs not FINISHED or below {min_acc:.0%} test accuracy: "
              f"{[b['name'] for b in bad]}")
 EOF
-if [ -f "$REPO/conf/experiment/table2.yaml" ] && [ $RC -eq 0 ]; then
+if [ $RC -eq 0 ]; then
   phase "Table 2 rebuilt from MLflow (python -m fer_sweep.report)"
   $PY -m fer_sweep.report --tracking-uri "$URI" --experiment gpu_check --out "$OUT/report" \
     --no-log > "$OUT/report.log" 2>&1 || { RC=1; tail -20 "$OUT/report.log"; }
