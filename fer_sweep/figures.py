@@ -97,13 +97,18 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _epoch_ticks(ax: Any, n_epochs: int) -> None:
-    """Whole-epoch ticks; every epoch labelled for short runs (MaxNLocator alone would put
-    ticks at 0.8, 1.0, 1.2 for a 1-epoch run)."""
+def _epoch_axes(ax: Any, n_epochs: int, ylabel: str) -> None:
+    """Epoch x-axis with whole-epoch ticks (every epoch labelled for short runs: MaxNLocator
+    alone would put ticks at 0.8, 1.0, 1.2 for a 1-epoch run), a y label and a light grid."""
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
     if 0 < n_epochs <= 12:
         ax.set_xticks(range(1, n_epochs + 1))
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if n_epochs:
+        ax.set_xlim(0.5, n_epochs + 0.5)
 
 
 def _pretty(name: str) -> str:
@@ -202,13 +207,8 @@ def learning_curves(
                 continue
             x = np.arange(1, y.size + 1)
             ax.plot(x, y * scale, color=color, marker=marker, ms=4, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        _epoch_ticks(ax, n_epochs)
-        ax.grid(alpha=0.3)
-        if n_epochs:
-            ax.set_xlim(0.5, n_epochs + 0.5)
-        else:
+        _epoch_axes(ax, n_epochs, ylabel)
+        if not n_epochs:
             ax.text(
                 0.5,
                 0.5,
@@ -528,12 +528,7 @@ def overlay_curves(
             ms=3,
             label=label,
         )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    _epoch_ticks(ax, longest)
-    ax.grid(alpha=0.3)
-    if longest:
-        ax.set_xlim(0.5, longest + 0.5)
+    _epoch_axes(ax, longest, ylabel)
     if ax.get_legend_handles_labels()[0]:
         if many:
             fig.legend(loc="outside right upper", fontsize="x-small", ncols=1 + len(items) // 30)

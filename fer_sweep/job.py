@@ -27,7 +27,7 @@ from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset
 from fer_sweep.errors import FerSweepError
 from fer_sweep.models import describe, summary_text
-from fer_sweep.train import Result, evaluate, fit, pick_device
+from fer_sweep.train import Result, State, evaluate, fit, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,17 @@ def run_job(cfg: DictConfig) -> float:
     run_id, resuming = open_run(client, exp_id, conf, cfg, parent_id, overrides)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
     try:
-        if resuming:
-            _relog_missing_epochs(client, run_id, ckpt)
-        else:
+        if not resuming:
             _log_data_info(client, run_id, data)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracking.log_metrics(client, run_id, metrics, step=epoch)
 
-        result = fit(conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch)
+        def on_resume(state: State) -> None:
+            _relog_missing_epochs(client, run_id, state)
+
+        result = fit(conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch,
+                     on_resume=on_resume)
         report(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
@@ -174,14 +176,14 @@ def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
                                          "data.converted": str(data.info.get("converted", 0))})
 
 
-def _relog_missing_epochs(client: MlflowClient, run_id: str, ckpt: Path) -> None:
-    """An interruption between the checkpoint and the metric write leaves a gap: fill it."""
-    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> None:
+    """An interruption between the checkpoint and the metric write leaves a gap: fill it from
+    the checkpoint's history."""
     logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
-    for epoch in range(blob["epoch"] + 1):
+    for epoch in range(state.epoch + 1):
         if epoch not in logged:
             tracking.log_metrics(client, run_id,
-                                 {k: v[epoch] for k, v in blob["history"].items()}, step=epoch)
+                                 {k: v[epoch] for k, v in state.history.items()}, step=epoch)
 
 
 def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset,

@@ -211,13 +211,21 @@ def write_job_failure(sweep_dir: str | os.PathLike[str], job_num: int, overrides
     (folder / f"{job_num}.json").write_text(json.dumps(note))
 
 
+def close_parent(uri: str, run_id: str, status: str, error: str | None = None) -> None:
+    """Terminate a sweep's parent run (with an error tag when given) and forget it as open.
+    The one way a parent ends: at the sweep's end, on an interruption, or at exit."""
+    client = MlflowClient(tracking_uri=uri)
+    if error:
+        set_tags(client, run_id, {f"{TAG_PREFIX}error": error})
+    retry(client.set_terminated, run_id, status=status)
+    _open_parents.pop(run_id, None)
+
+
 def end_parent(sweep_dir: str | os.PathLike[str], status: str) -> None:
     """Terminate the sweep's parent run (an interrupted sweep never reaches on_multirun_end)."""
     info = parent_info(sweep_dir)
     if info is not None:
-        retry(MlflowClient(tracking_uri=info["tracking_uri"]).set_terminated,
-              info["parent_run_id"], status=status)
-        _open_parents.pop(info["parent_run_id"], None)
+        close_parent(info["tracking_uri"], info["parent_run_id"], status)
 
 
 def _fail_unclosed_parents() -> None:
@@ -225,10 +233,8 @@ def _fail_unclosed_parents() -> None:
     sweeper crash) must not leave its parent run RUNNING forever."""
     for run_id, uri in list(_open_parents.items()):
         try:
-            client = MlflowClient(tracking_uri=uri)
-            set_tags(client, run_id, {f"{TAG_PREFIX}error": "the sweep stopped before its end "
-                                      "(see the launcher's or sweeper's error in its output)"})
-            client.set_terminated(run_id, status="FAILED")
+            close_parent(uri, run_id, "FAILED", error="the sweep stopped before its end (see "
+                         "the launcher's or sweeper's error in its output)")
         except Exception as err:  # the store itself may be what failed
             log.warning("could not mark the sweep's parent run %s FAILED: %s", run_id, err)
 
@@ -330,8 +336,7 @@ class MultirunParentCallback(Callback):
                 client.log_text(parent, json.dumps(failures, indent=2), "failures.json")
             if (sweep_dir / OPTUNA_RESULTS).exists():
                 log_optimization_results(client, parent, sweep_dir / OPTUNA_RESULTS)
-            client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
-            _open_parents.pop(parent, None)
+            close_parent(info["tracking_uri"], parent, "FAILED" if failures else "FINISHED")
         if failures:
             lines = [f"fer_sweep: {len(failures)} job(s) failed:"]
             lines += [f"  #{f['job']} {' '.join(f['overrides'])}: {f['error']}" for f in failures]

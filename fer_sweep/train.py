@@ -282,11 +282,13 @@ def build(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
 
 
 def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: bool = False,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Result:
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        on_resume: Callable[[State], None] | None = None) -> Result:
     """Train conf.model on data.train, validating on data.val after every epoch.
 
     The best-validation weights are kept in the returned state; ``on_epoch(epoch, metrics)`` is
-    called after each epoch (MLflow logging lives with the caller, not in the loop).
+    called after each epoch and ``on_resume(state)`` once with the state restored from the
+    checkpoint (MLflow logging lives with the caller, not in the loop).
     """
     tc = conf.trainer
     device = pick_device(tc.device)
@@ -304,6 +306,8 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
     state = State()
     if resume and checkpoint is not None and checkpoint.exists():
         state = load_checkpoint(checkpoint, model, opt, sched)
+        if on_resume is not None:
+            on_resume(state)
 
     started = time.perf_counter()
     with interruptible() as interrupted:
