@@ -547,7 +547,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="comma-separated transforms configs (norm, aug)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 15, "
+                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 30, "
                         "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (5; quick 3)")
     p.add_argument("--warmup", type=int, default=None,

@@ -1,0 +1,96 @@
+"""``python -m fer_sweep.bench`` as a user runs it: complete, self-consistent records, and a clear
+error before any measuring when the input is wrong. No timing is asserted (the machine is shared
+and noisy): only that every number is there, positive, and that the table and ratios are
+computed from the samples the JSON holds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import real_data, run_cli
+
+MODELS, TRANSFORMS, PIPELINES = ("cnn2", "cnn3"), ("norm", "aug"), ("ceiling", "fer_sweep", "naive")
+REPEATS, STEPS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("bench")
+    args = ["--models", ",".join(MODELS), "--transforms", ",".join(TRANSFORMS),
+            "--steps", str(STEPS), "--repeats", str(REPEATS), "--warmup", "1",
+            "--json", str(tmp / "b.json")]
+    if not real_data():
+        args.append("--synthetic")
+    proc = run_cli(args, cwd=tmp, module="fer_sweep.bench", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "b.json").read_text()), proc.stdout
+
+
+def test_records_cover_every_model_transforms_and_pipeline(bench) -> None:
+    result, _ = bench
+    records = {(r["model"], r["transforms"], r["pipeline"]): r for r in result["records"]}
+    assert set(records) == set(product(MODELS, TRANSFORMS, PIPELINES))
+    for key, r in records.items():
+        assert len(r["samples"]) == REPEATS, key
+        assert all(v > 0 for v in r["samples"]), key
+        assert r["images_per_second"] == pytest.approx(statistics.median(r["samples"]), abs=0.1)
+        assert (r["steps"], r["batch_size"]) == (STEPS, 100)
+    for m in MODELS:  # the ceiling has no data path: measured once per model, shared
+        norm, aug = records[(m, "norm", "ceiling")], records[(m, "aug", "ceiling")]
+        assert norm["samples"] == aug["samples"]
+
+
+def test_ratios_are_medians_of_paired_repeats(bench) -> None:
+    result, _ = bench
+    s = {(r["model"], r["transforms"], r["pipeline"]): r["samples"] for r in result["records"]}
+    assert {(r["model"], r["transforms"]) for r in result["ratios"]} == set(product(MODELS,
+                                                                                   TRANSFORMS))
+    for r in result["ratios"]:
+        m, t = r["model"], r["transforms"]
+        for key, other in (("fer_sweep_over_ceiling", "ceiling"),
+                           ("fer_sweep_over_naive", "naive")):
+            paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], s[(m, t, other)],
+                                            strict=True)]
+            assert r[key] == pytest.approx(statistics.median(paired), rel=2e-3), (m, t, key)
+
+
+def test_load_times_and_markdown_table(bench) -> None:
+    result, stdout = bench
+    load = result["load"]
+    assert load["images"] == 35_887 if real_data() else load["images"] > 0
+    assert load["cold_seconds"] > 0 and load["warm_seconds"] > 0 and load["dataset_seconds"] > 0
+    assert result["synthetic"] is (not real_data())
+    rows = [line for line in stdout.splitlines() if line.startswith("| cnn")]
+    assert len(rows) == len(MODELS) * len(TRANSFORMS)
+    for r, line in zip(result["ratios"], rows, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [r["model"], r["transforms"]]
+        assert cells[5:] == [f"{r['fer_sweep_over_ceiling']:.2f}",
+                             f"{r['fer_sweep_over_naive']:.2f}"]
+    assert f"Data loading ({load['images']:,} images)" in stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {"FER2013_ROOT": ""}, "FER2013_ROOT is not set"),
+        ([], {"FER2013_ROOT": "/nonexistent/fer"}, "has no train/ and test/ image folders"),
+        (["--models", "cnn2,vgg"], {}, "--models 'cnn2,vgg': give a comma-separated list of"),
+        (["--steps", "0"], {}, "--steps=0 must be a positive integer"),
+        (["--synthetic", "--override", "trainer.batch_size=0"], {}, "trainer.batch_size"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path: Path, args: list[str], env: dict[str, str],
+                                      message: str) -> None:
+    proc = run_cli([*args, "--json", str(tmp_path / "b.json")], cwd=tmp_path,
+                   module="fer_sweep.bench", env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "b.json").exists()
