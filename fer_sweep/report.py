@@ -445,7 +445,8 @@ def table2_markdown(rows: Sequence[Row], keys: Sequence[str], parent: Run, uri: 
             "" if n_params is None else f"{n_params:,}", "" if best is None else best,
             _duration(r.wall_seconds), "**SYNTHETIC**" if r.synthetic else "fer2013",
             f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"])
-    out = [f"# Table 2: network configurations and their performance ({len(rows)} runs)", ""]
+    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
+    out = [f"# Table 2: network configurations and their performance ({runs})", ""]
     n_syn = sum(r.synthetic for r in rows)
     if n_syn:
         out += [f"> **Warning: {n_syn} of {len(rows)} runs were trained on fer_sweep's "
