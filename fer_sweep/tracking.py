@@ -280,7 +280,8 @@ def validate_jobs(config: DictConfig) -> None:
             validate(loader.load_sweep_config(config, overrides))
         except (FerSweepError, HydraException) as err:
             own = " ".join(o for o in overrides if o not in common)
-            raise FerSweepError(f"job #{num} ({own}): {err}") from None
+            why = str(err).split("\nConfig search path:")[0].rstrip()  # Hydra's search path
+            raise FerSweepError(f"job #{num} ({own}): {why}") from None
 
 
 class MultirunParentCallback(Callback):

@@ -256,19 +256,20 @@ def test_report_table1_and_figures_logged_on_the_parent(
                                               "accuracy.png", "curves.png")}
 
 
-def test_one_row_alone_without_dash_m(sweep: tuple[MlflowClient, str, Path]) -> None:
-    """experiment=table2 switches Hydra to MULTIRUN itself; one row is a sweeper param away.
-    (Into the module's store, whose schema already exists, in an experiment of its own.)"""
+def test_some_rows_without_dash_m(sweep: tuple[MlflowClient, str, Path]) -> None:
+    """experiment=table2 switches Hydra to MULTIRUN itself; table2=row2,row4 on the command line
+    replaces the sweep's list. (Into the module's store, in an experiment of its own.)"""
     client, uri, cwd = sweep
     data = [] if real_data() else ["data=synthetic"]
-    proc = run_cli(["experiment=table2", "hydra.sweeper.params.table2=row4",
+    proc = run_cli(["experiment=table2", "table2=row2,row4",
                     "trainer.epochs=1", "data.limit_per_class=2", "trainer.progress=false",
                     "mlflow.log_model=false", "mlflow.figures=false", f"mlflow.tracking_uri={uri}",
-                    "mlflow.experiment=one_row", *data], cwd=cwd)
+                    "mlflow.experiment=some_rows", *data], cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    runs = client.search_runs([client.get_experiment_by_name("one_row").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("some_rows").experiment_id])
     roles = sorted(r.data.tags.get("fer_sweep.role") for r in runs)
-    assert roles == ["job", "parent"]
-    job = next(r for r in runs if r.data.tags["fer_sweep.role"] == "job")
-    assert job.data.tags["model"] == "cnn3" and job.info.status == "FINISHED"
-    assert job.data.params["trainer.epochs"] == "1"
+    assert roles == ["job", "job", "parent"]
+    jobs = [r for r in runs if r.data.tags["fer_sweep.role"] == "job"]
+    assert sorted(r.info.run_name for r in jobs) == ["row2-cnn2_fc1000-norm", "row4-cnn3-norm"]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    assert all(r.data.params["trainer.epochs"] == "1" for r in jobs)
