@@ -39,7 +39,7 @@ from torch import nn
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
 from fer_sweep.errors import ConfigError, FerSweepError
-from fer_sweep.train import build
+from fer_sweep.train import build, train_step
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
@@ -162,7 +162,6 @@ class Ceiling(Pipeline):
 
     def __init__(self, conf: Config, data: Dataset, device: torch.device) -> None:
         from fer_sweep.augment import make_transform
-        from fer_sweep.train import autocast
 
         self.model, self.step_model, self.opt, channels_last = build(conf, device)
         self.model.train()
@@ -173,17 +172,10 @@ class Ceiling(Pipeline):
         self.xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
         self.yb = data.train.y[idx].to(device)
         self.amp = conf.trainer.amp
-        self.device = device
-        self.autocast = autocast
 
     def run(self, steps: int) -> int:
         for _ in range(steps):
-            with self.autocast(self.device, self.amp):
-                logits = self.step_model(self.xb)
-                loss = F.cross_entropy(logits.float(), self.yb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            train_step(self.step_model, self.opt, self.xb, self.yb, self.amp)
         return steps * len(self.yb)
 
 
