@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer_sweep import MALLOC_TUNED
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
 from fer_sweep.errors import ConfigError, FerSweepError
@@ -46,7 +47,8 @@ MODELS = ("cnn2", "cnn3", "resnet")
 TRANSFORMS = ("norm", "aug")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEAVY = ("resnet",)  # model configs whose CPU step is ~100x the small CNNs': fewer steps
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+              "FER_SWEEP_MALLOPT", "GLIBC_TUNABLES")
 
 
 # --------------------------------------------------------------------------- naive pipeline
@@ -472,7 +474,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "naive_workers": next(iter(loaders.values())).loader.num_workers,
         "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": threads, "cpu_count": os.cpu_count(),
+        "threads": threads, "cpu_count": os.cpu_count(), "malloc_tuned": MALLOC_TUNED,
         "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "python": platform.python_version(), "platform": platform.platform(),
         "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
@@ -521,7 +523,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"Naive DataLoader start-up (not in its img/s): {startup}.",
               "",
               f"{result['device']} ({result['device_name']}), torch {result['torch']}, "
-              f"{result['threads']} threads, batch {result['records'][0]['batch_size']}, "
+              f"{result['threads']} threads, "
+              f"{'tuned' if result.get('malloc_tuned') else 'default'} glibc malloc, "
+              f"batch {result['records'][0]['batch_size']}, "
               f"median of {result['repeats']} interleaved repeats (the ceiling, which has no "
               f"data path, is measured once per model and repeat); ratios are medians of the "
               f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
