@@ -338,6 +338,30 @@ def test_invalid_input_and_config() -> None:
     assert typed.rotation == (-10.0, 10.0) and typed.translate == (0.1, 0.1) and not typed.hflip
 
 
+def test_warps_drawn_for_an_epoch_then_sliced_equal_one_call() -> None:
+    """train_epoch draws every image's warp once and slices a batch's: the same images and
+    matrices give the same output whichever way they are grouped."""
+    x = torch.randint(0, 256, (10, 48, 48), generator=torch.Generator().manual_seed(6),
+                      dtype=torch.uint8)
+    transform = make_transform({"rotation": 10, "translate": 0.1, "hflip": True}, MEAN, STD)
+    torch.manual_seed(0)
+    warps = transform.draw(10, (48, 48), "cpu")
+    assert warps.shape == (10, 2, 3)
+    whole = transform(x, warps=warps)
+    parts = torch.cat([transform(x[i:i + 4], warps=warps[i:i + 4]) for i in range(0, 10, 4)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, transform(x, train=False))
+    assert torch.equal(transform(x, train=False, warps=warps), transform(x, train=False))
+    torch.manual_seed(0)
+    assert torch.equal(transform(x), whole)  # a call without warps draws the same ones
+    with pytest.raises(ValueError, match="3 warps for 10 images"):
+        transform(x, warps=warps[:3])
+    flips = BatchTransform(MEAN, STD, hflip=True).draw(10, (48, 48), "cpu")
+    assert flips.dtype == torch.bool and flips.shape == (10,)
+    with pytest.raises(ValueError, match="only normalizes"):
+        BatchTransform(MEAN, STD).draw(10, (48, 48), "cpu")
+
+
 def test_no_host_sync_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA a .item()/.cpu() would stall the pipeline every batch; forbid them outright."""
     transform = make_transform({"rotation": 10, "translate": 0.1, "hflip": True}, MEAN, STD)
