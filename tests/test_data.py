@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fer_sweep import data
 from fer_sweep.data import (
     CLASSES,
     IMAGE_SIZE,
@@ -371,6 +373,35 @@ def test_colour_and_wrong_size_images_are_converted(tiny: Path, tmp_path: Path, 
     first_neutral = int(torch.nonzero(train.y == CLASSES.index("neutral"))[0])
     img = train.x[first_neutral]
     assert img.shape == (48, 48) and abs(int(img.float().mean()) - 60) <= 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parallel decoding forks")
+def test_parallel_decoding_equals_serial_and_reports_the_same(tiny: Path, tmp_path: Path,
+                                                               monkeypatch, caplog):
+    """Large folders are decoded by forked workers: same arrays, same converted count, the same
+    error for an unreadable image (found in a worker's chunk), the same skipping."""
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 1] = 100
+    (tiny / "train" / "neutral" / "Training_0000.png").write_bytes(_encode(rgb, "PNG", "RGB"))
+    paths = sorted(str(p) for p in (tiny / "train").rglob("*.*"))
+    serial = data._decode_files(paths)
+    parallel = data._decode_all(paths, workers=3)  # 12 chunks of 3-4 images
+    assert np.array_equal(parallel[0], serial[0]) and parallel[1:] == serial[1:]
+    assert len(serial[1]) == 1 and serial[2] == []
+
+    reference, _, _ = load_source(tiny, cache_dir=tmp_path / "serial")
+    monkeypatch.setattr(data, "PARALLEL_DECODE_MIN", 0)  # every folder counts as large
+    with caplog.at_level("WARNING", logger="fer_sweep.data"):
+        train, _, info = load_source(tiny, cache_dir=tmp_path / "parallel")
+    assert torch.equal(train.x, reference.x) and torch.equal(train.y, reference.y)
+    assert info["converted"] == 1 and "Converted 1" in caplog.text
+    bad = tiny / "train" / "surprise" / "Training_0004.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="Cannot decode image .*Training_0004.jpg"):
+        load_source(tiny, cache_dir=tmp_path / "parallel")
+    with pytest.warns(UserWarning, match="Skipped 1"):
+        train, _, info = load_source(tiny, cache_dir=tmp_path / "parallel", skip_bad_images=True)
+    assert info["skipped"] == 1 and len(train) == len(reference) - 1
 
 
 GOOD_ROW = "0," + " ".join(["7"] * 2304) + ",Training\n"
