@@ -1,8 +1,12 @@
 """``python -m fer_sweep.bench``: fer_sweep's training speed against the model's own ceiling and
 against the pipeline a user would write by hand.
 
-Three pipelines per (model, transforms), measured in ONE process and interleaved round-robin, so
-that load from other processes hits them alike; medians over the repeats are reported:
+Three pipelines per (model, transforms), measured in ONE process and interleaved, so that load
+from other processes hits them alike; medians over the repeats are reported. A repeat of a model
+runs, per transforms, its ceiling and fer_sweep segments back to back (on the same model), then
+the naive segments; odd repeats run that order backwards. So each fer_sweep figure is paired
+with a ceiling measured right beside it, and a slow spell of the shared machine cancels out of
+their ratio.
 
 - ``ceiling``: forward + backward + optimizer step on one batch already on the device, in the
   memory format and autocast policy fer_sweep uses for that model. No data path at all: the most
@@ -141,7 +145,7 @@ class Pipeline:
     """One timed thing: ``run(steps)`` trains ``steps`` batches and returns the image count."""
 
     name = ""
-    transforms: str | None = None  # None: independent of the transforms (the ceiling)
+    transforms: str = ""
 
     def run(self, steps: int) -> int:
         raise NotImplementedError
@@ -151,34 +155,6 @@ class Pipeline:
 
     def after(self) -> None:
         """Untimed, right after a timed segment."""
-
-
-class Ceiling(Pipeline):
-    """fer_sweep's step alone, on a batch already normalized and resident on the device.
-
-    It has no data path, so it is the same for every transforms config of a model: measured
-    once per model and repeat, and paired with each transforms' fer_sweep and naive numbers.
-    """
-
-    name = "ceiling"
-
-    def __init__(self, conf: Config, data: Dataset, device: torch.device) -> None:
-        from fer_sweep.augment import make_transform
-
-        self.model, self.step_model, self.opt, channels_last = build(conf, device)
-        self.model.train()
-        tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
-        bs = conf.trainer.batch_size
-        idx = torch.arange(bs) % len(data.train)  # a full batch even from a tiny split
-        xb = tfm(data.train.x[idx].to(device), train=False)
-        self.xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
-        self.yb = data.train.y[idx].to(device)
-        self.amp = conf.trainer.amp
-
-    def run(self, steps: int) -> int:
-        for _ in range(steps):
-            train_step(self.step_model, self.opt, self.xb, self.yb, self.amp)
-        return steps * len(self.yb)
 
 
 class FerSweepLoop(Pipeline):
@@ -211,6 +187,32 @@ class FerSweepLoop(Pipeline):
             images += min(n, k * self.bs)
             steps -= k
         return images
+
+
+class Ceiling(Pipeline):
+    """fer_sweep's step alone, on a batch already normalized and resident on the device.
+
+    It trains the very model and optimizer of the fer_sweep pipeline it is paired with (same
+    memory, same state), so the two differ only by the data path: separate model instances
+    differed by up to 4 % here from where their tensors happened to lie in memory.
+    """
+
+    name = "ceiling"
+
+    def __init__(self, ours: FerSweepLoop, conf: Config, data: Dataset) -> None:
+        self.transforms = ours.transforms
+        self.step_model, self.opt, self.amp = ours.step_model, ours.opt, ours.amp
+        bs = conf.trainer.batch_size
+        idx = torch.arange(bs) % len(data.train)  # a full batch even from a tiny split
+        xb = ours.tfm(data.train.x[idx].to(ours.x.device), train=False)
+        self.xb = xb.contiguous(memory_format=torch.channels_last) if ours.channels_last else xb
+        self.yb = data.train.y[idx].to(ours.x.device)
+
+    def run(self, steps: int) -> int:
+        self.step_model.train()
+        for _ in range(steps):
+            train_step(self.step_model, self.opt, self.xb, self.yb, self.amp)
+        return steps * len(self.yb)
 
 
 @dataclass
@@ -300,13 +302,16 @@ class Plan:
     transforms: list[str]
     steps: dict[str, int]  # model -> timed steps per pipeline and repeat
     warmup: dict[str, int]
-    repeats: int
+    repeats: dict[str, int]
 
 
-# (light, heavy) timed steps per repeat: each timed segment lasts about a second on its device.
-DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (30, 1),
+# (light, heavy) timed steps per repeat: each timed segment lasts 0.5-2 s on its device.
+DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (20, 1),
                  ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
+# (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier; --quick keeps
+# the ResNet (2.5 s per CPU step) at 3 so that it finishes in under 3 minutes on 2 cores.
+DEFAULT_REPEATS = {False: (5, 5), True: (5, 3)}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
@@ -331,7 +336,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     steps = {m: args.steps or (heavy if is_heavy(m) else light) for m in models}
     warmup = {m: args.warmup if args.warmup is not None
               else warm_heavy if is_heavy(m) else warm_light for m in models}
-    return Plan(models, transforms, steps, warmup, args.repeats or (3 if args.quick else 5))
+    rep_light, rep_heavy = DEFAULT_REPEATS[bool(args.quick)]
+    repeats = {m: args.repeats or (rep_heavy if is_heavy(m) else rep_light) for m in models}
+    return Plan(models, transforms, steps, warmup, repeats)
 
 
 def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, Any]:
@@ -406,9 +413,11 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         x_train, y_train = data.train.x.to(device), data.train.y.to(device)
 
         loaders: dict[bool, SharedLoader] = {}
-        groups: dict[str, list[Pipeline]] = {}
+        # model -> per transforms: (ceiling, fer_sweep), and the naive pipelines
+        pairs: dict[str, list[tuple[Pipeline, Pipeline]]] = {}
+        naives: dict[str, list[Pipeline]] = {}
         for m in plan.models:
-            group: list[Pipeline] = [Ceiling(confs[(m, plan.transforms[0])], data, device)]
+            pairs[m], naives[m] = [], []
             for t in plan.transforms:
                 conf = confs[(m, t)]
                 augment = _augments(conf, data)
@@ -419,41 +428,39 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                     log(f"naive DataLoader ({'aug' if augment else 'norm'}): "
                         f"{sl.loader.num_workers} workers, first batch after "
                         f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch")
-                group += [FerSweepLoop(conf, data, device, x_train, y_train),
-                          Naive(conf, loaders[augment], device)]
-            groups[m] = group
+                ours = FerSweepLoop(conf, data, device, x_train, y_train)
+                pairs[m].append((Ceiling(ours, conf, data), ours))
+                naives[m].append(Naive(conf, loaders[augment], device))
 
-        log(f"timing {plan.repeats} x {plan.steps} batches per pipeline "
+        log(f"timing {plan.repeats} repeats of {plan.steps} batches per pipeline "
             f"after {plan.warmup} warm-up batches")
-        for m, group in groups.items():  # warm-up: allocations, kernels, workers
-            for p in group:
+        for m in plan.models:  # warm-up: allocations, kernels, workers
+            for p in [*(p for pair in pairs[m] for p in pair), *naives[m]]:
                 p.before()
                 p.run(plan.warmup[m])
                 p.after()
         synchronize(device)
 
-        samples: dict[tuple[str, str | None, str], list[float]] = {}
-        for rep in range(plan.repeats):
-            for m, group in groups.items():
-                k = rep % len(group)
-                for p in group[k:] + group[:k]:  # round-robin: no pipeline always goes first
-                    p.before()
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    images = p.run(plan.steps[m])
-                    synchronize(device)
-                    seconds = time.perf_counter() - t0
-                    p.after()
+        samples: dict[tuple[str, str, str], list[float]] = {}
+        for rep in range(max(plan.repeats.values())):
+            for m in plan.models:
+                if rep >= plan.repeats[m]:
+                    continue
+                # ceiling and fer_sweep of one transforms back to back, naive last; odd repeats
+                # run the even ones' order backwards, so no pipeline always goes first.
+                order = [*(p for pair in pairs[m] for p in pair), *naives[m]]
+                for p in order[::-1] if rep % 2 else order:
+                    images, seconds = _time_segment(p, plan.steps[m], device)
                     samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-            log(f"repeat {rep + 1}/{plan.repeats} done")
+            log(f"repeat {rep + 1}/{max(plan.repeats.values())} done")
         for sl in loaders.values():
             sl.it = None  # the iterator owns the workers: they shut down
         threads = torch.get_num_threads()
 
     records, ratios = [], []
     for m in plan.models:
-        ceiling = samples[(m, None, "ceiling")]
         for t in plan.transforms:
+            ceiling = samples[(m, t, "ceiling")]
             series = {"ceiling": ceiling, "fer_sweep": samples[(m, t, "fer_sweep")],
                       "naive": samples[(m, t, "naive")]}
             for name, values in series.items():
@@ -485,6 +492,18 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     }
 
 
+def _time_segment(p: Pipeline, steps: int, device: torch.device) -> tuple[int, float]:
+    """(images, seconds) of one timed segment, from queued device work done to done."""
+    p.before()
+    synchronize(device)
+    t0 = time.perf_counter()
+    images = p.run(steps)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    p.after()
+    return images, seconds
+
+
 def _augments(conf: Config, data: Dataset) -> bool:
     """Whether the transforms config augments (then naive uses the PIL augmentation)."""
     from fer_sweep.augment import make_transform
@@ -502,6 +521,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _per_model(values: dict[str, int]) -> str:
+    """{'cnn2': 5, 'cnn3': 5, 'resnet': 3} -> '5 (resnet 3)': the common value, then the rest."""
+    common = statistics.mode(values.values())
+    rest = ", ".join(f"{m} {v}" for m, v in values.items() if v != common)
+    return f"{common} ({rest})" if rest else str(common)
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The table: img/s per pipeline and the two ratios (medians of per-repeat ratios)."""
     ips = {(r["model"], r["transforms"], r["pipeline"]): r["images_per_second"]
@@ -515,6 +541,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
                      f"{r['fer_sweep_over_ceiling']:.2f} | {r['fer_sweep_over_naive']:.2f} |")
     load = result["load"]
+    steps = _per_model(result["steps"])
+    repeats = _per_model(result["repeats"])
     startup = ", ".join(f"{k} {v:.1f} s" for k, v in result["naive_startup_seconds"].items())
     lines += ["",
               f"Data loading ({load['images']:,} images): cold {load['cold_seconds']:.2f} s "
@@ -526,8 +554,9 @@ def markdown(result: dict[str, Any]) -> str:
               f"{result['threads']} threads, "
               f"{'tuned' if result.get('malloc_tuned') else 'default'} glibc malloc, "
               f"batch {result['records'][0]['batch_size']}, "
-              f"median of {result['repeats']} interleaved repeats (the ceiling, which has no "
-              f"data path, is measured once per model and repeat); ratios are medians of the "
+              f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
+              f"(each: ceiling and fer_sweep of one transforms back to back on the same model, "
+              f"then naive; odd repeats backwards); ratios are medians of the "
               f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
               f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all."]
     return "\n".join(lines)
@@ -543,9 +572,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="comma-separated transforms configs (norm, aug)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 30, "
+                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 20, "
                         "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (5; quick 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats (5; --quick 5, resnet 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batches per pipeline first (CPU 3, resnet 1; GPU 20, resnet 10)")
     p.add_argument("--batch-size", type=int, default=100)

@@ -41,9 +41,9 @@ def test_records_cover_every_model_transforms_and_pipeline(bench) -> None:
         assert all(v > 0 for v in r["samples"]), key
         assert r["images_per_second"] == pytest.approx(statistics.median(r["samples"]), abs=0.1)
         assert (r["steps"], r["batch_size"]) == (STEPS, 100)
-    for m in MODELS:  # the ceiling has no data path: measured once per model, shared
+    for m in MODELS:  # each transforms has its own ceiling (on its fer_sweep pipeline's model)
         norm, aug = records[(m, "norm", "ceiling")], records[(m, "aug", "ceiling")]
-        assert norm["samples"] == aug["samples"]
+        assert norm["samples"] != aug["samples"]
 
 
 def test_ratios_are_medians_of_paired_repeats(bench) -> None:
