@@ -50,6 +50,25 @@ def test_integer_translation_equals_torchvision_affine(hw: tuple[int, int]) -> N
         assert torch.equal(_one(img, 0.0, tx, ty), _tv_affine(img, 0.0, tx, ty)), (tx, ty)
 
 
+@pytest.mark.parametrize("hw", [(48, 48), (40, 52)])
+def test_sampling_grid_equals_affine_grid(hw: tuple[int, int]) -> None:
+    """The two-plane grid is F.affine_grid's (pixel centres, align_corners=False) to float32
+    rounding, and grid_sample reads it, strided as it is, to the same pixels."""
+    import torch.nn.functional as F
+
+    from fer_sweep.augment import _affine_grid
+
+    theta = torch.randn(20, 2, 3, generator=torch.Generator().manual_seed(7)) * 0.3
+    theta[:, 0, 0] += 1.0
+    theta[:, 1, 1] += 1.0
+    ours, ref = _affine_grid(theta, *hw), F.affine_grid(theta, [20, 1, *hw], align_corners=False)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-6)
+    img = torch.randn(20, 1, *hw, generator=torch.Generator().manual_seed(8))
+    sample = lambda g: F.grid_sample(img, g, mode="nearest", align_corners=False)  # noqa: E731
+    assert (sample(ours) == sample(ref)).float().mean() > 0.9999
+
+
 def test_positive_translation_moves_right_and_down() -> None:
     img = torch.zeros(1, 9, 9)
     img[0, 4, 4] = 1.0
