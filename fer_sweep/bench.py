@@ -311,7 +311,7 @@ DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (20, 1),
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
 # (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier; --quick keeps
 # the ResNet (2.5 s per CPU step) at 3 so that it finishes in under 3 minutes on 2 cores.
-DEFAULT_REPEATS = {False: (5, 5), True: (5, 3)}
+DEFAULT_REPEATS = {False: (7, 5), True: (7, 3)}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
@@ -575,7 +575,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 20, "
                         "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved repeats (5; --quick 5, resnet 3)")
+                   help="interleaved repeats (7, resnet 5; --quick 7, resnet 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed batches per pipeline first (CPU 3, resnet 1; GPU 20, resnet 10)")
     p.add_argument("--batch-size", type=int, default=100)
