@@ -306,7 +306,7 @@ class Plan:
 
 
 # (light, heavy) timed steps per repeat: each timed segment lasts 0.5-2 s on its device.
-DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (20, 1),
+DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (16, 1),
                  ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
 # (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier; --quick keeps
@@ -395,6 +395,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg_start = os.getloadavg()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fer_sweep_bench_") as tmp_name:
         tmp = Path(tmp_name)
         root, data_overrides = resolve_root(args, tmp)
@@ -432,8 +433,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 pairs[m].append((Ceiling(ours, conf, data), ours))
                 naives[m].append(Naive(conf, loaders[augment], device))
 
-        log(f"timing {plan.repeats} repeats of {plan.steps} batches per pipeline "
-            f"after {plan.warmup} warm-up batches")
+        log(f"timing {_per_model(plan.repeats)} repeats of {_per_model(plan.steps)} batches "
+            f"per pipeline, after {_per_model(plan.warmup)} warm-up batches")
         for m in plan.models:  # warm-up: allocations, kernels, workers
             for p in [*(p for pair in pairs[m] for p in pair), *naives[m]]:
                 p.before()
@@ -452,7 +453,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 for p in order[::-1] if rep % 2 else order:
                     images, seconds = _time_segment(p, plan.steps[m], device)
                     samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-            log(f"repeat {rep + 1}/{max(plan.repeats.values())} done")
+            log(f"repeat {rep + 1}/{max(plan.repeats.values())} done "
+                f"({time.perf_counter() - started:.0f} s)")
         for sl in loaders.values():
             sl.it = None  # the iterator owns the workers: they shut down
         threads = torch.get_num_threads()
@@ -572,7 +574,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--transforms", default=",".join(TRANSFORMS),
                    help="comma-separated transforms configs (norm, aug)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 20, "
+                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 16, "
                         "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved repeats (7, resnet 5; --quick 7, resnet 3)")
