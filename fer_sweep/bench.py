@@ -3,10 +3,9 @@ against the pipeline a user would write by hand.
 
 Three pipelines per (model, transforms), measured in ONE process and interleaved, so that load
 from other processes hits them alike; medians over the repeats are reported. A repeat of a model
-runs, per transforms, its ceiling and fer_sweep segments back to back (on the same model), then
-the naive segments; odd repeats run that order backwards. So each fer_sweep figure is paired
-with a ceiling measured right beside it, and a slow spell of the shared machine cancels out of
-their ratio.
+runs, per transforms, its ceiling and fer_sweep (on the same model) in short alternating chunks,
+then the naive segments. So each fer_sweep figure is paired with a ceiling measured at the same
+moments, and a slow spell of the shared machine cancels out of their ratio.
 
 - ``ceiling``: forward + backward + optimizer step on one batch already on the device, in the
   memory format and autocast policy fer_sweep uses for that model. No data path at all: the most
@@ -303,12 +302,22 @@ class Plan:
     steps: dict[str, int]  # model -> timed steps per pipeline and repeat
     warmup: dict[str, int]
     repeats: dict[str, int]
+    settle: dict[str, int]  # untimed batches right before each timed segment
+    chunks: dict[str, int]  # alternating chunks a ceiling / fer_sweep pair's steps are cut into
 
 
 # (light, heavy) timed steps per repeat: each timed segment lasts 0.5-2 s on its device.
 DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (16, 1),
                  ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
+# (light, heavy) untimed batches before every timed segment, so that it starts from its own
+# steady state rather than in whatever the previous segment left behind (caches, sleeping
+# threads, DataLoader workers finishing their prefetch): on the CPU, a segment right after a
+# naive one ran up to ~5 % slower. The heavy models' seconds-long steps need none.
+DEFAULT_SETTLE = {"cpu": (2, 0), "gpu": (5, 0)}
+# (light, heavy) chunks per pair: on this shared VM single 0.3 s segments scatter by +-10-20 %,
+# steps alternated one by one by ~2 %; chunks of a few steps get close to the latter.
+DEFAULT_CHUNKS = {"cpu": (4, 1), "gpu": (4, 1)}
 # (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier; --quick keeps
 # the ResNet (2.5 s per CPU step) at 3 so that it finishes in under 3 minutes on 2 cores.
 DEFAULT_REPEATS = {False: (7, 5), True: (7, 3)}
@@ -329,6 +338,8 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     kind = "cpu" if device.type == "cpu" else "gpu"
     light, heavy = DEFAULT_STEPS[(kind, bool(args.quick))]
     warm_light, warm_heavy = DEFAULT_WARMUP[kind]
+    settle_light, settle_heavy = DEFAULT_SETTLE[kind]
+    chunks_light, chunks_heavy = DEFAULT_CHUNKS[kind]
 
     def is_heavy(m: str) -> bool:
         return m.startswith(HEAVY)
@@ -338,7 +349,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
               else warm_heavy if is_heavy(m) else warm_light for m in models}
     rep_light, rep_heavy = DEFAULT_REPEATS[bool(args.quick)]
     repeats = {m: args.repeats or (rep_heavy if is_heavy(m) else rep_light) for m in models}
-    return Plan(models, transforms, steps, warmup, repeats)
+    settle = {m: settle_heavy if is_heavy(m) else settle_light for m in models}
+    chunks = {m: chunks_heavy if is_heavy(m) else chunks_light for m in models}
+    return Plan(models, transforms, steps, warmup, repeats, settle, chunks)
 
 
 def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, Any]:
@@ -447,11 +460,21 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             for m in plan.models:
                 if rep >= plan.repeats[m]:
                     continue
-                # ceiling and fer_sweep of one transforms back to back, naive last; odd repeats
-                # run the even ones' order backwards, so no pipeline always goes first.
-                order = [*(p for pair in pairs[m] for p in pair), *naives[m]]
-                for p in order[::-1] if rep % 2 else order:
-                    images, seconds = _time_segment(p, plan.steps[m], device)
+                # Per transforms, the ceiling and fer_sweep segments are cut into short chunks
+                # that alternate (ABBA...), so the pair sees the same moments of the machine;
+                # then the naive segments. Odd repeats take the transforms in reverse order.
+                for ceiling, ours in pairs[m][::-1] if rep % 2 else pairs[m]:
+                    totals = {ceiling: [0.0, 0.0], ours: [0.0, 0.0]}
+                    for j, steps in enumerate(_chunks(plan.steps[m], plan.chunks[m])):
+                        for p in (ceiling, ours) if (j + rep) % 2 == 0 else (ours, ceiling):
+                            images, seconds = _time_segment(
+                                p, steps, plan.settle[m] if j == 0 else 0, device)
+                            totals[p][0] += images
+                            totals[p][1] += seconds
+                    for p, (images, seconds) in totals.items():
+                        samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
+                for p in naives[m][::-1] if rep % 2 else naives[m]:
+                    images, seconds = _time_segment(p, plan.steps[m], plan.settle[m], device)
                     samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
             log(f"repeat {rep + 1}/{max(plan.repeats.values())} done "
                 f"({time.perf_counter() - started:.0f} s)")
@@ -488,15 +511,26 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "python": platform.python_version(), "platform": platform.platform(),
         "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
         "repeats": plan.repeats, "steps": plan.steps, "warmup": plan.warmup,
+        "settle": plan.settle, "chunks": plan.chunks,
         "loadavg_start": [round(v, 2) for v in loadavg_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _time_segment(p: Pipeline, steps: int, device: torch.device) -> tuple[int, float]:
-    """(images, seconds) of one timed segment, from queued device work done to done."""
+def _chunks(steps: int, n: int) -> list[int]:
+    """``steps`` cut into ``n`` near-equal chunks (fewer when there are fewer steps)."""
+    n = max(1, min(n, steps))
+    return [steps // n + (1 if i < steps % n else 0) for i in range(n)]
+
+
+def _time_segment(p: Pipeline, steps: int, settle: int,
+                  device: torch.device) -> tuple[int, float]:
+    """(images, seconds) of one timed segment, from queued device work done to done, after
+    ``settle`` untimed batches of the same pipeline."""
     p.before()
+    if settle:
+        p.run(settle)
     synchronize(device)
     t0 = time.perf_counter()
     images = p.run(steps)
@@ -545,6 +579,7 @@ def markdown(result: dict[str, Any]) -> str:
     load = result["load"]
     steps = _per_model(result["steps"])
     repeats = _per_model(result["repeats"])
+    chunks = _per_model(result["chunks"])
     startup = ", ".join(f"{k} {v:.1f} s" for k, v in result["naive_startup_seconds"].items())
     lines += ["",
               f"Data loading ({load['images']:,} images): cold {load['cold_seconds']:.2f} s "
@@ -557,8 +592,8 @@ def markdown(result: dict[str, Any]) -> str:
               f"{'tuned' if result.get('malloc_tuned') else 'default'} glibc malloc, "
               f"batch {result['records'][0]['batch_size']}, "
               f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
-              f"(each: ceiling and fer_sweep of one transforms back to back on the same model, "
-              f"then naive; odd repeats backwards); ratios are medians of the "
+              f"(each: ceiling and fer_sweep of one transforms in {chunks} alternating chunks "
+              f"on the same model, then naive); ratios are medians of the "
               f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
               f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all."]
     return "\n".join(lines)

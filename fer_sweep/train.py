@@ -238,11 +238,12 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     model.train()
     n = len(y)
     perm = torch.randperm(n, device=device)
+    starts = range(0, n, batch_size)[:max_steps]
     # Every image's random warp for the epoch in one draw: a step only slices its batch's.
-    warps = tfm.draw(n, x.shape[-2:], device) if tfm.is_random else None
+    used = min(n, len(starts) * batch_size)
+    warps = tfm.draw(used, x.shape[-2:], device) if tfm.is_random else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    starts = range(0, n, batch_size)[:max_steps]
     bar = tqdm(starts, desc=desc, leave=False, disable=not progress, mininterval=1.0,
                dynamic_ncols=True)
     for step, i in enumerate(bar):
