@@ -50,8 +50,9 @@ MODELS = ("cnn2", "cnn3", "resnet")
 TRANSFORMS = ("norm", "aug")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEAVY = ("resnet",)  # model configs whose CPU step is ~100x the small CNNs': fewer steps
-THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
-              "FER_SWEEP_MALLOPT", "GLIBC_TUNABLES")
+RUNTIME_ENV = (  # thread and allocator settings, recorded with the results
+    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
+    "FER_SWEEP_MALLOPT", "GLIBC_TUNABLES")
 
 
 # --------------------------------------------------------------------------- naive pipeline
@@ -507,7 +508,7 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "threads": threads, "cpu_count": os.cpu_count(), "malloc_tuned": MALLOC_TUNED,
-        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "env": {k: os.environ[k] for k in RUNTIME_ENV if k in os.environ},
         "python": platform.python_version(), "platform": platform.platform(),
         "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
         "repeats": plan.repeats, "steps": plan.steps, "warmup": plan.warmup,

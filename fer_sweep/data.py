@@ -362,21 +362,20 @@ def _decode_all(paths: list[str], workers: int
         log.warning("Parallel decoding failed (%s); decoding in this process instead.", err)
         return _decode_files(paths)
     x = np.concatenate([part[0] for part in parts])
-    converted = [a + i for a, (_, conv, _) in zip(bounds, parts, strict=False) for i in conv]
-    bad = [(a + i, err) for a, (_, _, errs) in zip(bounds, parts, strict=False) for i, err in errs]
+    starts = bounds[:-1]  # each chunk's offset in paths
+    converted = [a + i for a, (_, conv, _) in zip(starts, parts, strict=True) for i in conv]
+    bad = [(a + i, err) for a, (_, _, errs) in zip(starts, parts, strict=True) for i, err in errs]
     return x, converted, bad
 
 
-def _decode_folder(listing: _Listing, skip_bad: bool,
-                   workers: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Decode every listed image (``workers``: None = ``decode_workers``'s choice)."""
+def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Decode every listed image, in worker processes where ``decode_workers`` says so."""
     arrays: dict[str, torch.Tensor] = {}
     converted: list[str] = []
     skipped: list[str] = []
     for split, folders in listing.files.items():
         paths = [os.path.join(folder, n) for _, folder, names in folders for n in names]
-        x, conv, bad = _decode_all(paths, decode_workers(len(paths)) if workers is None
-                                   else workers)
+        x, conv, bad = _decode_all(paths, decode_workers(len(paths)))
         if bad and not skip_bad:
             i, err = bad[0]
             raise DataError(

@@ -7,7 +7,11 @@ computed from the samples the JSON holds.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -74,6 +78,17 @@ def test_load_times_and_markdown_table(bench) -> None:
         assert cells[5:] == [f"{r['fer_sweep_over_ceiling']:.2f}",
                              f"{r['fer_sweep_over_naive']:.2f}"]
     assert f"Data loading ({load['images']:,} images)" in stdout
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_tuning_is_on_by_default_recorded_and_can_be_turned_off(bench) -> None:
+    result, stdout = bench
+    assert result["malloc_tuned"] is True and "tuned glibc malloc" in stdout
+    probe = "import fer_sweep; print(fer_sweep.MALLOC_TUNED)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              env={**os.environ, "FER_SWEEP_MALLOPT": value}, check=True)
+        assert proc.stdout.strip() == expected, value
 
 
 @pytest.mark.parametrize(
