@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from fer_sweep import MALLOC_TUNED
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
 from fer_sweep.errors import ConfigError, FerSweepError
-from fer_sweep.train import build, train_step
+from fer_sweep.train import build, device_name, resolve_precision, train_step
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
@@ -171,7 +171,7 @@ class FerSweepLoop(Pipeline):
         self.tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size
-        self.amp = conf.trainer.amp
+        self.amp = resolve_precision(conf.trainer.amp, device)
         self.lr = conf.optimizer.lr
 
     def run(self, steps: int) -> int:
@@ -212,6 +212,31 @@ class Ceiling(Pipeline):
         self.step_model.train()
         for _ in range(steps):
             train_step(self.step_model, self.opt, self.xb, self.yb, self.amp)
+        return steps * len(self.yb)
+
+
+class VariantCeiling(Pipeline):
+    """The model's step alone in one precision and compile mode: the candidates for the best
+    ceiling this machine offers (fer_sweep's defaults are compared with the fastest of them).
+
+    Its own model and optimizer (a compiled model cannot share the eager one's step), the
+    memory format fer_sweep uses, the same fixed batch as the paired ceiling.
+    """
+
+    def __init__(self, conf: Config, ours: FerSweepLoop, xb: torch.Tensor, yb: torch.Tensor,
+                 precision: str, compiled: bool) -> None:
+        self.name = f"ceiling_{precision}_{'compile' if compiled else 'eager'}"
+        self.transforms = "norm"
+        device = xb.device
+        variant = replace(conf, trainer=replace(conf.trainer, compile=compiled))
+        _, self.step_model, self.opt, _ = build(variant, device)
+        self.precision = resolve_precision(precision, device)
+        self.xb, self.yb = xb, yb
+
+    def run(self, steps: int) -> int:
+        self.step_model.train()
+        for _ in range(steps):
+            train_step(self.step_model, self.opt, self.xb, self.yb, self.precision)
         return steps * len(self.yb)
 
 
@@ -305,6 +330,7 @@ class Plan:
     repeats: dict[str, int]
     settle: dict[str, int]  # untimed batches right before each timed segment
     chunks: dict[str, int]  # alternating chunks a ceiling / fer_sweep pair's steps are cut into
+    compile_modes: tuple[bool, ...] = (False, True)  # ceiling variants: eager, torch.compile
 
 
 # (light, heavy) timed steps per repeat: each timed segment lasts 0.5-2 s on its device.
@@ -352,7 +378,17 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     repeats = {m: args.repeats or (rep_heavy if is_heavy(m) else rep_light) for m in models}
     settle = {m: settle_heavy if is_heavy(m) else settle_light for m in models}
     chunks = {m: chunks_heavy if is_heavy(m) else chunks_light for m in models}
-    return Plan(models, transforms, steps, warmup, repeats, settle, chunks)
+    compile_modes = (False,) if args.no_compile else (False, True)
+    return Plan(models, transforms, steps, warmup, repeats, settle, chunks, compile_modes)
+
+
+def available_precisions(device: torch.device) -> list[str]:
+    """fp32, plus bf16 where autocast can run it on this device (natively or not: the
+    benchmark shows which is faster)."""
+    try:
+        return ["fp32", resolve_precision("bf16", device)]
+    except ConfigError:
+        return ["fp32"]
 
 
 def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, Any]:
@@ -431,6 +467,13 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         # model -> per transforms: (ceiling, fer_sweep), and the naive pipelines
         pairs: dict[str, list[tuple[Pipeline, Pipeline]]] = {}
         naives: dict[str, list[Pipeline]] = {}
+        # model -> the ceiling in every precision x compile mode this device offers
+        variants: dict[str, list[Pipeline]] = {}
+        precisions = available_precisions(device)
+        log(f"ceiling variants: {', '.join(precisions)} x "
+            f"{', '.join('compile' if c else 'eager' for c in plan.compile_modes)}"
+            + (" (torch.compile: ~40 s per model and precision to compile)"
+               if True in plan.compile_modes else ""))
         for m in plan.models:
             pairs[m], naives[m] = [], []
             for t in plan.transforms:
@@ -446,11 +489,15 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 ours = FerSweepLoop(conf, data, device, x_train, y_train)
                 pairs[m].append((Ceiling(ours, conf, data), ours))
                 naives[m].append(Naive(conf, loaders[augment], device))
+            ceiling, ours = pairs[m][0]
+            variants[m] = [VariantCeiling(confs[(m, plan.transforms[0])], ours, ceiling.xb,
+                                          ceiling.yb, precision, compiled)
+                           for compiled in plan.compile_modes for precision in precisions]
 
         log(f"timing {_per_model(plan.repeats)} repeats of {_per_model(plan.steps)} batches "
             f"per pipeline, after {_per_model(plan.warmup)} warm-up batches")
         for m in plan.models:  # warm-up: allocations, kernels, workers
-            for p in [*(p for pair in pairs[m] for p in pair), *naives[m]]:
+            for p in [*(p for pair in pairs[m] for p in pair), *variants[m], *naives[m]]:
                 p.before()
                 p.run(plan.warmup[m])
                 p.after()
@@ -474,7 +521,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                             totals[p][1] += seconds
                     for p, (images, seconds) in totals.items():
                         samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-                for p in naives[m][::-1] if rep % 2 else naives[m]:
+                for p in [*(variants[m][::-1] if rep % 2 else variants[m]),
+                          *(naives[m][::-1] if rep % 2 else naives[m])]:
                     images, seconds = _time_segment(p, plan.steps[m], plan.settle[m], device)
                     samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
             log(f"repeat {rep + 1}/{max(plan.repeats.values())} done "
@@ -483,8 +531,19 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             sl.it = None  # the iterator owns the workers: they shut down
         threads = torch.get_num_threads()
 
-    records, ratios = [], []
+    records, ratios, ceilings = [], [], []
     for m in plan.models:
+        best: list[float] = []
+        for v in variants[m]:
+            values = samples[(m, v.transforms, v.name)]
+            ceilings.append({"model": m, "variant": v.name.removeprefix("ceiling_"),
+                             "precision": v.name.split("_")[1],
+                             "compile": v.name.endswith("compile"),
+                             "images_per_second": round(_median(values), 1),
+                             "samples": [round(x, 1) for x in values]})
+            if not best or _median(values) > _median(best):
+                best, best_name = values, ceilings[-1]["variant"]
+        fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
         for t in plan.transforms:
             ceiling = samples[(m, t, "ceiling")]
             series = {"ceiling": ceiling, "fer_sweep": samples[(m, t, "fer_sweep")],
@@ -497,11 +556,17 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
             ratios.append({"model": m, "transforms": t,
                            "fer_sweep_over_ceiling": _paired_ratio(series["fer_sweep"], ceiling),
                            "fer_sweep_over_naive": _paired_ratio(series["fer_sweep"],
-                                                                 series["naive"])})
+                                                                 series["naive"]),
+                           "fer_sweep_precision": pairs[m][0][1].amp,
+                           "best_ceiling": best_name,
+                           "fer_sweep_over_best_ceiling": _paired_ratio(series["fer_sweep"],
+                                                                        best),
+                           "fer_sweep_over_fp32_eager": _paired_ratio(series["fer_sweep"],
+                                                                      fp32_eager)})
     import torchvision
 
     return {
-        "records": records, "ratios": ratios, "load": load,
+        "records": records, "ratios": ratios, "ceilings": ceilings, "load": load,
         "naive_startup_seconds": {("aug" if k else "norm"): round(v.startup_seconds, 3)
                                   for k, v in loaders.items()},
         "naive_workers": next(iter(loaders.values())).loader.num_workers,
@@ -552,12 +617,6 @@ def _augments(conf: Config, data: Dataset) -> bool:
     return tfm.is_random
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
 def _per_model(values: dict[str, int]) -> str:
     """{'cnn2': 5, 'cnn3': 5, 'resnet': 3} -> '5 (resnet 3)': the common value, then the rest."""
     common = statistics.mode(values.values())
@@ -569,14 +628,28 @@ def markdown(result: dict[str, Any]) -> str:
     """The table: img/s per pipeline and the two ratios (medians of per-repeat ratios)."""
     ips = {(r["model"], r["transforms"], r["pipeline"]): r["images_per_second"]
            for r in result["records"]}
-    lines = ["| model | transforms | ceiling img/s | fer_sweep img/s | naive img/s "
-             "| fer_sweep/ceiling | fer_sweep/naive |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    best = {(c["model"], c["variant"]): c["images_per_second"] for c in result["ceilings"]}
+    lines = ["| model | transforms | precision | ceiling img/s | best ceiling img/s | "
+             "fer_sweep img/s | naive img/s | fer_sweep/ceiling | fer_sweep/best ceiling "
+             "| fer_sweep/fp32 eager | fer_sweep/naive |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["ratios"]:
         m, t = r["model"], r["transforms"]
-        lines.append(f"| {m} | {t} | {ips[(m, t, 'ceiling')]:,.0f} | "
+        lines.append(f"| {m} | {t} | {r['fer_sweep_precision']} | "
+                     f"{ips[(m, t, 'ceiling')]:,.0f} | "
+                     f"{best[(m, r['best_ceiling'])]:,.0f} ({r['best_ceiling']}) | "
                      f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
-                     f"{r['fer_sweep_over_ceiling']:.2f} | {r['fer_sweep_over_naive']:.2f} |")
+                     f"{r['fer_sweep_over_ceiling']:.2f} | "
+                     f"{r['fer_sweep_over_best_ceiling']:.2f} | "
+                     f"{r['fer_sweep_over_fp32_eager']:.2f} | {r['fer_sweep_over_naive']:.2f} |")
+    variants = list(dict.fromkeys(c["variant"] for c in result["ceilings"]))
+    models = list(dict.fromkeys(c["model"] for c in result["ceilings"]))
+    lines += ["", "Ceiling variants (the model's step alone, img/s):", "",
+              "| model | " + " | ".join(variants) + " |",
+              "|---|" + "---:|" * len(variants)]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f"{best[(m, v)]:,.0f}" if (m, v) in best else ""
+                                            for v in variants) + " |")
     load = result["load"]
     steps = _per_model(result["steps"])
     repeats = _per_model(result["repeats"])
@@ -621,7 +694,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads for every pipeline (default: torch's own)")
     p.add_argument("--workers", type=int, default=None,
                    help="naive DataLoader workers (default os.cpu_count())")
-    p.add_argument("--quick", action="store_true", help="fewer batches (< 3 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer batches (about 6 min on 2 CPU cores, 4 of them compiling)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile ceiling variants (saves ~40 s per model "
+                        "and precision)")
     p.add_argument("--synthetic", action="store_true",
                    help="generated data instead of FER2013 (for trying it; not a real number)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -132,7 +132,20 @@ class SchedulerConfig:
         _require(self.patience >= 0, f"scheduler.patience={self.patience} must be >= 0.")
 
 
+# trainer.amp: the booleans of earlier configs and the usual spellings, mapped to the three states.
+_PRECISION_ALIASES = {"true": "bf16", "false": "fp32", "bfloat16": "bf16", "float32": "fp32",
+                      "off": "fp32", "none": "fp32"}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = None  # epochs without a better validation loss; null = off
+
+    def __post_init__(self) -> None:
+        _require(self.patience is None or self.patience > 0,
+                 f"trainer.early_stopping.patience={self.patience} must be a positive number "
+                 "of epochs, or null (off).")
 
 
 @dataclass
@@ -142,13 +155,15 @@ class TrainerConfig:
     eval_batch_size: int = 1000
     device: str = "auto"
     seed: int = 0
-    amp: bool = True
+    amp: str = "auto"
     channels_last: str = "auto"
     compile: bool = False
     threads: int | None = None
     progress: bool = True
     checkpoint_dir: str = "checkpoints"
     resume: str | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    stop_at_min_lr: bool = False  # stop once the plateau scheduler cannot lower the rate
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
@@ -159,6 +174,11 @@ class TrainerConfig:
         _require(bool(_DEVICE.match(self.device)),
                  f"trainer.device={self.device!r} is not a device: use auto, cpu, cuda, "
                  "cuda:N or mps.")
+        self.amp = str(self.amp).lower()
+        self.amp = _PRECISION_ALIASES.get(self.amp, self.amp)
+        _require(self.amp in ("auto", "bf16", "fp32"),
+                 f"trainer.amp={self.amp!r}: use auto (bf16 where the device is fast at it), "
+                 "bf16 or fp32.")
         _require(self.channels_last in ("auto", "true", "false", "True", "False"),
                  f"trainer.channels_last={self.channels_last!r}: use auto, true or false.")
         _require(self.threads is None or self.threads > 0,

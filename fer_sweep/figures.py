@@ -458,8 +458,10 @@ def accuracy_bars(
     reference: Sequence[float | None],
     path: str | os.PathLike[str],
     title: str = "",
+    intervals: Sequence[tuple[float, float] | None] | None = None,
 ) -> Path:
-    """Grouped horizontal bars, ours vs a reference (e.g. the study's Table 2), per row.
+    """Grouped horizontal bars, ours vs a reference (e.g. the study's Table 2), per row;
+    ``intervals`` (low, high) per row, in the unit of ``ours``, draw error bars on our bars.
 
     Horizontal so that long labels (whole network descriptions) stay readable; labels are
     wrapped. Each series may be fractions or percent (see ``_as_percent``); it is drawn in
@@ -485,7 +487,13 @@ def accuracy_bars(
     ):
         ok = np.isfinite(values)
         bars = ax.barh(y[ok] + offset, values[ok], height=h, color=color, label=label)
-        ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
+        ax.bar_label(bars, fmt="%.1f%%", padding=2 if label == "reference" else 14, fontsize=8)
+        if label == "ours" and intervals is not None:
+            for yi, value, iv in zip(y, values, intervals, strict=True):
+                if iv is not None and np.isfinite(value):
+                    lo, hi = _as_percent(_floats(iv))
+                    ax.errorbar(value, yi + offset, xerr=[[value - lo], [hi - value]],
+                                fmt="none", ecolor="black", capsize=3, lw=1)
         for yi in y[~ok]:
             ax.text(0.5, yi + offset, "n/a", va="center", fontsize=7, color="0.4")
     ax.set_yticks(y, wrapped, fontsize=8)

@@ -27,7 +27,15 @@ from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset
 from fer_sweep.errors import FerSweepError
 from fer_sweep.models import describe, summary_text
-from fer_sweep.train import Result, State, evaluate, fit, pick_device
+from fer_sweep.train import (
+    Result,
+    State,
+    device_name,
+    evaluate,
+    fit,
+    pick_device,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,9 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
     synthetic = conf.data.synthetic
     name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
     tags = {"model": conf.model.name, "transforms": conf.transforms.name,
-            "data": conf.data.name,
+            "data": conf.data.name, "precision": conf.trainer.amp,
+            "device": conf.trainer.device,
+            "device_name": device_name(torch.device(conf.trainer.device)),
             "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
             "fer_sweep.role": "job", **tracking.process_tags()}
     if HydraConfig.initialized():  # the config-group options this job was composed from
@@ -103,18 +113,26 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
                      if v is not None and not k.startswith("hydra/")})
     run_id = tracking.create_run(client, exp_id, name, tags, parent_id=parent_id,
                                  synthetic=synthetic)
-    tracking.log_params(client, run_id, tracking.flatten(_job_config(cfg)))
+    tracking.log_params(client, run_id, {**tracking.flatten(_job_config(cfg)),
+                                         "trainer.precision": conf.trainer.amp,
+                                         "trainer.device_used": conf.trainer.device})
     return run_id, False
 
 
 def run_job(cfg: DictConfig) -> float:
     """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
     conf = validate(cfg)
-    pick_device(conf.trainer.device)  # a GPU that is not there: named before any data or run
+    device = pick_device(conf.trainer.device)  # a GPU that is not there: named before any data
+    # What trainer.amp means on this device, decided (and refused, if impossible) up front.
+    conf.trainer.amp = resolve_precision(conf.trainer.amp, device)
     multirun, sweep_dir, job_num, overrides = _hydra()
     if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
         # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.
         conf.trainer.device = f"cuda:{job_num % torch.cuda.device_count()}"
+    if conf.trainer.device == "auto":
+        conf.trainer.device = str(device)
+    log.info("device %s (%s), precision %s", conf.trainer.device,
+             device_name(torch.device(conf.trainer.device)), conf.trainer.amp)
     client = tracking.connect(conf.mlflow.tracking_uri)
     parent = tracking.parent_info(sweep_dir) if sweep_dir else None
     parent_id = None
@@ -193,7 +211,7 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
     tc = conf.trainer
 
     def test(tta: str = "none") -> dict[str, Any]:
-        return evaluate(model, data.test, result.tfm, tc.eval_batch_size, dev, tc.amp,
+        return evaluate(model, data.test, result.tfm, tc.eval_batch_size, dev, result.precision,
                         result.channels_last, tta)
 
     last = test()
@@ -206,6 +224,7 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
         "test_acc": best["acc"], "test_loss": best["loss"],
         "test_acc_last": last["acc"], "test_loss_last": last["loss"],
         "best_epoch": state.best_epoch + 1, "best_val_acc": state.best_val_acc,
+        "stopped_epoch": state.epoch + 1,
         "final_train_loss": state.history["train_loss"][-1],
         "n_params": result.n_params, "train_seconds": result.train_seconds,
         "macro_f1": figures.macro_f1(y, pred, len(CLASSES)),
@@ -222,6 +241,7 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
         tta = test(conf.eval.tta)
         metrics["test_acc_tta"], metrics["test_loss_tta"] = tta["acc"], tta["loss"]
     tracking.log_metrics(client, run_id, metrics, step=state.epoch)
+    tracking.set_tags(client, run_id, {"fer_sweep.stop_reason": state.stop_reason})
     log.info("test_acc %.4f (best epoch %d, val_acc %.4f), last-epoch test_acc %.4f",
              best["acc"], state.best_epoch + 1, state.best_val_acc, last["acc"])
 

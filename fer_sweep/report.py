@@ -29,6 +29,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
+from fer_sweep.replicates import SEED_KEYS, Difference, Summary, summarize, welch
+from fer_sweep.replicates import group as replicate_groups
 
 ROLE = "fer_sweep.role"
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -348,6 +350,98 @@ def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[li
     return rows, keys
 
 
+@dataclass
+class Group:
+    """Runs that differ only in their seeds (replicates.SEED_KEYS): one row of the report."""
+
+    rows: list[Row]
+    settings: dict[str, str]  # the swept settings that define the group (no seeds)
+    seeds: dict[str, list[str]]  # seed key -> its values, for the seed keys that vary within
+    stats: dict[str, Summary]  # metric -> summary over the group's runs (where logged)
+    label: str = ""
+
+    @property
+    def first(self) -> Row:
+        return self.rows[0]
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def seeds_text(self) -> str:
+        """"trainer.seed 0, 1, 2" / "data.split_seed 0, 1 (validation split)"; '' for n = 1."""
+        parts = []
+        for key, values in self.seeds.items():
+            note = " (validation split)" if key == "data.split_seed" else ""
+            parts.append(f"{key} {', '.join(values)}{note}")
+        return "; ".join(parts)
+
+
+def _seed_order(value: str) -> tuple[int, float, str]:
+    """Seeds in numeric order (2 before 10), anything else after, as text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+SUMMARISED = ("test_acc", "macro_f1", "test_acc_public", "test_acc_private", "test_acc_tta")
+
+
+def build_groups(rows: Sequence[Row], keys: Sequence[str]) -> tuple[list[Group], list[str]]:
+    """(groups in the rows' order, the swept keys that tell groups apart)."""
+    group_keys = [k for k in keys if k not in SEED_KEYS]
+    groups = []
+    for members in replicate_groups(rows, lambda r: tuple(r.swept[k] for k in group_keys)):
+        members.sort(key=lambda r: [_seed_order(r.run.data.params.get(k, "")) for k in SEED_KEYS])
+        seeds = {}
+        for key in SEED_KEYS:
+            values = [m.run.data.params.get(key, "") for m in members]
+            if len(set(values)) > 1:
+                seeds[key] = values
+        summaries = {m: summarize([r.metrics[m] for r in members if m in r.metrics])
+                     for m in SUMMARISED}
+        groups.append(Group(members, {k: members[0].swept[k] for k in group_keys}, seeds,
+                            {m: v for m, v in summaries.items() if v is not None}))
+    for i, g in enumerate(groups, 1):
+        names = [v for v in g.settings.values() if v] or \
+            [g.first.run.info.run_name or g.first.run_id[:8]]
+        g.label = f"{i}. {' / '.join(names)}" + (f" (n={g.n})" if g.n > 1 else "")
+    return groups, group_keys
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: Group
+    b: Group
+    key: str  # the setting compared
+    others: tuple[str, ...]  # other settings that also differ between a and b
+    diff: Difference
+
+
+def compare_groups(groups: Sequence[Group], keys: Sequence[str],
+                   key: str | None = None) -> list[Comparison]:
+    """Differences of mean test accuracy between pairs of groups: with ``key``, every pair that
+    differs in that setting; without, every pair that differs in exactly one setting."""
+    if key is not None and key not in keys:
+        raise FerSweepError(f"--compare {key}: this sweep does not vary {key}; it varies "
+                            f"{', '.join(keys) or 'nothing besides the seeds'}.")
+    out = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            differ = [k for k in keys if a.settings[k] != b.settings[k]]
+            if key is None and len(differ) != 1:
+                continue
+            if key is not None and key not in differ:
+                continue
+            if "test_acc" not in a.stats or "test_acc" not in b.stats:
+                continue
+            k = key or differ[0]
+            out.append(Comparison(a, b, k, tuple(d for d in differ if d != k),
+                                  welch(a.stats["test_acc"], b.stats["test_acc"])))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Formatting
 
@@ -384,68 +478,175 @@ def _optional_metrics(rows: Sequence[Row]) -> list[tuple[str, str]]:
     return [(m, title) for m, title in OPTIONAL_ACC if any(m in r.metrics for r in rows)]
 
 
-def table2_records(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """The CSV: raw numbers (accuracies in percent, differences in percentage points)."""
+def run_records(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """runs.csv: one record per run (accuracies in percent, differences in percentage points)."""
     extra = _optional_metrics(rows)
     records = []
     for i, r in enumerate(rows, 1):
         acc = r.test_acc
         rec: dict[str, Any] = {
-            "row": i, "run_id": r.run_id, "run_name": r.run.info.run_name,
+            "run": i, "run_id": r.run_id, "run_name": r.run.info.run_name,
             "status": r.run.info.status, "synthetic": str(r.synthetic).lower(),
             "model": r.model, "transforms_name": r.transforms_name}
         rec.update({k: r.swept[k] for k in keys if k not in ("model", "transforms")})
-        rec.update({
-            "network": r.network, "transformations": r.transforms, "epochs": r.epochs,
-            "final_train_loss": r.metrics.get("final_train_loss"),
-            "test_acc_pct": None if acc is None else 100 * acc,
-            "study_row": r.study.row if r.study else None,
-            "study_network": r.study.network if r.study else None,
-            "study_transformations": r.study.transforms if r.study else None,
-            "study_epochs": r.study.epochs if r.study else None,
-            "study_train_loss": r.study.train_loss if r.study else None,
-            "study_acc_pct": r.study.acc if r.study else None,
-            "diff_pp": (100 * acc - r.study.acc) if r.study and acc is not None else None})
+        rec.update({"epochs": r.epochs, "final_train_loss": r.metrics.get("final_train_loss"),
+                    "test_acc_pct": _pct_value(acc),
+                    "macro_f1": r.metrics.get("macro_f1")})
         for metric, _ in extra:
-            value = r.metrics.get(metric)
-            rec[f"{metric}_pct"] = None if value is None else 100 * value
-        best = r.metrics.get("best_val_acc")
+            rec[f"{metric}_pct"] = _pct_value(r.metrics.get(metric))
         rec.update({"n_params": _int(r.metrics.get("n_params")),
                     "best_epoch": _int(r.metrics.get("best_epoch")),
-                    "best_val_acc_pct": None if best is None else 100 * best,
+                    "stopped_epoch": _int(r.metrics.get("stopped_epoch")),
+                    "best_val_acc_pct": _pct_value(r.metrics.get("best_val_acc")),
+                    "precision": r.run.data.params.get("trainer.precision"),
                     "wall_seconds": r.wall_seconds})
         records.append(rec)
     return records
 
 
-def table2_markdown(rows: Sequence[Row], keys: Sequence[str], parent: Run, uri: str,
-                    experiment: str, ensembles: Sequence[Run] = ()) -> str:
+def _pct_value(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _summary_fields(prefix: str, s: Summary | None, scale: float = 100.0) -> dict[str, Any]:
+    """{prefix}_mean, _std, _ci95_low, _ci95_high (empty where undefined: n = 1)."""
+    def val(x: float | None) -> float | None:
+        return None if x is None else scale * x
+
+    return {f"{prefix}_mean": val(s.mean) if s else None, f"{prefix}_std": val(s.std) if s
+            else None, f"{prefix}_ci95_low": val(s.low) if s else None,
+            f"{prefix}_ci95_high": val(s.high) if s else None}
+
+
+def table2_records(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """table2.csv: one record per group of replicates. Accuracies in percent (means over the
+    group's runs), differences in percentage points, macro-F1 as a fraction; *_std and the
+    interval are empty for a group of one run."""
+    rows = [r for g in groups for r in g.rows]
+    extra = _optional_metrics(rows)
+    records = []
+    for i, g in enumerate(groups, 1):
+        r, study, acc = g.first, g.first.study, g.stats.get("test_acc")
+        statuses = sorted({m.run.info.status for m in g.rows})
+        rec: dict[str, Any] = {
+            "row": i, "n": g.n, "run_id": " ".join(m.run_id for m in g.rows),
+            "run_name": r.run.info.run_name, "status": "/".join(statuses),
+            "synthetic": str(any(m.synthetic for m in g.rows)).lower(),
+            "model": r.model, "transforms_name": r.transforms_name}
+        rec.update({k: g.settings[k] for k in keys if k not in ("model", "transforms")})
+        rec.update({"replicates": g.seeds_text(), "network": r.network,
+                    "transformations": r.transforms, "epochs": r.epochs,
+                    "final_train_loss": _mean([m.metrics.get("final_train_loss")
+                                               for m in g.rows]),
+                    "test_acc_pct": _pct_value(acc.mean) if acc else None,
+                    **_summary_fields("test_acc", acc),
+                    "study_row": study.row if study else None,
+                    "study_network": study.network if study else None,
+                    "study_transformations": study.transforms if study else None,
+                    "study_epochs": study.epochs if study else None,
+                    "study_train_loss": study.train_loss if study else None,
+                    "study_acc_pct": study.acc if study else None,
+                    "study_in_ci95": _yes_no(acc.contains(study.acc / 100))
+                    if study and acc else None,
+                    "diff_pp": (100 * acc.mean - study.acc) if study and acc else None})
+        rec.update(_summary_fields("macro_f1", g.stats.get("macro_f1"), scale=1.0))
+        for metric, _ in extra:
+            summary = g.stats.get(metric)
+            rec[f"{metric}_pct"] = _pct_value(summary.mean) if summary else None
+            rec.update(_summary_fields(metric, summary))
+        best_epochs = [_int(m.metrics.get("best_epoch")) for m in g.rows]
+        rec.update({"n_params": _int(r.metrics.get("n_params")),
+                    "best_epoch": _int(_median([b for b in best_epochs if b is not None])),
+                    "best_val_acc_pct": _pct_value(_mean([m.metrics.get("best_val_acc")
+                                                          for m in g.rows])),
+                    "wall_seconds": _mean([m.wall_seconds for m in g.rows])})
+        records.append(rec)
+    return records
+
+
+def comparison_records(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
+    """compare.csv: b − a in percentage points with Welch's 95 % interval."""
+    return [{"setting": c.key, "a": c.a.label, "b": c.b.label,
+             "a_value": c.a.settings[c.key], "b_value": c.b.settings[c.key],
+             "n_a": c.a.n, "n_b": c.b.n,
+             "a_test_acc_mean": 100 * c.a.stats["test_acc"].mean,
+             "b_test_acc_mean": 100 * c.b.stats["test_acc"].mean,
+             "diff_pp": 100 * c.diff.delta,
+             "diff_ci95_low": None if c.diff.low is None else 100 * c.diff.low,
+             "diff_ci95_high": None if c.diff.high is None else 100 * c.diff.high,
+             "welch_df": c.diff.df, "excludes_zero": _yes_no(c.diff.excludes_zero),
+             "also_differs": " ".join(c.others)} for c in comparisons]
+
+
+def _yes_no(flag: bool | None) -> str | None:
+    return None if flag is None else ("yes" if flag else "no")
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _median(values: Sequence[float]) -> float | None:
+    xs = sorted(values)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _mean_sd(s: Summary | None, digits: int = 1) -> str:
+    if s is None:
+        return ""
+    if s.std is None:
+        return _pct(s.mean, digits)
+    return f"{100 * s.mean:.{digits}f} ± {100 * s.std:.{digits}f}%"
+
+
+def _interval(low: float | None, high: float | None, digits: int = 1) -> str:
+    if low is None or high is None:
+        return ""
+    return f"[{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
+
+
+def table2_markdown(groups: Sequence[Group], keys: Sequence[str], parent: Run, uri: str,
+                    experiment: str, ensembles: Sequence[Run] = (),
+                    comparisons: Sequence[Comparison] = ()) -> str:
+    rows = [r for g in groups for r in g.rows]
     extra = _optional_metrics(rows)
     tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
+    replicated = any(g.n > 1 for g in groups)
     header = ["#", *keys, "Network configuration", "Transformations", "Epochs",
-              "Training loss", "Test acc.", "Study", "Δ (pp)"]
+              "Training loss", "n", "Test acc.", "95 % CI", "Study", "Study in CI", "Δ (pp)"]
     header += [f"{t} ({'/'.join(sorted(tta))})" if m == "test_acc_tta" and tta else t
                for m, t in extra]
     header += ["Params", "Best epoch", "Wall time", "Data", "Run"]
-    right = [True, *[False] * len(keys), False, False, True, True, True, True, True]
+    right = [True, *[False] * len(keys), False, False, True, True, True, True, True, True,
+             False, True]
     right += [True] * len(extra) + [True, True, True, False, False]
     body = []
-    for i, r in enumerate(rows, 1):
-        acc = r.test_acc
-        loss = r.metrics.get("final_train_loss")
-        diff = (f"{100 * acc - r.study.acc:+.1f}" if r.study and acc is not None else "")
+    for i, g in enumerate(groups, 1):
+        r, study, acc = g.first, g.first.study, g.stats.get("test_acc")
+        loss = _mean([m.metrics.get("final_train_loss") for m in g.rows])
+        diff = f"{100 * acc.mean - study.acc:+.1f}" if study and acc else ""
+        inside = _yes_no(acc.contains(study.acc / 100)) if study and acc else None
         n_params = _int(r.metrics.get("n_params"))
-        best = _int(r.metrics.get("best_epoch"))
-        status = "" if r.run.info.status == "FINISHED" else f" ({r.run.info.status})"
+        best = ", ".join(str(_int(m.metrics.get("best_epoch")) or "") for m in g.rows)
+        statuses = {m.run.info.status for m in g.rows} - {"FINISHED"}
+        status = f" ({'/'.join(sorted(statuses))})" if statuses else ""
+        run = (f"`{r.run_id[:8]}` {r.run.info.run_name or ''}" if g.n == 1
+               else f"{g.n} runs: {g.seeds_text() or 'same seeds'}")
         body.append([
-            i, *[r.swept[k] for k in keys], r.network, r.transforms, r.epochs or "",
-            "" if loss is None else f"{loss:.6f}", _pct(acc) + status,
-            f"{r.study.acc:.1f}% (row {r.study.row})" if r.study else "—", diff,
-            *[_pct(r.metrics.get(m)) for m, _ in extra],
-            "" if n_params is None else f"{n_params:,}", "" if best is None else best,
-            _duration(r.wall_seconds), "**SYNTHETIC**" if r.synthetic else "fer2013",
-            f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"])
-    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
+            i, *[g.settings[k] for k in keys], r.network, r.transforms, r.epochs or "",
+            "" if loss is None else f"{loss:.6f}", g.n, _mean_sd(acc) + status,
+            _interval(acc.low, acc.high) if acc else "",
+            f"{study.acc:.1f}% (row {study.row})" if study else "—", inside or "", diff,
+            *[_mean_sd(g.stats.get(m)) for m, _ in extra],
+            "" if n_params is None else f"{n_params:,}", best,
+            _duration(_mean([m.wall_seconds for m in g.rows])),
+            "**SYNTHETIC**" if any(m.synthetic for m in g.rows) else "fer2013", run])
+    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}" + \
+        (f" in {len(groups)} groups" if replicated else "")
     out = [f"# Table 2: network configurations and their performance ({runs})", ""]
     n_syn = sum(r.synthetic for r in rows)
     if n_syn:
@@ -457,10 +658,40 @@ def table2_markdown(rows: Sequence[Row], keys: Sequence[str], parent: Run, uri: 
             f"`{experiment}` in `{uri}`" + (f", launched with `{overrides}`" if overrides else "")
             + ".", "",
             markdown_table(header, body, right), "",
-            "Test acc.: the best-validation-epoch weights on the test split. Study: the "
+            "Test acc.: the best-validation-epoch weights on the test split; a row with n > 1 "
+            "holds runs that differ only in their seeds (mean ± sample sd, 95 % CI from "
+            "Student's t with n − 1 degrees of freedom; none for n = 1). Study: the "
             "reference study's Table 2 accuracy for the same model (matched by model name; "
-            "other runs have none); Δ = ours − study, in percentage points. Training loss: the "
-            "last epoch's mean training loss. Wall time: training time of the run."]
+            "other runs have none); Study in CI: whether it lies inside our interval; Δ = "
+            "ours − study, in percentage points. Training loss: the last epoch's mean "
+            "training loss. Wall time: training time per run."]
+    if comparisons:
+        out += ["", "## Differences (b − a, mean test accuracy, Welch 95 % CI)", "",
+                markdown_table(
+                    ["Setting", "a", "b", "n (a, b)", "a", "b", "b − a (pp)", "95 % CI (pp)",
+                     "Real?", "Also differs"],
+                    [[c.key, c.a.settings[c.key], c.b.settings[c.key], f"{c.a.n}, {c.b.n}",
+                      _pct(c.a.stats["test_acc"].mean), _pct(c.b.stats["test_acc"].mean),
+                      f"{100 * c.diff.delta:+.1f}",
+                      "" if c.diff.low is None else
+                      f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]",
+                      {True: "yes", False: "not shown"}.get(c.diff.excludes_zero,
+                                                            "needs n ≥ 2 on both sides"),
+                      " ".join(c.others) or "—"] for c in comparisons],
+                    [False, False, False, True, True, True, True, True, False, False]), "",
+                "Real?: yes when the interval excludes 0 (the difference is larger than the "
+                "seed-to-seed spread can explain at the 95 % level)."]
+    if replicated:
+        out += ["", "## Runs", "",
+                markdown_table(["Row", "Run", *SEED_KEYS, "Test acc.", "Best epoch",
+                                "Stopped", "Status", "Wall time"],
+                               [[i, f"`{r.run_id[:8]}` {r.run.info.run_name or ''}",
+                                 *[r.run.data.params.get(k, "") for k in SEED_KEYS],
+                                 _pct(r.test_acc), _int(r.metrics.get("best_epoch")) or "",
+                                 _int(r.metrics.get("stopped_epoch")) or "", r.run.info.status,
+                                 _duration(r.wall_seconds)]
+                                for i, g in enumerate(groups, 1) for r in g.rows],
+                               [True, False, True, True, True, True, True, False, True])]
     if ensembles:
         ens_body = []
         for e in ensembles:
@@ -535,10 +766,19 @@ def table1_markdown(groups: Sequence[tuple[dict[str, dict[str, int]], list[str]]
 # The report
 
 
+def _write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
+    path.write_text(buf.getvalue())
+
+
 def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
-                 out: Path, log: bool = True) -> list[Row]:
-    """Write table2.md/.csv, table1.md, accuracy.png, curves.png to ``out``; log them on the
-    parent run (under report/)."""
+                 out: Path, log: bool = True, compare: str | None = None) -> list[Group]:
+    """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
+    accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
+    (files under report/)."""
     from fer_sweep import figures
 
     exp_id = parent.info.experiment_id
@@ -547,36 +787,61 @@ def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
     if not runs:
         raise FerSweepError(f"parent run {parent_id} has no child job runs (yet); pick another "
                             "with --parent RUN_ID.")
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         rows, keys = build_rows(client, runs, tmp)
-        groups = _class_counts(client, [r.run for r in rows], tmp)
+        class_counts = _class_counts(client, [r.run for r in rows], tmp)
+    groups, group_keys = build_groups(rows, keys)
+    comparisons = compare_groups(groups, group_keys, compare)  # a bad --compare fails first
+    out.mkdir(parents=True, exist_ok=True)
     ensembles = children(client, exp_id, parent_id, role="ensemble")
     (out / "table2.md").write_text(
-        table2_markdown(rows, keys, parent, uri, experiment, ensembles))
-    records = table2_records(rows, keys)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
-    (out / "table2.csv").write_text(buf.getvalue())
-    (out / "table1.md").write_text(table1_markdown(groups, any(r.synthetic for r in rows)))
+        table2_markdown(groups, group_keys, parent, uri, experiment, ensembles, comparisons))
+    _write_csv(out / "table2.csv", table2_records(groups, group_keys))
+    _write_csv(out / "runs.csv", run_records(rows, keys))
+    if comparisons:
+        _write_csv(out / "compare.csv", comparison_records(comparisons))
+    (out / "table1.md").write_text(table1_markdown(class_counts,
+                                                   any(r.synthetic for r in rows)))
 
     syn = " (SYNTHETIC data)" if any(r.synthetic for r in rows) else ""
-    figures.accuracy_bars([r.label for r in rows],
-                          [math.nan if r.test_acc is None else r.test_acc for r in rows],
-                          [r.study.acc / 100 if r.study else None for r in rows],
-                          out / "accuracy.png", title=f"Test accuracy: ours vs the study{syn}")
+    accs = [g.stats.get("test_acc") for g in groups]
+    figures.accuracy_bars([g.label for g in groups],
+                          [math.nan if a is None else a.mean for a in accs],
+                          [g.first.study.acc / 100 if g.first.study else None for g in groups],
+                          out / "accuracy.png", title=f"Test accuracy: ours vs the study{syn}",
+                          intervals=[(a.low, a.high) if a and a.low is not None else None
+                                     for a in accs])
     curves = {}
     for r in rows:
         hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
-        curves[r.label] = [100 * m.value for m in hist]
+        label = r.label if len(groups) == len(rows) else f"{r.label} ({r.run_id[:6]})"
+        curves[label] = [100 * m.value for m in hist]
     figures.overlay_curves(curves, out / "curves.png", ylabel="validation accuracy (%)",
                            title=f"Validation accuracy per epoch{syn}")
     if log:
         client.log_artifacts(parent_id, str(out), artifact_path="report")
-    return rows
+        _log_aggregates(client, parent_id, groups)
+    return groups
+
+
+def _log_aggregates(client: MlflowClient, parent_id: str, groups: Sequence[Group]) -> None:
+    """group<i>.<metric>_mean/_std/_ci95_low/_ci95_high and group<i>.n on the parent run, with
+    the group's label as the tag fer_sweep.group<i>: the report's numbers, searchable."""
+    from fer_sweep import tracking
+
+    metrics: dict[str, float] = {}
+    tags = {}
+    for i, g in enumerate(groups, 1):
+        tags[f"fer_sweep.group{i}"] = g.label[:5000]
+        metrics[f"group{i}.n"] = g.n
+        for metric, summary in g.stats.items():
+            for field_name, value in (("mean", summary.mean), ("std", summary.std),
+                                      ("ci95_low", summary.low), ("ci95_high", summary.high)):
+                if value is not None:
+                    metrics[f"group{i}.{metric}_{field_name}"] = value
+    tracking.log_metrics(client, parent_id, metrics)
+    tracking.set_tags(client, parent_id, tags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,6 +859,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sweep's parent run (default: the latest parent in the experiment)")
     p.add_argument("--out", metavar="DIR", type=Path,
                    help="output folder (default: reports/<parent run id>)")
+    p.add_argument("--compare", metavar="SETTING",
+                   help="state the difference of mean test accuracy (Welch 95 %% CI) between "
+                        "every two groups that differ in this setting, e.g. transforms or "
+                        "model (default: pairs that differ in exactly one setting)")
     p.add_argument("--no-log", action="store_true",
                    help="only write the files; do not log them on the parent run")
     return p
@@ -614,15 +883,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         exp_id = experiment_id(client, args.experiment)
         parent = find_parent(client, exp_id, args.parent)
         out = args.out or Path("reports") / parent.info.run_id
-        rows = write_report(client, args.tracking_uri, args.experiment, parent, out,
-                            log=not args.no_log)
+        groups = write_report(client, args.tracking_uri, args.experiment, parent, out,
+                              log=not args.no_log, compare=args.compare)
     except FerSweepError as err:
         print(f"fer_sweep: error: {err}", file=sys.stderr)
         return 2
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
-    print(f"{len(rows)} rows -> {out}/ (table2.md, table2.csv, table1.md, accuracy.png, "
-          f"curves.png){where}")
+    runs = sum(g.n for g in groups)
+    print(f"{len(groups)} rows ({runs} runs) -> {out}/ (table2.md, table2.csv, runs.csv, "
+          f"table1.md, accuracy.png, curves.png){where}")
     return 0
 
 

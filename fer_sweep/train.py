@@ -9,8 +9,10 @@ finiteness check every few steps, so a diverging run stops within its epoch).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import platform
 import signal
 import threading
 import time
@@ -25,10 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fer_sweep.augment import BatchTransform, make_transform
-from fer_sweep.config import Config, OptimizerConfig, SchedulerConfig
+from fer_sweep.config import Config, OptimizerConfig, SchedulerConfig, TrainerConfig
 from fer_sweep.data import Dataset, Split
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.models import build_model
+
+log = logging.getLogger(__name__)
 
 CHECK_EVERY = 25  # steps between finiteness checks of the running loss (one host sync each)
 
@@ -62,6 +66,20 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def device_name(device: torch.device) -> str:
+    """What the device is, for run tags and benchmark records: the GPU's or the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def use_channels_last(setting: str) -> bool:
     """auto = on: channels_last made every model's CPU step faster here (measured with
     ``python -m fer_sweep.bench``: the small CNNs 1.7x, the reference ResNet 2.4x), and it is
@@ -86,10 +104,47 @@ def make_scheduler(opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int)
     return None
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA only: CPU runs stay fp32 and bit-for-bit deterministic."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (x86 AVX-512-BF16 or AMX): oneDNN then runs
+    convolutions and matmuls in bf16 at 1.1-2.5x the fp32 speed (measured here, docs/
+    performance.md). Elsewhere bf16 is emulated and slower than fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:  # not Linux: no way to tell cheaply, stay in fp32
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """trainer.amp -> the precision a run really uses, "bf16" (autocast) or "fp32".
+
+    auto: bf16 on CUDA devices that support it and on CPUs with native bf16 (every model of
+    Table 2 trains faster there, and its accuracy matches fp32: docs/results.md); fp32 on MPS
+    and on other CPUs. An explicit bf16 on a device without it is refused.
+    """
+    if setting == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        ok = cpu_has_fast_bf16() or (setting == "bf16" and torch.backends.mkldnn.is_available())
+    else:
+        ok = False
+    if setting == "bf16" and not ok:
+        raise ConfigError(f"trainer.amp=bf16 but {device} cannot run bf16 autocast; use "
+                          "trainer.amp=auto or fp32.")
+    return "bf16" if ok else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where ``precision`` says so (CUDA or CPU); fp32 is a no-op. On one CPU a
+    bf16 run is as deterministic as an fp32 one (same kernels, same order)."""
+    if precision == "bf16" and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -110,7 +165,7 @@ def tta_views(x: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split | tuple[torch.Tensor, torch.Tensor],
-             tfm: BatchTransform, batch_size: int, device: torch.device, amp: bool = True,
+             tfm: BatchTransform, batch_size: int, device: torch.device, precision: str = "fp32",
              channels_last: bool = False, tta: str = "none") -> dict[str, Any]:
     """Loss, accuracy and softmax probabilities over a whole split, in large batches."""
     x, y = (split.x, split.y) if isinstance(split, Split) else split
@@ -122,7 +177,7 @@ def evaluate(model: nn.Module, split: Split | tuple[torch.Tensor, torch.Tensor],
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         views = list(tta_views(xb, tta)) if tta != "none" else [xb]
-        with autocast(device, amp):
+        with autocast(device, precision):
             logits = [model(v).float() for v in views]
         loss_sum += F.cross_entropy(logits[0], yb, reduction="sum")
         p = torch.stack([lg.softmax(1) for lg in logits]).mean(0)
@@ -147,19 +202,27 @@ class State:
     best_val_acc: float = -1.0
     best_epoch: int = -1
     best_weights: dict[str, torch.Tensor] | None = None
+    best_val_loss: float = math.inf  # early stopping watches the validation loss ...
+    bad_epochs: int = 0  # ... and counts the epochs since it last improved
+    floor_epochs: int = 0  # epochs spent with the plateau scheduler at its lowest rate
+    stop_reason: str = "epochs"  # epochs | early_stopping | min_lr
 
 
 def save_checkpoint(path: Path, state: State, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any) -> None:
+                    sched: Any, device: torch.device) -> None:
     """Atomic: write a temporary file beside the target, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "epoch": state.epoch, "history": state.history, "best_val_acc": state.best_val_acc,
         "best_epoch": state.best_epoch, "best_weights": state.best_weights,
+        "best_val_loss": state.best_val_loss, "bad_epochs": state.bad_epochs,
+        "floor_epochs": state.floor_epochs, "stop_reason": state.stop_reason,
         "model": model.state_dict(), "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else None,
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # The training device's generator only: a list of every visible GPU's would not fit a
+        # resume that sees another number of GPUs, and a CPU job must not initialise CUDA.
+        "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(blob, tmp)
@@ -167,7 +230,7 @@ def save_checkpoint(path: Path, state: State, model: nn.Module, opt: torch.optim
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any) -> State:
+                    sched: Any, device: torch.device) -> State:
     """Restore model, optimizer, scheduler and RNG states; weights_only (no arbitrary pickles)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -179,11 +242,14 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     if sched is not None and blob["scheduler"] is not None:
         sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng_cpu"])
-    if blob["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng_cuda"])
+    if blob.get("rng_device") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(blob["rng_device"], device)
     return State(epoch=blob["epoch"], history=blob["history"],
                  best_val_acc=blob["best_val_acc"], best_epoch=blob["best_epoch"],
-                 best_weights=blob["best_weights"])
+                 best_weights=blob["best_weights"],
+                 best_val_loss=blob.get("best_val_loss", math.inf),
+                 bad_epochs=blob.get("bad_epochs", 0), floor_epochs=blob.get("floor_epochs", 0),
+                 stop_reason=blob.get("stop_reason", "epochs"))
 
 
 @contextlib.contextmanager
@@ -212,10 +278,10 @@ def interruptible() -> Iterator[Callable[[], bool]]:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor, amp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               yb: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, cross-entropy, backward, optimizer step; (loss, logits), detached, on the
     device. The benchmark's ceiling times exactly this on a fixed batch."""
-    with autocast(xb.device, amp):
+    with autocast(xb.device, precision):
         logits = model(xb)
         loss = F.cross_entropy(logits.float(), yb)
     opt.zero_grad(set_to_none=True)
@@ -225,7 +291,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                tfm: BatchTransform, batch_size: int, amp: bool = True,
+                tfm: BatchTransform, batch_size: int, precision: str = "fp32",
                 channels_last: bool = False, desc: str = "", progress: bool = False,
                 interrupted: Callable[[], bool] = lambda: False, lr: float | None = None,
                 max_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +322,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
         yb = y.index_select(0, idx)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        loss, logits = train_step(model, opt, xb, yb, amp)
+        loss, logits = train_step(model, opt, xb, yb, precision)
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         if step % CHECK_EVERY == CHECK_EVERY - 1 and not torch.isfinite(loss_sum):
@@ -267,12 +333,47 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 
 
+STOP_REASONS = {
+    "epochs": "the epoch budget is spent",
+    "early_stopping": "trainer.early_stopping.patience epochs without a better validation loss",
+    "min_lr": "the plateau scheduler is at its lowest learning rate and has had its patience",
+}
+
+
+def at_lr_floor(sched: Any) -> bool:
+    """The plateau scheduler can lower no group's rate any further: a reduction would hit
+    min_lr, or change the rate by less than its eps (ReduceLROnPlateau then ignores it: 0.01
+    stalls at 1e-8 with factor 0.1 and min_lr 0)."""
+    if not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return False
+    return all(g["lr"] - max(g["lr"] * sched.factor, floor) <= sched.eps
+               for g, floor in zip(sched.optimizer.param_groups, sched.min_lrs, strict=True))
+
+
+def should_stop(state: State, val_loss: float, sched: Any, tc: TrainerConfig) -> str:
+    """Update the early-stopping counters with this epoch's validation loss; the reason to stop
+    now, or "epochs" to go on (the budget then ends the run)."""
+    if val_loss < state.best_val_loss:
+        state.best_val_loss, state.bad_epochs = val_loss, 0
+    else:
+        state.bad_epochs += 1
+    patience = tc.early_stopping.patience
+    if patience is not None and state.bad_epochs >= patience:
+        return "early_stopping"
+    if tc.stop_at_min_lr and at_lr_floor(sched):
+        state.floor_epochs += 1
+        if state.floor_epochs > sched.patience:
+            return "min_lr"
+    return "epochs"
+
+
 @dataclass
 class Result:
     model: nn.Module
     state: State
     device: torch.device
     channels_last: bool
+    precision: str  # "bf16" or "fp32": what trainer.amp resolved to
     tfm: BatchTransform
     n_params: int
     train_seconds: float
@@ -309,7 +410,7 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sched = make_scheduler(opt, conf.scheduler, tc.epochs)
     tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
-    amp = tc.amp
+    precision = resolve_precision(tc.amp, device)
 
     # The whole training and validation sets live on the device.
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
@@ -318,15 +419,17 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
 
     state = State()
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, opt, sched)
+        state = load_checkpoint(checkpoint, model, opt, sched, device)
         if on_resume is not None:
             on_resume(state)
 
     started = time.perf_counter()
     with interruptible() as interrupted:
         for epoch in range(state.epoch + 1, tc.epochs):
+            if state.stop_reason != "epochs":  # resumed after the run had decided to stop
+                break
             t0 = time.perf_counter()
-            loss_sum, correct = train_epoch(step_model, opt, x_train, y_train, tfm, bs, amp,
+            loss_sum, correct = train_epoch(step_model, opt, x_train, y_train, tfm, bs, precision,
                                             channels_last, desc=f"epoch {epoch + 1}/{tc.epochs}",
                                             progress=tc.progress, interrupted=interrupted,
                                             lr=conf.optimizer.lr)
@@ -334,7 +437,7 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
             if not math.isfinite(train_loss):
                 raise Diverged(f"the training loss became {train_loss} at epoch {epoch + 1}: "
                                f"lower optimizer.lr (now {conf.optimizer.lr}) or check the data.")
-            v = evaluate(model, val, tfm, tc.eval_batch_size, device, amp, channels_last)
+            v = evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
             lr = opt.param_groups[0]["lr"]
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 sched.step(v["loss"])
@@ -350,13 +453,19 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
                 state.best_val_acc, state.best_epoch = v["acc"], epoch
                 state.best_weights = {k: t.detach().to("cpu", copy=True)
                                       for k, t in model.state_dict().items()}
+            state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if checkpoint is not None:
-                save_checkpoint(checkpoint, state, model, opt, sched)
+                save_checkpoint(checkpoint, state, model, opt, sched, device)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             if tc.progress:
                 tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  train_loss {train_loss:.4f}  "
                            f"train_acc {metrics['train_acc']:.4f}  val_loss {v['loss']:.4f}  "
                            f"val_acc {v['acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)")
-    return Result(model=model, state=state, device=device, channels_last=channels_last, tfm=tfm,
+            if state.stop_reason != "epochs":
+                log.info("stopping after epoch %d of %d: %s", epoch + 1, tc.epochs,
+                         STOP_REASONS[state.stop_reason])
+                break
+    return Result(model=model, state=state, device=device, channels_last=channels_last,
+                  precision=precision, tfm=tfm,
                   n_params=n_params, train_seconds=time.perf_counter() - started)

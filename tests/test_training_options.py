@@ -1,0 +1,125 @@
+"""trainer.amp (precision), early stopping and checkpoint contents, in-process on the synthetic
+faces: the config, the loop and the checkpoint, without starting a CLI process."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fer_sweep.bench import compose_config
+from fer_sweep.config import Config
+from fer_sweep.data import load_dataset, make_synthetic
+from fer_sweep.errors import ConfigError
+from fer_sweep.train import at_lr_floor, cpu_has_fast_bf16, fit, make_scheduler, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("faces"), n_train_per_class=12,
+                          n_test_per_class=4)
+
+
+def _conf(root: Path, *overrides: str) -> Config:
+    return compose_config([f"data.root='{root}'", "data=synthetic", "trainer.device=cpu",
+                           "trainer.progress=false", *overrides])
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    return set(line.split(":", 1)[1].split())
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_auto_precision_follows_the_cpu_flags() -> None:
+    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) and \
+        torch.backends.mkldnn.is_available()
+    assert cpu_has_fast_bf16() == native
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32"
+    if torch.backends.mkldnn.is_available():
+        assert resolve_precision("bf16", CPU) == "bf16"  # asked for: honoured, even emulated
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("bf16", "bf16"),
+                                                 ("fp32", "fp32"), ("true", "bf16"),
+                                                 ("false", "fp32"), ("BF16", "bf16")])
+def test_amp_values_and_aliases(tmp_path: Path, value: str, expected: str) -> None:
+    assert _conf(tmp_path, f"trainer.amp={value}").trainer.amp == expected
+
+
+def test_unknown_amp_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.amp='fp16'.*auto.*bf16.*fp32"):
+        _conf(tmp_path, "trainer.amp=fp16")
+
+
+def test_bf16_run_is_deterministic_on_one_cpu(synthetic_root: Path) -> None:
+    conf = _conf(synthetic_root, "trainer.amp=bf16", "trainer.epochs=2", "model=cnn2")
+    data = load_dataset(conf.data)
+    a, b = fit(conf, data), fit(conf, data)
+    assert a.precision == "bf16"
+    assert a.state.history["train_loss"] == b.state.history["train_loss"]
+    assert a.state.history["val_loss"] == b.state.history["val_loss"]
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_early_stopping_stops_after_patience_epochs_without_a_better_val_loss(
+        synthetic_root: Path) -> None:
+    # lr 1e-9 leaves the weights unchanged: the validation loss never improves after epoch 1.
+    conf = _conf(synthetic_root, "optimizer.lr=1e-9", "trainer.epochs=20",
+                 "trainer.early_stopping.patience=2", "trainer.amp=fp32")
+    result = fit(conf, load_dataset(conf.data))
+    assert result.state.stop_reason == "early_stopping"
+    assert result.state.epoch + 1 == 3  # epoch 1 sets the best, 2 and 3 do not beat it
+    assert len(result.state.history["val_loss"]) == 3
+
+
+def test_stop_at_min_lr_stops_once_the_plateau_scheduler_is_spent(synthetic_root: Path) -> None:
+    # patience 0: every epoch without a 1e-4 relative gain cuts the rate 10x; 1e-6 -> 1e-8 is the
+    # floor (a further cut would change it by less than the scheduler's eps, 1e-8).
+    conf = _conf(synthetic_root, "optimizer.lr=1e-6", "scheduler.patience=0",
+                 "trainer.epochs=30", "trainer.stop_at_min_lr=true", "trainer.amp=fp32")
+    result = fit(conf, load_dataset(conf.data))
+    lrs = result.state.history["lr"]
+    assert result.state.stop_reason == "min_lr"
+    # epoch 1 sets the best loss, epoch 2 cuts to 1e-7, epoch 3 to the floor 1e-8: stop there
+    # (patience 0); the history holds the rate each epoch trained with.
+    assert len(lrs) == result.state.epoch + 1 == 3
+    assert [round(math.log10(lr)) for lr in lrs] == [-6, -6, -7]
+
+
+def test_stop_at_min_lr_is_off_by_default_and_needs_the_plateau_scheduler(tmp_path: Path) -> None:
+    assert _conf(tmp_path).trainer.stop_at_min_lr is False
+    assert _conf(tmp_path).trainer.early_stopping.patience is None
+    conf = _conf(tmp_path, "scheduler=cosine")
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    assert not at_lr_floor(make_scheduler(opt, conf.scheduler, 10))
+    with pytest.raises(ConfigError, match="early_stopping.patience"):
+        _conf(tmp_path, "trainer.early_stopping.patience=0")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_cpu_checkpoint_holds_no_cuda_state_and_never_initialises_cuda(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    conf = _conf(synthetic_root, "trainer.epochs=1")
+    ckpt = tmp_path / "run.pt"
+    fit(conf, load_dataset(conf.data), checkpoint=ckpt)
+    blob = torch.load(ckpt, weights_only=True)
+    assert blob["rng_device"] is None and "rng_cuda" not in blob
+    assert isinstance(blob["rng_cpu"], torch.Tensor)
+    assert not torch.cuda.is_initialized()
