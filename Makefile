@@ -1,15 +1,16 @@
 # Shortcuts for the commands in README.md.
 PY ?= python
-FER2013_ROOT ?= ../shared/fer2013
-export FER2013_ROOT
 
-.PHONY: install test lint smoke sweep table2 report ensemble bench ui clean
+.PHONY: install test test-fast lint smoke sweep table2 report ensemble bench ui clean
 
 install:  ## the one install command
 	$(PY) -m pip install -e '.[dev]'
 
 test:  ## the one test command (what CI runs)
 	$(PY) -m pytest -q
+
+test-fast:  ## the fast lane: the suite without the slow end-to-end runs
+	$(PY) -m pytest -q -m "not slow"
 
 lint:
 	ruff check fer_sweep tests

@@ -7,11 +7,15 @@ import math
 import sys
 import traceback
 
-import hydra
-from omegaconf import DictConfig
+from fer_sweep import runtime
 
-from fer_sweep import tracking
-from fer_sweep.errors import FerSweepError
+runtime.tune()  # before torch starts its OpenMP threads (this is the program, not a library)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fer_sweep import tracking  # noqa: E402
+from fer_sweep.errors import FerSweepError  # noqa: E402
 
 log = logging.getLogger("fer_sweep")
 

@@ -35,11 +35,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from fer_sweep import runtime
 
-from fer_sweep import MALLOC_TUNED
+if __name__ == "__main__":  # the program, not a library import: tune before torch loads
+    runtime.tune()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
 from fer_sweep.errors import ConfigError, FerSweepError
@@ -572,7 +576,8 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "naive_workers": next(iter(loaders.values())).loader.num_workers,
         "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": threads, "cpu_count": os.cpu_count(), "malloc_tuned": MALLOC_TUNED,
+        "threads": threads, "cpu_count": os.cpu_count(),
+        "malloc_tuned": runtime.tune()["malloc"] == "tuned",
         "env": {k: os.environ[k] for k in RUNTIME_ENV if k in os.environ},
         "python": platform.python_version(), "platform": platform.platform(),
         "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
@@ -721,6 +726,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    print(f"runtime: {', '.join(f'{k}={v}' for k, v in runtime.tune().items())}",
+          file=sys.stderr)
     started = time.perf_counter()
     try:
         result = run_benchmark(args, log=lambda s: print(s, file=sys.stderr, flush=True))

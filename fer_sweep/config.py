@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fer_sweep.errors import ConfigError
+from fer_sweep.store import DEFAULT_EXPERIMENT, DEFAULT_URI
 
 
 def _require(ok: bool, message: str) -> None:
@@ -196,8 +197,8 @@ class EvalConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "fer_sweep"
+    tracking_uri: str = DEFAULT_URI  # conf/mlflow/default.yaml: $MLFLOW_TRACKING_URI first
+    experiment: str = DEFAULT_EXPERIMENT  # ... and $MLFLOW_EXPERIMENT_NAME
     run_name: str | None = None
     log_model: bool = True
     figures: bool = True

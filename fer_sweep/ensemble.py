@@ -22,20 +22,10 @@ import numpy as np
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fer_sweep import figures, tracking
+from fer_sweep import figures, store, tracking
+from fer_sweep.cli import add_store_args, user_errors
 from fer_sweep.errors import FerSweepError
-from fer_sweep.report import (
-    DEFAULT_EXPERIMENT,
-    DEFAULT_URI,
-    ROLE,
-    STUDY_ENSEMBLE_ACC,
-    download,
-    experiment_id,
-    find_parent,
-    markdown_table,
-    open_store,
-    quiet_downloads,
-)
+from fer_sweep.report import ROLE, STUDY_ENSEMBLE_ACC, download, find_parent, markdown_table
 
 PREDICTIONS = "predictions.npz"
 EPS = 1e-12
@@ -196,10 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m fer_sweep.ensemble --latest --top-k 3\n"
             "Members are ranked by a VALIDATION metric, never a test metric, so the ensemble's\n"
             "test accuracy stays an honest estimate."))
-    p.add_argument("--tracking-uri", default=DEFAULT_URI,
-                   help="the MLflow store the sweep logged to (default: %(default)s)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                   help="MLflow experiment name (default: %(default)s)")
+    add_store_args(p, "the sweep logged to")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--parent", metavar="RUN_ID",
                      help="choose among this sweep's runs, and log the ensemble under it "
@@ -215,46 +202,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_downloads()
-    try:
-        if args.top_k < 1:
-            raise FerSweepError(f"--top-k {args.top_k}: need at least one member (e.g. 3).")
-        if args.by.startswith("test"):
-            raise FerSweepError(f"--by {args.by}: ranking members by a test metric would "
-                                "choose them on the test set; use a validation metric such as "
-                                "best_val_acc.")
-        client = open_store(args.tracking_uri)
-        exp_id = experiment_id(client, args.experiment)
-        parent_id = None
-        if args.parent or args.latest:
-            parent_id = find_parent(client, exp_id, args.parent).info.run_id
-        runs = candidates(client, exp_id, parent_id, args.by)
-        where = f"sweep {parent_id}" if parent_id else f"experiment {args.experiment!r}"
-        if not runs:
-            raise FerSweepError(f"no FINISHED job run in {where} has the metric {args.by!r}; "
-                                "check --by, --parent and --experiment.")
-        with tempfile.TemporaryDirectory() as tmp:
-            members, skipped = load_members(client, runs, args.by, args.top_k, Path(tmp))
-        if skipped:
-            print(f"fer_sweep: skipped {len(skipped)} run(s) without {PREDICTIONS}: "
-                  f"{', '.join(skipped)}", file=sys.stderr)
-        if not members:
-            raise FerSweepError(f"none of the {len(runs)} runs in {where} logged {PREDICTIONS} "
-                                "(written by every job since it was added); retrain them.")
-        if len(members) < args.top_k:
-            print(f"fer_sweep: only {len(members)} run(s) available in {where}; the ensemble "
-                  f"has {len(members)} member(s), not {args.top_k}.", file=sys.stderr)
-        check_compatible(members)
-        classes = members[0].classes or tuple(str(i) for i in range(members[0].probs.shape[1]))
-        probs = np.mean([m.probs for m in members], axis=0)
-        metrics = ensemble_metrics(probs, members[0].y, classes)
-        run_id = log_ensemble(client, exp_id, parent_id, members, args.by, args.top_k, probs,
-                              metrics, classes)
-    except FerSweepError as err:
-        print(f"fer_sweep: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser().parse_args(argv)
+    return user_errors(lambda: _ensemble(args))
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise FerSweepError(f"--top-k {args.top_k}: need at least one member (e.g. 3).")
+    if args.by.startswith("test"):
+        raise FerSweepError(f"--by {args.by}: ranking members by a test metric would "
+                            "choose them on the test set; use a validation metric such as "
+                            "best_val_acc.")
+    client = store.open_existing(args.tracking_uri)
+    store.use_store(args.tracking_uri)
+    exp_id = store.require_experiment(client, args.experiment)
+    parent_id = None
+    if args.parent or args.latest:
+        parent_id = find_parent(client, exp_id, args.parent).info.run_id
+    runs = candidates(client, exp_id, parent_id, args.by)
+    where = f"sweep {parent_id}" if parent_id else f"experiment {args.experiment!r}"
+    if not runs:
+        raise FerSweepError(f"no FINISHED job run in {where} has the metric {args.by!r}; "
+                            "check --by, --parent and --experiment.")
+    with tempfile.TemporaryDirectory() as tmp:
+        members, skipped = load_members(client, runs, args.by, args.top_k, Path(tmp))
+    if skipped:
+        print(f"fer_sweep: skipped {len(skipped)} run(s) without {PREDICTIONS}: "
+              f"{', '.join(skipped)}", file=sys.stderr)
+    if not members:
+        raise FerSweepError(f"none of the {len(runs)} runs in {where} logged {PREDICTIONS} "
+                            "(written by every job since it was added); retrain them.")
+    if len(members) < args.top_k:
+        print(f"fer_sweep: only {len(members)} run(s) available in {where}; the ensemble "
+              f"has {len(members)} member(s), not {args.top_k}.", file=sys.stderr)
+    check_compatible(members)
+    classes = members[0].classes or tuple(str(i) for i in range(members[0].probs.shape[1]))
+    probs = np.mean([m.probs for m in members], axis=0)
+    metrics = ensemble_metrics(probs, members[0].y, classes)
+    run_id = log_ensemble(client, exp_id, parent_id, members, args.by, args.top_k, probs,
+                          metrics, classes)
     print(result_table(members, args.by, metrics))
     print(f"\nensemble test_acc {metrics['test_acc']:.4f}  test_loss (NLL) "
           f"{metrics['test_loss']:.4f}  macro_f1 {metrics['macro_f1']:.4f}  "

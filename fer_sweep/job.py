@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fer_sweep import figures, tracking
+from fer_sweep import figures, runtime, store, tracking
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset
 from fer_sweep.errors import FerSweepError
@@ -122,6 +122,8 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
 def run_job(cfg: DictConfig) -> float:
     """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
     conf = validate(cfg)
+    runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
+    log.info("runtime: %s", runtime.describe())
     device = pick_device(conf.trainer.device)  # a GPU that is not there: named before any data
     # What trainer.amp means on this device, decided (and refused, if impossible) up front.
     conf.trainer.amp = resolve_precision(conf.trainer.amp, device)
@@ -133,14 +135,14 @@ def run_job(cfg: DictConfig) -> float:
         conf.trainer.device = str(device)
     log.info("device %s (%s), precision %s", conf.trainer.device,
              device_name(torch.device(conf.trainer.device)), conf.trainer.amp)
-    client = tracking.connect(conf.mlflow.tracking_uri)
+    client = store.connect(conf.mlflow.tracking_uri)
     parent = tracking.parent_info(sweep_dir) if sweep_dir else None
     parent_id = None
     if parent and parent["tracking_uri"] == conf.mlflow.tracking_uri \
             and parent["experiment"] == conf.mlflow.experiment:
         exp_id, parent_id = parent["experiment_id"], parent["parent_run_id"]
     else:
-        exp_id = tracking.experiment_id(client, conf.mlflow.experiment)
+        exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
 
     data = load_dataset(conf.data)
     log.info("data: %s  train %d  val %d  test %d  mean %.4f std %.4f  (%s)", conf.data.name,
@@ -264,15 +266,15 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
                                              out / "misclassified")
         client.log_artifacts(run_id, str(out))
     if conf.mlflow.log_model:
-        _log_model(client, run_id, model_cpu)
+        _log_model(conf.mlflow.tracking_uri, run_id, model_cpu)
 
 
-def _log_model(client: MlflowClient, run_id: str, model: torch.nn.Module) -> None:
+def _log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     """The best weights as an MLflow PyTorch model (``mlflow.pytorch.load_model``)."""
     import mlflow
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    store.use_store(uri)
     # Pickle is what lets any model class load back without an example input (MLflow warns
     # about it on every run); predict.py only loads runs of the user's own store.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)

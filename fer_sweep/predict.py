@@ -11,7 +11,9 @@ prediction here equals what the model computed on the same file during training:
 2. normalise the uint8 batch with ``fer_sweep.augment.make_transform(...)(x, train=False)``,
    i.e. ``((x / 255) - mean) / std`` with the mean/std the run used (its ``data.mean_used`` /
    ``data.std_used`` params), not values recomputed here;
-3. softmax over the logits in float32 (no autocast), columns in ``fer_sweep.data.CLASSES`` order.
+3. the forward pass in the precision the run trained in (its ``trainer.precision`` param: bf16
+   autocast where this device can run it, else fp32), softmax in float32, columns in
+   ``fer_sweep.data.CLASSES`` order.
 
 Exit status: 0 when at least one image was predicted (unreadable files are named on stderr and
 skipped), 1 when none was, 2 for bad arguments (unknown run, store or path; a run without a
@@ -36,9 +38,12 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
+from fer_sweep import store
 from fer_sweep.augment import make_transform
+from fer_sweep.cli import add_store_args, user_errors
 from fer_sweep.data import CLASSES, IMAGE_EXTENSIONS, IMAGE_SIZE, decode_image
-from fer_sweep.errors import FerSweepError
+from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.train import autocast, pick_device, resolve_precision
 
 PROG = "python -m fer_sweep.predict"
 BEST = "best"
@@ -72,16 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True,
                    help="MLflow run id of a training run, or 'best': the FINISHED job run of "
                         "--experiment with the highest best_val_acc")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
-                   help="MLflow store the run is in (default: %(default)s)")
-    p.add_argument("--experiment", default="fer_sweep",
-                   help="experiment searched by --run-id best (default: %(default)s)")
+    add_store_args(p, "the run is in", "experiment searched by --run-id best")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                    help="output format (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=256,
                    help="images per forward pass (default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto = cuda if available, else cpu (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps "
+                        "(default: %(default)s)")
     return p
 
 
@@ -93,15 +96,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FerSweepError("--device cuda but this machine has no usable CUDA device; use "
-                            "--device auto or --device cpu.")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -170,24 +164,6 @@ def read_images(files: Sequence[Path]) -> tuple[list[str], np.ndarray, list[tupl
 # ----------------------------------------------------------------------------- the run
 
 
-def _check_store(uri: str) -> None:
-    """A local store that is not there is a typo: MLflow would silently create an empty one."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
-    elif uri.startswith("file://"):
-        path = Path(uri.removeprefix("file://"))
-    elif "://" not in uri:
-        path = Path(uri).expanduser()
-    else:
-        from fer_sweep.tracking import check_reachable
-
-        check_reachable(uri)
-        return
-    if not path.exists():
-        raise FerSweepError(f"no MLflow store at {path} (--tracking-uri {uri}). Pass the "
-                            "--tracking-uri your training runs used (mlflow.tracking_uri).")
-
-
 def _has_model(client: Any, run: Any) -> bool:
     outputs = getattr(run, "outputs", None)
     if outputs is not None and getattr(outputs, "model_outputs", None):
@@ -226,15 +202,11 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
         if not _has_model(client, run):
             raise FerSweepError(_no_model(run, uri))
         return run
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise FerSweepError(f"no experiment {experiment!r} in {uri} (it has: "
-                            f"{', '.join(names) or 'none'}). Pass --experiment NAME.")
+    exp_id = store.require_experiment(client, experiment)
     filt = (f"tags.`{ROLE_TAG}` = 'job' and attributes.status = 'FINISHED' "
             "and metrics.best_val_acc >= 0")
     skipped = []
-    for run in _search(client, exp.experiment_id, filt):
+    for run in _search(client, exp_id, filt):
         if not _has_model(client, run):
             skipped.append(run.info.run_id)
             continue
@@ -275,11 +247,10 @@ def normalization(run: Any) -> tuple[float, float]:
 
 
 def load_model(run: Any, uri: str, device: torch.device) -> torch.nn.Module:
-    import mlflow
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(uri)
+    store.use_store(uri)
     try:
         model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{MODEL_PATH}",
                                           map_location="cpu")
@@ -289,15 +260,26 @@ def load_model(run: Any, uri: str, device: torch.device) -> torch.nn.Module:
 
 
 @torch.inference_mode()
+def run_precision(run: Any, device: torch.device) -> str:
+    """The precision the run trained in, where this device can run it; fp32 otherwise (and
+    for runs logged before trainer.precision existed)."""
+    try:
+        return resolve_precision(run.data.params.get("trainer.precision", "fp32"), device)
+    except ConfigError:
+        return "fp32"
+
+
 def predict_probs(model: torch.nn.Module, x: np.ndarray, mean: float, std: float,
-                  device: torch.device, batch_size: int) -> np.ndarray:
+                  device: torch.device, batch_size: int, precision: str = "fp32") -> np.ndarray:
     """Softmax probabilities (N, 7) for uint8 (N, 48, 48) images via the training transform."""
     tfm = make_transform(None, mean, std)
     xt = torch.from_numpy(x)
     out = []
     for i in range(0, len(xt), batch_size):
         xb = tfm(xt[i:i + batch_size].to(device), train=False)
-        out.append(model(xb).float().softmax(1).cpu())
+        with autocast(device, precision):
+            logits = model(xb)
+        out.append(logits.float().softmax(1).cpu())
     return torch.cat(out).numpy() if out else np.empty((0, len(CLASSES)), dtype=np.float32)
 
 
@@ -344,12 +326,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         print("fer_sweep: error: no image files to predict.", file=sys.stderr)
         return 1
     device = pick_device(args.device)
-    _check_store(args.tracking_uri)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow.tracking import MlflowClient
-
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    client = store.open_existing(args.tracking_uri)
     run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
     mean, std = normalization(run_)
     model = load_model(run_, args.tracking_uri, device)
@@ -357,7 +335,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     names, x, bad = read_images(files)
     for name, why in bad:
         print(f"fer_sweep: cannot read {name}: {why}", file=sys.stderr)
-    probs = predict_probs(model, x, mean, std, device, args.batch_size)
+    probs = predict_probs(model, x, mean, std, device, args.batch_size,
+                          run_precision(run_, device))
     preds = [Prediction(n, [float(v) for v in row]) for n, row in zip(names, probs, strict=True)]
     if args.format == "json":
         write_json(preds, out, run_.info.run_id, bad)
@@ -376,11 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, predict, print; errors a user can fix are one line on stderr and exit 2."""
     args = build_parser().parse_args(argv)  # exits 2 on bad arguments
     buf = io.StringIO()  # print nothing to stdout unless the whole batch succeeded
-    try:
-        code = run(args, buf)
-    except FerSweepError as err:
-        print(f"fer_sweep: error: {err}", file=sys.stderr)
-        return 2
+    code = user_errors(lambda: run(args, buf))
+    if code == 2:
+        return code
     try:
         sys.stdout.write(buf.getvalue())
         sys.stdout.flush()

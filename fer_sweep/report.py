@@ -28,13 +28,13 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from fer_sweep import store
+from fer_sweep.cli import add_store_args, user_errors
 from fer_sweep.errors import FerSweepError
 from fer_sweep.replicates import SEED_KEYS, Difference, Summary, summarize, welch
 from fer_sweep.replicates import group as replicate_groups
 
 ROLE = "fer_sweep.role"
-DEFAULT_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "fer_sweep"
 
 
 @dataclass(frozen=True)
@@ -101,30 +101,6 @@ OPTIONAL_ACC = (("test_acc_tta", "TTA"), ("test_acc_public", "PublicTest"),
 
 # --------------------------------------------------------------------------------------------
 # The store
-
-
-def open_store(uri: str) -> MlflowClient:
-    """A client for an existing store: a missing sqlite file is the user's mistake, not a new
-    empty store (which MLflow would silently create)."""
-    from fer_sweep.tracking import check_reachable
-
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///")).expanduser()
-        if not path.is_file():
-            raise FerSweepError(f"no MLflow store at {path} (--tracking-uri {uri}). Pass the "
-                                "store the sweep logged to, e.g. --tracking-uri "
-                                "sqlite:///path/to/mlflow.db, or run from that folder.")
-    check_reachable(uri)
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise FerSweepError(f"no experiment {name!r} in this store (it has: "
-                            f"{', '.join(names) or 'none'}); pass --experiment NAME.")
-    return exp.experiment_id
 
 
 def find_parent(client: MlflowClient, exp_id: str, parent: str | None) -> Run:
@@ -422,10 +398,13 @@ class Comparison:
 def compare_groups(groups: Sequence[Group], keys: Sequence[str],
                    key: str | None = None) -> list[Comparison]:
     """Differences of mean test accuracy between pairs of groups: with ``key``, every pair that
-    differs in that setting; without, every pair that differs in exactly one setting."""
+    differs in that setting; without, only when the sweep varies exactly one setting besides
+    the seeds and has replicates (e.g. transforms=norm,aug trainer.seed=0,1,2)."""
     if key is not None and key not in keys:
         raise FerSweepError(f"--compare {key}: this sweep does not vary {key}; it varies "
                             f"{', '.join(keys) or 'nothing besides the seeds'}.")
+    if key is None and (len(keys) != 1 or all(g.n < 2 for g in groups)):
+        return []
     out = []
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
@@ -851,10 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(class counts of the splits used) and comparison figures from MLflow; "
                     "write them to --out and log them on the sweep's parent run (report/).",
         epilog="Example: python -m fer_sweep experiment=table2 && python -m fer_sweep.report")
-    p.add_argument("--tracking-uri", default=DEFAULT_URI,
-                   help="the MLflow store the sweep logged to (default: %(default)s)")
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                   help="MLflow experiment name (default: %(default)s)")
+    add_store_args(p, "the sweep logged to")
     p.add_argument("--parent", metavar="RUN_ID",
                    help="the sweep's parent run (default: the latest parent in the experiment)")
     p.add_argument("--out", metavar="DIR", type=Path,
@@ -868,26 +844,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_downloads() -> None:
-    """MLflow draws a progress bar per downloaded artifact: noise for a few small files."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_downloads()
-    try:
-        client = open_store(args.tracking_uri)
-        exp_id = experiment_id(client, args.experiment)
-        parent = find_parent(client, exp_id, args.parent)
-        out = args.out or Path("reports") / parent.info.run_id
-        groups = write_report(client, args.tracking_uri, args.experiment, parent, out,
-                              log=not args.no_log, compare=args.compare)
-    except FerSweepError as err:
-        print(f"fer_sweep: error: {err}", file=sys.stderr)
-        return 2
+    return user_errors(lambda: _report(args))
+
+
+def _report(args: argparse.Namespace) -> int:
+    client = store.open_existing(args.tracking_uri)
+    store.use_store(args.tracking_uri)
+    exp_id = store.require_experiment(client, args.experiment)
+    parent = find_parent(client, exp_id, args.parent)
+    out = args.out or Path("reports") / parent.info.run_id
+    groups = write_report(client, args.tracking_uri, args.experiment, parent, out,
+                          log=not args.no_log, compare=args.compare)
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
     runs = sum(g.n for g in groups)

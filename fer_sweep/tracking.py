@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +31,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fer_sweep import store
 from fer_sweep.errors import FerSweepError
 
 log = logging.getLogger(__name__)
@@ -46,52 +45,6 @@ OPTUNA_RESULTS = "optimization_results.yaml"
 _open_parents: dict[str, str] = {}
 
 T = TypeVar("T")
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, naming the URI, when an HTTP tracking server does not answer.
-
-    MLflow's own client retries for minutes before giving up, which would look like a hang.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user's own URI)
-            if resp.status == 200:
-                return
-            problem = f"it answered HTTP {resp.status}"
-    except (TimeoutError, urllib.error.URLError, OSError) as err:
-        problem = f"{getattr(err, 'reason', err)}"
-    raise FerSweepError(
-        f"cannot reach the MLflow tracking server at {uri} ({problem}). Start it (e.g. "
-        "`mlflow server --host 127.0.0.1 --port 5000 --serve-artifacts`) or log to a local "
-        "store with mlflow.tracking_uri=sqlite:///mlflow.db."
-    )
-
-
-def connect(uri: str) -> MlflowClient:
-    """A client for ``uri``, after a fast reachability check; sqlite parent folders are created."""
-    check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when missing (tolerating a concurrent creator)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # another process created it between our two calls
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, str]:
@@ -294,8 +247,8 @@ class MultirunParentCallback(Callback):
             conf = validate(config)  # catches what is wrong for every job before any starts
             validate_jobs(config)  # ... and what is wrong for one job of the grid
             _check_launcher(config)
-            client = connect(conf.mlflow.tracking_uri)
-            exp_id = experiment_id(client, conf.mlflow.experiment)
+            client = store.connect(conf.mlflow.tracking_uri)
+            exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
         except FerSweepError as err:
             print(f"fer_sweep: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

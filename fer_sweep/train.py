@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import re
 import signal
 import threading
 import time
@@ -56,6 +57,8 @@ def pick_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.")
     dev = torch.device(name)
     if dev.type == "cuda" and (not torch.cuda.is_available()
                                or (dev.index or 0) >= torch.cuda.device_count()):

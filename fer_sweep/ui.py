@@ -20,12 +20,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
+from fer_sweep import store
+from fer_sweep.cli import user_errors
 from fer_sweep.errors import FerSweepError
-
-DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -33,9 +32,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         prog="python -m fer_sweep.ui",
         description="Start the MLflow UI (and tracking server) over fer_sweep's runs. "
                     "Unknown options are passed on to `mlflow server`.")
-    parser.add_argument("--tracking-uri", default=DEFAULT_URI,
+    parser.add_argument("--tracking-uri", default=store.default_uri(),
                         help="the store the sweeps logged to, as in mlflow.tracking_uri "
-                             "(default: %(default)s, relative to the current folder)")
+                             f"(default: $MLFLOW_TRACKING_URI, else {store.DEFAULT_URI} in "
+                             "the current folder; now %(default)s)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to bind (default: %(default)s, this machine only; "
                              "0.0.0.0 exposes the UI, which has no login, to the network)")
@@ -58,7 +58,7 @@ def check_store(uri: str) -> str | None:
                             "sqlite:///mlflow.db or postgresql://user@host/db.")
     if not uri.startswith("sqlite:///"):
         return None
-    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    path = store.local_path(uri)
     if not path.parent.is_dir():
         raise FerSweepError(f"--tracking-uri={uri}: folder {path.parent} does not exist. "
                             "Point it at the sweeps' store (mlflow.tracking_uri), e.g. "
@@ -94,14 +94,18 @@ def server_command(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(argv)
-    try:
+    checked: list[str | None] = []
+
+    def check() -> int:
         if not 0 < args.port < 65536:
             raise FerSweepError(f"--port {args.port} is not a port number (1-65535).")
-        note = check_store(args.tracking_uri)
+        checked.append(check_store(args.tracking_uri))
         check_port(args.host, args.port)
-    except FerSweepError as err:
-        print(f"fer_sweep: error: {err}", file=sys.stderr)
+        return 0
+
+    if user_errors(check):
         return 2
+    note = checked[0]
     if note:
         print(note, file=sys.stderr)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

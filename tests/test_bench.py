@@ -84,7 +84,7 @@ def test_load_times_and_markdown_table(bench) -> None:
 def test_malloc_tuning_is_on_by_default_recorded_and_can_be_turned_off(bench) -> None:
     result, stdout = bench
     assert result["malloc_tuned"] is True and "tuned glibc malloc" in stdout
-    probe = "import fer_sweep; print(fer_sweep.MALLOC_TUNED)"
+    probe = "from fer_sweep import runtime; print(runtime.tune()['malloc'] == 'tuned')"
     for value, expected in (("0", "False"), ("1", "True")):
         proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                               env={**os.environ, "FER_SWEEP_MALLOPT": value}, check=True)
