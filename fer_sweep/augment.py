@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fer_sweep.errors import ConfigError
+from fer_sweep.config import TransformsConfig
 
 __all__ = ["BatchTransform", "affine_batch", "affine_theta", "make_transform", "warp"]
 
@@ -109,7 +109,7 @@ def _base_coords(h: int, w: int, dtype: torch.dtype,
 def _pair(value: Any, name: str) -> tuple[float, float]:
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) != 2:
-            raise ConfigError(f"transforms.{name} must be a number or a pair, got {value!r}")
+            raise ValueError(f"{name} must be a number or a pair, got {value!r}")
         return float(value[0]), float(value[1])
     return float(value), float(value)
 
@@ -134,20 +134,20 @@ class BatchTransform:
         self.mean = float(mean)
         self.std = float(std)
         if not self.std > 0 or not math.isfinite(self.std) or not math.isfinite(self.mean):
-            raise ConfigError(f"normalization needs a finite mean and std > 0, got {mean}, {std}")
+            raise ValueError(f"normalization needs a finite mean and std > 0, got {mean}, {std}")
         # rotation: d -> angle ~ U(-d, d) like RandomRotation(d); a pair is (min, max).
         if isinstance(rotation, Sequence) and not isinstance(rotation, (str, bytes)):
             self.rotation = _pair(rotation, "rotation")
             if self.rotation[0] > self.rotation[1]:
-                raise ConfigError(f"transforms.rotation (min, max) is reversed: {rotation!r}")
+                raise ValueError(f"rotation (min, max) is reversed: {rotation!r}")
         else:
             if float(rotation) < 0:
-                raise ConfigError(f"transforms.rotation must be >= 0 degrees, got {rotation}")
+                raise ValueError(f"rotation must be >= 0 degrees, got {rotation}")
             self.rotation = (-float(rotation), float(rotation))
         # translate: fraction of width / height, like RandomAffine(translate=(a, b)).
         self.translate = _pair(translate, "translate")
         if not all(0.0 <= t <= 1.0 for t in self.translate):
-            raise ConfigError(f"transforms.translate must be in [0, 1], got {translate!r}")
+            raise ValueError(f"translate must be in [0, 1], got {translate!r}")
         self.hflip = bool(hflip)
 
     @property
@@ -210,24 +210,9 @@ class BatchTransform:
         return warp(out, warps)
 
 
-def make_transform(tcfg: Any, mean: float, std: float) -> BatchTransform:
-    """BatchTransform from a transforms config (rotation, translate, hflip; others ignored).
-
-    ``tcfg`` may be a Mapping (dict, OmegaConf DictConfig) or an object with those attributes
-    (the typed ``TransformsConfig`` dataclass), so the trainer can pass whichever it holds.
-    ``None`` or missing keys mean no augmentation, so a bare ``norm`` config works.
-    """
-
-    def get(key: str, default: Any) -> Any:
-        if tcfg is None:
-            return default
-        value = tcfg.get(key, default) if isinstance(tcfg, Mapping) else getattr(tcfg, key, default)
-        return default if value is None else value
-
-    return BatchTransform(
-        mean,
-        std,
-        rotation=get("rotation", 0.0),
-        translate=get("translate", 0.0),
-        hflip=get("hflip", False),
-    )
+def make_transform(tc: TransformsConfig | None, mean: float, std: float) -> BatchTransform:
+    """The BatchTransform of a transforms config (checked by the schema); None: normalization
+    only (prediction)."""
+    if tc is None:
+        return BatchTransform(mean, std)
+    return BatchTransform(mean, std, rotation=tc.rotation, translate=tc.translate, hflip=tc.hflip)

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fer_sweep.config import Config, validate
-from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source, make_synthetic
+from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source
 from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import build, device_name, resolve_precision, train_step
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
@@ -172,7 +173,7 @@ class FerSweepLoop(Pipeline):
 
         self.transforms = conf.transforms.name
         self.model, self.step_model, self.opt, self.channels_last = build(conf, device)
-        self.tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+        self.tfm = make_transform(conf.transforms, data.mean, data.std)
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size
         self.amp = resolve_precision(conf.trainer.amp, device)
@@ -291,8 +292,7 @@ class Naive(Pipeline):
 
         self.transforms = conf.transforms.name
         torch.manual_seed(conf.trainer.seed)
-        self.model = build_model({"builder": conf.model.builder,
-                                  **conf.model.builder_kwargs()}).to(device)
+        self.model = build_model(conf.model).to(device)
         self.model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=conf.optimizer.lr,
                                    momentum=conf.optimizer.momentum,
@@ -615,7 +615,7 @@ def _augments(conf: Config, data: Dataset) -> bool:
     """Whether the transforms config augments (then naive uses the PIL augmentation)."""
     from fer_sweep.augment import make_transform
 
-    tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+    tfm = make_transform(conf.transforms, data.mean, data.std)
     if tfm.hflip:
         raise ConfigError(f"transforms={conf.transforms.name}: the naive pipeline mirrors only "
                           "the study's rotation + translation; benchmark norm or aug.")

@@ -75,6 +75,25 @@ class ModelConfig:
                  f"model.builder={self.builder!r} is not one of cnn, resnet.")
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must lie in [0, 1).")
         _require(all(h > 0 for h in self.hidden), f"model.hidden={self.hidden} must be positive.")
+        if self.builder == "cnn":
+            _require(bool(self.conv_channels) and all(c > 0 for c in self.conv_channels),
+                     f"model.conv_channels={self.conv_channels} must be a non-empty list of "
+                     "positive integers.")
+            _require(self.kernel_size >= 1 and self.padding >= 0 and self.pool >= 1,
+                     f"model: need kernel_size >= 1, padding >= 0, pool >= 1; got "
+                     f"{self.kernel_size}, {self.padding}, {self.pool}.")
+        else:
+            _require(self.stem_channels >= 1 and self.pool_size >= 1,
+                     f"model: stem_channels and pool_size must be positive, got "
+                     f"{self.stem_channels}, {self.pool_size}.")
+            _require(bool(self.stages), "model.stages must be a non-empty list of "
+                     "{channels, blocks, stride} for builder resnet.")
+            for i, stage in enumerate(self.stages):
+                _require({"channels", "blocks"} <= set(stage) <= {"channels", "blocks", "stride"},
+                         f"model.stages[{i}] needs keys channels, blocks (and optional stride); "
+                         f"got {sorted(stage)}.")
+                _require(all(v >= 1 for v in stage.values()),
+                         f"model.stages[{i}] values must be positive, got {dict(stage)}.")
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Only the keys the chosen builder takes."""

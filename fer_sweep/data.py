@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -37,9 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
+from fer_sweep.config import DataConfig
 from fer_sweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surpris
 IMAGE_SIZE = 48
 
 CACHE_VERSION = 1
-SYNTHETIC_DIRNAME = "synthetic-v1"  # bump when make_synthetic's output changes
 CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -586,8 +585,6 @@ def stratified_split(
     """(train_idx, val_idx): per class round(n_c*val_fraction) to val, deterministic for a
     seed, so every class keeps its share and runs with the same seed see the same split.
     Both index tensors are sorted, keeping the source order within each split."""
-    if not 0.0 <= float(val_fraction) <= 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} must be between 0 and 1.")
     train_parts, val_parts = [], []
     for idx in _class_perms(y, seed):
         n_val = round(idx.size * float(val_fraction))
@@ -602,14 +599,6 @@ def limit_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     first n files, so a small debug subset is still a fair sample."""
     parts = [idx[: int(n)] for idx in _class_perms(y, seed)]
     return torch.from_numpy(np.sort(np.concatenate(parts)))
-
-
-def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None and default is not None else value
 
 
 def _mean_std(x: torch.Tensor) -> tuple[float, float]:
@@ -630,38 +619,25 @@ def _require_every_class(split: Split, where: str, fix: str) -> None:
                         f"(counts per class {dict(zip(CLASSES, counts, strict=True))}); {fix}")
 
 
-def load_dataset(cfg: Any) -> Dataset:
-    """Train/val/test with normalisation, from a data config (DictConfig, dict or object).
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Train/val/test with normalisation, from the typed data config (checked by the schema).
 
     Order: load source -> stratified train/val split of the source's train split ->
     limit_per_class on each split -> mean/std of the final train split (unless pinned)."""
     start = time.perf_counter()
-    cache_dir_cfg = _cfg_get(cfg, "cache_dir", None)
-    cache_dir = Path(cache_dir_cfg).expanduser() if cache_dir_cfg else default_cache_dir()
-    skip_bad = bool(_cfg_get(cfg, "skip_bad_images", False))
-    val_fraction = float(_cfg_get(cfg, "val_fraction", 0.2))
-    seed = int(_cfg_get(cfg, "split_seed", 0))
-    limit = _cfg_get(cfg, "limit_per_class", None)
-    if not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} must be strictly between 0 and 1.")
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int | float) or int(limit) != limit:
-            raise ConfigError(f"data.limit_per_class={limit!r} must be a whole number or null.")
-        limit = int(limit)
-        if limit < 1:
-            raise DataError(f"data.limit_per_class={limit} leaves every split empty; use a "
-                            "positive number, or null for all images.")
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    val_fraction, seed, limit = cfg.val_fraction, cfg.split_seed, cfg.limit_per_class
 
-    synthetic = bool(_cfg_get(cfg, "synthetic", False))
-    if synthetic:
-        root: Path | str = _ensure_synthetic(cache_dir)
+    if cfg.synthetic:
+        from fer_sweep.synthetic import ensure_synthetic  # here: synthetic imports data
+
+        root: Path | str = ensure_synthetic(cache_dir)
         fmt = "folder"
     else:
-        root = _cfg_get(cfg, "root", None) or os.environ.get("FER2013_ROOT", "")
-        if not root:
-            raise _not_found("data.root is not set and FER2013_ROOT is unset")
-        fmt = str(_cfg_get(cfg, "format", "auto"))
-    train_src, test, info = load_source(root, fmt, cache_dir, skip_bad)
+        if not cfg.root:
+            raise _not_found("data.root is empty (and FER2013_ROOT is unset)")
+        root, fmt = cfg.root, cfg.format
+    train_src, test, info = load_source(root, fmt, cache_dir, cfg.skip_bad_images)
     where = f"source {info['root']}"
     _require_every_class(train_src, f"train ({where})", "the dataset is incomplete.")
     _require_every_class(test, f"test ({where})", "the dataset is incomplete.")
@@ -678,125 +654,13 @@ def load_dataset(cfg: Any) -> Dataset:
     _require_every_class(train, "train", fix)
     _require_every_class(val, "val", fix)
 
-    pinned_mean, pinned_std = _cfg_get(cfg, "mean", None), _cfg_get(cfg, "std", None)
-    if pinned_std is not None and not float(pinned_std) > 0:
-        raise ConfigError(f"data.std={pinned_std} must be positive (or null to compute it).")
+    pinned_mean, pinned_std = cfg.mean, cfg.std  # the schema pins both or neither
     mean, std = _mean_std(train.x)
     mean = float(pinned_mean) if pinned_mean is not None else mean
     std = float(pinned_std) if pinned_std is not None else std
-    info["synthetic"] = synthetic
+    info["synthetic"] = cfg.synthetic
     info["load_seconds"] = round(time.perf_counter() - start, 4)
     log.info("Dataset: train %d, val %d, test %d (limit_per_class=%s); mean %.6f std %.6f%s.",
              len(train), len(val), len(test), limit, mean, std,
              " (pinned)" if pinned_mean is not None or pinned_std is not None else "")
     return Dataset(train=train, val=val, test=test, mean=mean, std=std, info=info)
-
-
-# ----------------------------------------------------------------------------- synthetic data
-
-
-def _ensure_synthetic(cache_dir: Path) -> Path:
-    """Generate the synthetic set once; built in a temp dir and renamed, so parallel sweep
-    jobs never see a half-written one."""
-    root = cache_dir / SYNTHETIC_DIRNAME
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return root
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{SYNTHETIC_DIRNAME}."))
-    make_synthetic(tmp)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process won the race (or a stale folder): keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (root / "train").is_dir():
-            raise DataError(f"{root} exists but is not a synthetic dataset; delete it.") from None
-    return root
-
-
-# Per class: brow tilt (+ = inner ends lowered, a frown), brow lift, eye height and width,
-# mouth curve (+ = corners up), mouth opening height and width (0 = closed line).
-_FACE_PARAMS: dict[str, dict[str, float]] = {
-    "angry":    {"tilt": 5.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 4.0, "curve": -2.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "disgust":  {"tilt": 3.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 3.5, "curve": 0.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "fear":     {"tilt": -4.0, "lift": 4.0, "eye_h": 5.0, "eye_w": 5.0, "curve": -1.0,
-                 "open_h": 4.0, "open_w": 14.0},
-    "happy":    {"tilt": 0.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 7.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "sad":      {"tilt": -4.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": -6.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "surprise": {"tilt": 0.0, "lift": 6.0, "eye_h": 6.0, "eye_w": 5.5, "curve": 0.0,
-                 "open_h": 11.0, "open_w": 9.0},
-    "neutral":  {"tilt": 0.0, "lift": 0.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 0.0,
-                 "open_h": 0.0, "open_w": 0.0},
-}
-
-
-def _draw_face(cls: str, rng: np.random.Generator) -> np.ndarray:
-    """One 48x48 'face', drawn at 2x and downsampled (anti-aliased) with random jitter."""
-    p = _FACE_PARAMS[cls]
-    u = rng.uniform
-    s = 2.0 * u(0.85, 1.1)  # 2x canvas times face scale
-    big = 2 * IMAGE_SIZE
-    bg, skin, ink = u(10, 90), u(120, 210), u(0, 60)
-    img = Image.new("L", (big, big), int(bg))
-    d = ImageDraw.Draw(img)
-    cx, cy = big / 2 + u(-4, 4), big / 2 + u(-4, 4)
-    d.ellipse([cx - 17 * s, cy - 21 * s, cx + 17 * s, cy + 21 * s], fill=int(skin))
-
-    def j(strength: float) -> float:  # per-feature strength jitter
-        return strength * u(0.8, 1.2)
-
-    w = max(1, round(1.6 * s))
-    for side in (-1, 1):
-        ex, ey = cx + side * 7.5 * s, cy - 5 * s
-        eh, ew = j(p["eye_h"]) * s / 2, j(p["eye_w"]) * s / 2
-        d.ellipse([ex - ew, ey - eh, ex + ew, ey + eh], fill=int(ink))
-        tilt = j(p["tilt"]) * s / 2
-        if cls == "disgust" and side == 1:  # asymmetric: one brow down, one flat
-            tilt = 0.0
-        by = cy - 11 * s - j(p["lift"]) * s / 2
-        inner, outer = (cx + side * 3 * s, by + tilt), (cx + side * 12 * s, by - tilt)
-        d.line([inner, outer], fill=int(ink), width=w)
-    my, mw = cy + 10 * s, 7 * s
-    if p["open_h"] > 0:
-        oh, ow = j(p["open_h"]) * s / 2, j(p["open_w"]) * s / 2
-        d.ellipse([cx - ow, my - oh, cx + ow, my + oh], fill=int(ink))
-    else:
-        curve = j(p["curve"]) * s / 2
-        xs = np.linspace(-1.0, 1.0, 15)
-        if cls == "disgust":  # one-sided sneer
-            ys = my - 3 * s * np.clip(xs, 0, None) ** 2
-        else:
-            ys = my - curve * (xs**2 - 0.5)
-        d.line(list(zip((cx + mw * xs).tolist(), ys.tolist(), strict=True)),
-               fill=int(ink), width=w)
-    if cls == "disgust":  # wrinkled nose
-        d.line([(cx - 3 * s, cy + 4 * s), (cx + 3 * s, cy + 4 * s)], fill=int(ink), width=w)
-    img = img.rotate(u(-8, 8), resample=Image.Resampling.BILINEAR, fillcolor=int(bg))
-    small = np.asarray(img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR))
-    noisy = small.astype(np.float64) + rng.normal(0.0, u(2, 10), small.shape)
-    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-
-
-def make_synthetic(
-    root: str | os.PathLike,
-    n_train_per_class: int = 60,
-    n_test_per_class: int = 20,
-    seed: int = 0,
-) -> Path:
-    """Write a small, deterministic, learnable 7-class stand-in for FER2013 in the same folder
-    layout (PNG, lossless so the bytes are reproducible), so machines without FER2013 can run
-    everything. Test images alternate PublicTest_/PrivateTest_ names like the real split."""
-    root = Path(root)
-    for c, cls in enumerate(CLASSES):
-        for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                rng = np.random.default_rng([seed, c, 0 if split == "train" else 1, i])
-                prefix = "Training" if split == "train" else ("PublicTest", "PrivateTest")[i % 2]
-                Image.fromarray(_draw_face(cls, rng)).save(
-                    folder / f"{prefix}_{i:05d}.png", format="PNG")
-    return root

@@ -9,8 +9,6 @@ registered in forward order so that ``describe`` can read the architecture off t
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fer_sweep.config import ModelConfig
 from fer_sweep.errors import ConfigError
 
 __all__ = [
@@ -147,22 +146,6 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_dropout(dropout: float) -> float:
-    dropout = float(dropout)
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
-    return dropout
-
-
-def _check_sizes(name: str, values: Sequence[int], allow_empty: bool = True) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise ConfigError(f"model.{name} must be a list of positive integers, got {values!r}")
-    out = [int(v) for v in values]
-    if any(v <= 0 for v in out) or (not allow_empty and not out):
-        raise ConfigError(f"model.{name} must be a non-empty list of positive integers, got {out}")
-    return out
-
-
 def conv_net(
     conv_channels: Sequence[int],
     kernel_size: int = 3,
@@ -181,15 +164,7 @@ def conv_net(
     Linear-720 is what a 32x32 input gives, 48x48 FER2013 images give 2000. Convs drop their
     bias when followed by BatchNorm (it would be cancelled by the BN mean anyway).
     """
-    channels = _check_sizes("conv_channels", conv_channels, allow_empty=False)
-    hidden_sizes = _check_sizes("hidden", hidden)
-    dropout = _check_dropout(dropout)
-    kernel_size, padding, pool = int(kernel_size), int(padding), int(pool)
-    if kernel_size < 1 or padding < 0 or pool < 1:
-        raise ConfigError(
-            f"model: need kernel_size >= 1, padding >= 0, pool >= 1; "
-            f"got {kernel_size}, {padding}, {pool}"
-        )
+    channels, hidden_sizes = list(conv_channels), list(hidden)
     features: list[nn.Module] = []
     size, width = int(image_size), int(in_channels)
     for c in channels:
@@ -208,28 +183,6 @@ def conv_net(
     return ConvNet(nn.ModuleList(features), head)
 
 
-def _stage_spec(stage: Any, index: int) -> tuple[int, int, int]:
-    """Accept {channels, blocks, stride} (stride defaults to 1) or a [channels, blocks, stride]."""
-    if isinstance(stage, Mapping):
-        unknown = set(stage) - {"channels", "blocks", "stride"}
-        if unknown or "channels" not in stage or "blocks" not in stage:
-            raise ConfigError(
-                f"model.stages[{index}] needs keys channels, blocks (and optional stride); "
-                f"got {sorted(stage)}"
-            )
-        spec = (stage["channels"], stage["blocks"], stage.get("stride", 1))
-    elif isinstance(stage, Sequence) and not isinstance(stage, (str, bytes)) and len(stage) == 3:
-        spec = tuple(stage)
-    else:
-        raise ConfigError(
-            f"model.stages[{index}] must be {{channels, blocks, stride}}, got {stage!r}"
-        )
-    channels, blocks, stride = (int(v) for v in spec)
-    if channels < 1 or blocks < 1 or stride < 1:
-        raise ConfigError(f"model.stages[{index}] values must be positive, got {spec}")
-    return channels, blocks, stride
-
-
 def resnet(
     stem_channels: int = 64,
     stages: Sequence[Mapping[str, int]] = _DEFAULT_STAGES,
@@ -246,19 +199,11 @@ def resnet(
     Linear-25, 2,304,500 = 128*6*6*500 + 500, implies) makes the head independent of
     ``image_size``, which is only checked for being large enough.
     """
-    stem_channels, pool_size = int(stem_channels), int(pool_size)
-    if stem_channels < 1 or pool_size < 1:
-        raise ConfigError(
-            f"model: stem_channels and pool_size must be positive, got {stem_channels}, {pool_size}"
-        )
-    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
-        raise ConfigError(f"model.stages must be a non-empty list, got {stages!r}")
-    hidden_sizes = _check_sizes("hidden", hidden)
-    dropout = _check_dropout(dropout)
+    hidden_sizes = list(hidden)
     blocks: list[nn.Module] = []
     width, size = stem_channels, int(image_size)
-    for i, stage in enumerate(stages):
-        channels, n_blocks, stride = _stage_spec(stage, i)
+    for stage in stages:
+        channels, n_blocks, stride = stage["channels"], stage["blocks"], stage.get("stride", 1)
         for b in range(n_blocks):
             blocks.append(ResBlock(width, channels, stride if b == 0 else 1))
             width = channels
@@ -278,49 +223,12 @@ def resnet(
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {"cnn": conv_net, "resnet": resnet}
 
 
-def _to_plain(cfg: Any) -> dict[str, Any]:
-    """OmegaConf DictConfig (interpolations resolved) or any Mapping -> plain dict."""
-    from omegaconf import DictConfig, OmegaConf  # a dependency; imported here to keep import light
-
-    if isinstance(cfg, DictConfig):
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(plain, dict)
-        return {str(k): v for k, v in plain.items()}
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
-    return dict(cfg)
-
-
-def build_model(cfg: Any, num_classes: int = 7, image_size: int = 48) -> nn.Module:
-    """Build the network named by ``cfg.builder`` ('cnn' | 'resnet') with cfg's other keys.
-
-    Keys the builder does not take (``name``, ``description``, comments-as-keys...) are
-    ignored, so a config can carry metadata; but a key that is a near-miss of a builder argument
-    (``hiden``) is an error, because silently ignoring a typo would train the wrong network.
-    ``num_classes`` and ``image_size`` come from the data, so they are the arguments here, not
-    config keys.
-    """
-    params = _to_plain(cfg)
-    builder_name = params.pop("builder", None)
-    if builder_name not in _BUILDERS:
-        raise ConfigError(f"model.builder must be one of {sorted(_BUILDERS)}, got {builder_name!r}")
-    builder = _BUILDERS[builder_name]
-    accepted = set(inspect.signature(builder).parameters) - {"num_classes", "image_size"}
-    kwargs: dict[str, Any] = {}
-    for key, value in params.items():
-        if key in accepted:
-            kwargs[key] = value
-            continue
-        close = difflib.get_close_matches(str(key), sorted(accepted), n=1, cutoff=0.8)
-        if close:
-            raise ConfigError(
-                f"model.{key} is not an argument of the '{builder_name}' builder; "
-                f"did you mean model.{close[0]}?"
-            )
-    try:
-        return builder(**kwargs, num_classes=num_classes, image_size=image_size)
-    except TypeError as exc:  # e.g. a missing required argument such as conv_channels
-        raise ConfigError(f"model ({builder_name}): {exc}") from exc
+def build_model(cfg: ModelConfig, num_classes: int = 7, image_size: int = 48) -> nn.Module:
+    """Build the network named by ``cfg.builder`` ('cnn' | 'resnet') from the typed model
+    config (checked by the schema). ``num_classes`` and ``image_size`` come from the data, so
+    they are arguments here, not config keys."""
+    builder = _BUILDERS[cfg.builder]
+    return builder(**cfg.builder_kwargs(), num_classes=num_classes, image_size=image_size)
 
 
 # --------------------------------------------------------------------------------------------

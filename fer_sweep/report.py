@@ -176,10 +176,14 @@ def run_config(client: MlflowClient, run: Run, tmp: Path) -> dict[str, Any]:
 
 def describe_network(model_cfg: Mapping[str, Any], num_classes: int = 7) -> str:
     """Table 2's "Network configuration", read off the model the config builds."""
+    from omegaconf import OmegaConf
+
+    from fer_sweep.config import validate
     from fer_sweep.models import build_model, describe
 
-    try:
-        return describe(build_model(dict(model_cfg), num_classes=num_classes))
+    try:  # through the schema, as at training time
+        model = validate(OmegaConf.create({"model": dict(model_cfg)})).model
+        return describe(build_model(model, num_classes=num_classes))
     except Exception as err:  # a run logged by an older / newer model schema
         return f"? ({model_cfg.get('name', 'model')}: {err})"
 

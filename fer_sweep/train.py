@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -392,7 +392,7 @@ def build(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
     torch.manual_seed(tc.seed)
     channels_last = use_channels_last(tc.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
+    model = build_model(conf.model)
     model = model.to(device, memory_format=fmt)
     step_model = torch.compile(model) if tc.compile else model
     return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
@@ -412,7 +412,7 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
     model, step_model, opt, channels_last = build(conf, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     sched = make_scheduler(opt, conf.scheduler, tc.epochs)
-    tfm = make_transform(asdict(conf.transforms), data.mean, data.std)
+    tfm = make_transform(conf.transforms, data.mean, data.std)
     precision = resolve_precision(tc.amp, device)
 
     # The whole training and validation sets live on the device.

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from fer_sweep.augment import BatchTransform, affine_batch, make_transform
+from fer_sweep.config import TransformsConfig
 from fer_sweep.errors import ConfigError
 
 MEAN, STD = 0.50779873, 0.25495943  # the study's FER2013 statistics
@@ -193,7 +192,7 @@ def test_distribution_matches_torchvision(torchvision_stats: dict[str, torch.Ten
     assert torchvision_stats["dx"].std() > 2.5 and torchvision_stats["angle"].std() > 5.0
     torch.manual_seed(7)
     transform = make_transform(
-        {"rotation": 10, "translate": 0.1, "hflip": False}, STAT_MEAN, STAT_STD
+        TransformsConfig(rotation=10, translate=0.1, hflip=False), STAT_MEAN, STAT_STD
     )
     assert _mismatches(_bar_stats(transform(_stat_batch())), torchvision_stats) == []
 
@@ -294,16 +293,16 @@ def test_each_image_gets_its_own_parameters() -> None:
         0, 256, (48, 48), generator=torch.Generator().manual_seed(5), dtype=torch.uint8
     )
     torch.manual_seed(0)
-    out = make_transform({"rotation": 10, "translate": 0.1}, MEAN, STD)(img.expand(64, 48, 48))
+    out = make_transform(TransformsConfig(rotation=10, translate=0.1), MEAN, STD)(
+        img.expand(64, 48, 48)
+    )
     assert len({tuple(o.flatten().tolist()) for o in out}) >= 60
 
 
 def test_seeded_and_eval_behaviour() -> None:
     x = torch.randint(0, 256, (16, 48, 48), dtype=torch.uint8)
     transform = make_transform(
-        OmegaConf.create({"name": "aug", "rotation": 10.0, "translate": 0.1, "hflip": True}),
-        MEAN,
-        STD,
+        TransformsConfig(name="aug", rotation=10.0, translate=0.1, hflip=True), MEAN, STD
     )
     assert transform.is_random
     torch.manual_seed(3)
@@ -314,7 +313,7 @@ def test_seeded_and_eval_behaviour() -> None:
     plain = transform.normalize(x)
     assert torch.equal(transform(x, train=False), plain)
     norm = make_transform(
-        {"name": "norm", "rotation": 0.0, "translate": 0.0, "hflip": False}, MEAN, STD
+        TransformsConfig(name="norm", rotation=0.0, translate=0.0, hflip=False), MEAN, STD
     )
     assert not norm.is_random
     assert not make_transform(None, MEAN, STD).is_random
@@ -325,7 +324,7 @@ def test_seeded_and_eval_behaviour() -> None:
 
 def test_output_dtype_shape_and_values_match_totensor_normalize() -> None:
     x = torch.randint(0, 256, (5, 48, 48), dtype=torch.uint8)
-    transform = make_transform({"rotation": 10, "translate": 0.1}, MEAN, STD)
+    transform = make_transform(TransformsConfig(rotation=10, translate=0.1), MEAN, STD)
     study = T.Compose([T.ToTensor(), T.Normalize([MEAN], [STD])])
     ref = torch.stack([study(img.numpy()) for img in x])
     for inp in (x, x.unsqueeze(1)):
@@ -345,29 +344,32 @@ def test_invalid_input_and_config() -> None:
         transform(torch.zeros(2, 48, 48))
     with pytest.raises(ValueError, match="shape"):
         transform(torch.zeros(2, 3, 48, 48, dtype=torch.uint8))
-    with pytest.raises(ConfigError):
-        make_transform({"translate": 1.5}, MEAN, STD)
-    with pytest.raises(ConfigError):
-        make_transform({"rotation": -1}, MEAN, STD)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="transforms.translate"):  # the schema, up front
+        TransformsConfig(translate=1.5)
+    with pytest.raises(ConfigError, match="transforms.rotation"):
+        TransformsConfig(rotation=-1)
+    with pytest.raises(ValueError, match="std"):
         BatchTransform(MEAN, 0.0)
-    pair = make_transform({"rotation": [-5, 5], "translate": [0.1, 0.0]}, MEAN, STD)
+    pair = BatchTransform(MEAN, STD, rotation=[-5, 5], translate=[0.1, 0.0])
     assert pair.rotation == (-5.0, 5.0) and pair.translate == (0.1, 0.0)
-    typed = make_transform(SimpleNamespace(name="aug", rotation=10.0, translate=0.1), MEAN, STD)
+    with pytest.raises(ValueError, match="reversed"):
+        BatchTransform(MEAN, STD, rotation=[5, -5])
+    typed = make_transform(TransformsConfig(name="aug", rotation=10.0, translate=0.1), MEAN, STD)
     assert typed.rotation == (-10.0, 10.0) and typed.translate == (0.1, 0.1) and not typed.hflip
 
 
 def test_warps_drawn_for_an_epoch_then_sliced_equal_one_call() -> None:
     """train_epoch draws every image's warp once and slices a batch's: the same images and
     matrices give the same output whichever way they are grouped."""
-    x = torch.randint(0, 256, (10, 48, 48), generator=torch.Generator().manual_seed(6),
-                      dtype=torch.uint8)
-    transform = make_transform({"rotation": 10, "translate": 0.1, "hflip": True}, MEAN, STD)
+    x = torch.randint(
+        0, 256, (10, 48, 48), generator=torch.Generator().manual_seed(6), dtype=torch.uint8
+    )
+    transform = make_transform(TransformsConfig(rotation=10, translate=0.1, hflip=True), MEAN, STD)
     torch.manual_seed(0)
     warps = transform.draw(10, (48, 48), "cpu")
     assert warps.shape == (10, 2, 3)
     whole = transform(x, warps=warps)
-    parts = torch.cat([transform(x[i:i + 4], warps=warps[i:i + 4]) for i in range(0, 10, 4)])
+    parts = torch.cat([transform(x[i : i + 4], warps=warps[i : i + 4]) for i in range(0, 10, 4)])
     assert torch.equal(whole, parts)
     assert not torch.equal(whole, transform(x, train=False))
     assert torch.equal(transform(x, train=False, warps=warps), transform(x, train=False))
@@ -383,7 +385,7 @@ def test_warps_drawn_for_an_epoch_then_sliced_equal_one_call() -> None:
 
 def test_no_host_sync_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA a .item()/.cpu() would stall the pipeline every batch; forbid them outright."""
-    transform = make_transform({"rotation": 10, "translate": 0.1, "hflip": True}, MEAN, STD)
+    transform = make_transform(TransformsConfig(rotation=10, translate=0.1, hflip=True), MEAN, STD)
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("host sync in BatchTransform.__call__")
@@ -396,7 +398,7 @@ def test_no_host_sync_in_call(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_no_sync_and_stays_on_device() -> None:
-    transform = make_transform({"rotation": 10, "translate": 0.1, "hflip": True}, MEAN, STD)
+    transform = make_transform(TransformsConfig(rotation=10, translate=0.1, hflip=True), MEAN, STD)
     x = torch.randint(0, 256, (100, 48, 48), dtype=torch.uint8, device="cuda")
     transform(x)
     torch.cuda.set_sync_debug_mode("error")

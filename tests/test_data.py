@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from fer_sweep import data
+from fer_sweep.config import DataConfig, validate
 from fer_sweep.data import (
     CLASSES,
     IMAGE_SIZE,
@@ -25,10 +26,10 @@ from fer_sweep.data import (
     limit_per_class,
     load_dataset,
     load_source,
-    make_synthetic,
     stratified_split,
 )
 from fer_sweep.errors import ConfigError, DataError
+from fer_sweep.synthetic import make_synthetic
 
 # Folder names as they appear on disk; "Happy" checks the case-insensitive match.
 FOLDER_NAMES = {"happy": "Happy"}
@@ -101,8 +102,8 @@ def tiny(tmp_path: Path) -> Path:
     return write_tiny(tmp_path / "fer")
 
 
-def _cfg(root: Path, cache: Path, **kw) -> dict:
-    return {"root": str(root), "cache_dir": str(cache), **kw}
+def _cfg(root: Path, cache: Path, **kw) -> DataConfig:
+    return DataConfig(**{"root": str(root), "cache_dir": str(cache), **kw})
 
 
 # ----------------------------------------------------------------------------- formats
@@ -204,7 +205,8 @@ def test_mean_std_from_train_split_or_pinned(tiny: Path, tmp_path: Path):
 
 
 def test_bad_settings_are_reported(tiny: Path, tmp_path: Path):
-    with pytest.raises(DataError, match="limit_per_class"):
+    # The schema refuses bad values before anything is read; the data only what needs the data.
+    with pytest.raises(ConfigError, match="limit_per_class"):
         load_dataset(_cfg(tiny, tmp_path / "c", limit_per_class=0))
     with pytest.raises(ConfigError, match="val_fraction"):
         load_dataset(_cfg(tiny, tmp_path / "c", val_fraction=1.0))
@@ -214,25 +216,26 @@ def test_bad_settings_are_reported(tiny: Path, tmp_path: Path):
         load_dataset(_cfg(tiny, tmp_path / "c", format="parquet"))
 
 
-def test_root_from_environment_and_attribute_config(tiny: Path, tmp_path: Path, monkeypatch):
+def test_root_from_environment_through_the_config(tiny: Path, tmp_path: Path, monkeypatch):
+    from fer_sweep.bench import compose_config
+
     monkeypatch.setenv("FER2013_ROOT", str(tiny))
-
-    class Cfg:  # attribute access, like a dataclass config
-        root = None
-        cache_dir = str(tmp_path / "c")
-
-    ds = load_dataset(Cfg())
+    conf = compose_config([f"data.cache_dir='{tmp_path / 'c'}'"])
+    assert conf.data.root == str(tiny)
+    ds = load_dataset(conf.data)
     assert ds.info["root"] == str(tiny) and len(ds.test) == 28
+    with pytest.raises(DataError, match="data.root is empty"):
+        load_dataset(DataConfig(root="", cache_dir=str(tmp_path / "c")))
 
 
-def test_omegaconf_config(tiny: Path, tmp_path: Path):
+def test_omegaconf_config_through_the_schema(tiny: Path, tmp_path: Path):
     omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.create({
+    cfg = omegaconf.OmegaConf.create({"data": {
         "root": str(tiny), "format": "folder", "val_fraction": 0.5, "split_seed": 0,
         "limit_per_class": 1, "cache_dir": str(tmp_path / "c"), "mean": None, "std": None,
         "skip_bad_images": False, "synthetic": False,
-    })
-    ds = load_dataset(cfg)
+    }})
+    ds = load_dataset(validate(cfg).data)
     assert [len(ds.train), len(ds.val), len(ds.test)] == [7, 7, 7]
     assert 0 < ds.mean < 1 and 0 < ds.std < 1
 
@@ -452,7 +455,7 @@ def test_make_synthetic_is_deterministic(tmp_path: Path):
 
 
 def test_synthetic_loads_through_load_dataset_and_is_learnable(tmp_path: Path):
-    ds = load_dataset({"synthetic": True, "root": "/ignored", "cache_dir": str(tmp_path)})
+    ds = load_dataset(DataConfig(synthetic=True, root="/ignored", cache_dir=str(tmp_path)))
     assert ds.info["synthetic"] is True and ds.info["source"] == "folder"
     assert (tmp_path / "synthetic-v1" / "train" / "angry").is_dir()
     assert ds.train.class_counts() == [48] * 7 and ds.val.class_counts() == [12] * 7
@@ -469,7 +472,7 @@ def test_synthetic_loads_through_load_dataset_and_is_learnable(tmp_path: Path):
     w = torch.linalg.solve(a.T @ a + 0.1 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ targets)
     accuracy = (feats(ds.test) @ w).argmax(1).eq(ds.test.y).double().mean().item()
     assert accuracy > 0.5, accuracy
-    again = load_dataset({"synthetic": True, "cache_dir": str(tmp_path)})
+    again = load_dataset(DataConfig(synthetic=True, cache_dir=str(tmp_path)))
     assert again.info["cache_hit"] and torch.equal(again.test.x, ds.test.x)
 
 

@@ -22,8 +22,9 @@ from PIL import Image
 from fer_sweep.augment import make_transform
 from fer_sweep.bench import compose_config, naive_dataset, naive_loader, naive_step
 from fer_sweep.config import Config
-from fer_sweep.data import CLASSES, Dataset, Split, load_dataset, make_synthetic
+from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
 from fer_sweep.models import build_model
+from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import evaluate, fit, make_optimizer
 from tests.conftest import real_data
 
@@ -95,7 +96,7 @@ def test_no_augmentation_inputs_are_identical(setup, split: str) -> None:
     assert len(set(idx)) == len(part) > 0
     theirs = torch.stack([ds[i][0] for i in idx])
     labels = torch.tensor([ds[i][1] for i in idx])
-    ours = make_transform({}, data.mean, data.std)(part.x, train=False)  # transforms=norm
+    ours = make_transform(None, data.mean, data.std)(part.x, train=False)  # transforms=norm
     assert ours.shape == theirs.shape == (len(part), 1, 48, 48)
     assert ours.dtype == theirs.dtype == torch.float32
     assert torch.equal(ours, theirs)
@@ -124,7 +125,7 @@ def test_same_model_same_accuracy(setup) -> None:
     ds = naive_dataset(root / "train", data.mean, data.std, augment=True)
     train_set = torch.utils.data.Subset(ds, _match(ds, data.train))
     torch.manual_seed(conf.trainer.seed)  # as fit: seed, then build -> the same initial weights
-    model = build_model({"builder": conf.model.builder, **conf.model.builder_kwargs()})
+    model = build_model(conf.model)
     opt = make_optimizer(model.parameters(), conf.optimizer)
     loader = naive_loader(train_set, batch_size=conf.trainer.batch_size, num_workers=0,
                           generator=torch.Generator().manual_seed(SEED))

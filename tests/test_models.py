@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from fer_sweep.config import ModelConfig, validate
 from fer_sweep.errors import ConfigError
 from fer_sweep.models import (
     build_model,
@@ -40,7 +41,7 @@ _RESNET = {
     "dropout": 0.0,
 }
 
-# Table 2's seven rows as the YAML configures them (name/description keys must be ignored).
+# Table 2's seven rows as the YAML configures them.
 TABLE2 = {
     "cnn2": {**_CNN2, "name": "cnn2"},
     "cnn2_fc1000": {**_CNN2, "name": "cnn2_fc1000", "hidden": [1000, 250]},
@@ -54,9 +55,15 @@ TABLE2 = {
             {"channels": 128, "blocks": 1, "stride": 2},
         ],
     },
-    "resnet": {**_RESNET, "name": "resnet", "description": "the study's §5.1.2 ResNet"},
+    "resnet": {**_RESNET, "name": "resnet"},
     "resnet_dropout": {**_RESNET, "name": "resnet_dropout", "dropout": 0.5},
 }
+
+
+def _model(cfg: dict) -> ModelConfig:
+    """A model config through the schema, as Hydra's composed config reaches the builders."""
+    return validate(OmegaConf.create({"model": cfg})).model
+
 
 # §5.1.2 of the study, verbatim: this table IS the spec for the `resnet` configuration.
 STUDY_TABLE = [
@@ -93,13 +100,13 @@ STUDY_TOTAL = 2_982_247
 @pytest.fixture(scope="module")
 def study_resnet() -> nn.Module:
     torch.manual_seed(0)
-    return build_model(TABLE2["resnet"])
+    return build_model(_model(TABLE2["resnet"]))
 
 
 @pytest.mark.parametrize("name", list(TABLE2))
 def test_table2_rows_build_and_map_to_logits(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(TABLE2[name]))  # the DictConfig path, as from Hydra
+    model = build_model(_model(TABLE2[name]))
     out = model(torch.randn(4, 1, 48, 48))
     assert out.shape == (4, 7) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
@@ -145,7 +152,7 @@ def test_summary_leaves_model_state_alone(study_resnet: nn.Module) -> None:
 
 
 def test_describe_in_table2_style(study_resnet: nn.Module) -> None:
-    assert describe(build_model(TABLE2["cnn2"])) == (
+    assert describe(build_model(_model(TABLE2["cnn2"]))) == (
         "Conv2d-10-3x3, MaxPool2d-2x2, Conv2d-20-3x3, MaxPool2d-2x2, "
         "Linear-2000-300, Linear-300-150, Linear-150-7"
     )
@@ -153,19 +160,19 @@ def test_describe_in_table2_style(study_resnet: nn.Module) -> None:
         "Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (x2), ResBlock-128 (x2), "
         "Linear-4608-500, Linear-500-7"
     )
-    assert describe(build_model(TABLE2["resnet_dropout"])).endswith(
+    assert describe(build_model(_model(TABLE2["resnet_dropout"]))).endswith(
         "Linear-4608-500, Dropout-0.5, Linear-500-7"
     )
     assert "ResBlock-64, ResBlock-128, Linear-4608-500" in describe(
-        build_model(TABLE2["resnet_small"])
+        build_model(_model(TABLE2["resnet_small"]))
     )
 
 
 def test_flatten_size_is_computed_from_image_size() -> None:
     # The study's Linear-720-300 is what a 32x32 input gives (20 * 6 * 6).
     assert "Linear-720-300" in describe(conv_net([10, 20], hidden=[300, 150], image_size=32))
-    assert "Linear-640-300" in describe(build_model(TABLE2["cnn3"]))  # 40 * 4 * 4 at 48x48
-    small = build_model(TABLE2["cnn2"], image_size=32)
+    assert "Linear-640-300" in describe(build_model(_model(TABLE2["cnn3"])))  # 40 * 4 * 4 at 48x48
+    small = build_model(_model(TABLE2["cnn2"]), image_size=32)
     assert small(torch.randn(2, 1, 32, 32)).shape == (2, 7)
     padded = conv_net([8, 8], padding=1, hidden=[], image_size=48)  # 48->24->12: 8*12*12
     assert describe(padded).endswith("Linear-1152-7")
@@ -186,7 +193,7 @@ def test_conv_net_options() -> None:
 @pytest.mark.parametrize("name", ["cnn2", "cnn3", "resnet_dropout"])
 def test_channels_last_and_bf16_autocast(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(TABLE2[name]).to(memory_format=torch.channels_last)
+    model = build_model(_model(TABLE2[name])).to(memory_format=torch.channels_last)
     x = torch.randn(2, 1, 48, 48).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -201,20 +208,19 @@ def test_channels_last_and_bf16_autocast(name: str) -> None:
 
 
 def test_build_model_config_handling() -> None:
-    listed = {**_RESNET, "stages": [[64, 1, 1], [128, 1, 2]]}  # [channels, blocks, stride]
-    assert count_parameters(build_model(listed)) == count_parameters(
-        build_model(TABLE2["resnet_small"])
-    )
-    assert build_model(TABLE2["cnn2"], num_classes=3)(torch.randn(1, 1, 48, 48)).shape == (1, 3)
+    assert build_model(_model(TABLE2["cnn2"]), num_classes=3)(
+        torch.randn(1, 1, 48, 48)).shape == (1, 3)
+    # Settings are checked once, by the schema, before any builder runs ...
     with pytest.raises(ConfigError, match="builder"):
-        build_model({"builder": "vgg"})
+        _model({"builder": "vgg"})
     with pytest.raises(ConfigError, match="did you mean model.hidden"):
-        build_model({**_CNN2, "hiden": [10]})
+        _model({**_CNN2, "hiden": [10]})
     with pytest.raises(ConfigError, match="conv_channels"):
-        build_model({"builder": "cnn"})
+        _model({"builder": "cnn", "conv_channels": []})
+    with pytest.raises(ConfigError, match="dropout"):
+        _model({**_RESNET, "dropout": 1.5})
+    with pytest.raises(ConfigError, match="stages"):
+        _model({**_RESNET, "stages": [{"channels": 64}]})
+    # ... the builder only checks what needs the image size.
     with pytest.raises(ConfigError, match="shrink"):
         conv_net([4, 4, 4, 4, 4, 4])
-    with pytest.raises(ConfigError, match="dropout"):
-        resnet(dropout=1.5)
-    with pytest.raises(ConfigError, match="stages"):
-        resnet(stages=[{"channels": 64}])

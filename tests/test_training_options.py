@@ -11,8 +11,9 @@ import torch
 
 from fer_sweep.bench import compose_config
 from fer_sweep.config import Config
-from fer_sweep.data import load_dataset, make_synthetic
+from fer_sweep.data import load_dataset
 from fer_sweep.errors import ConfigError
+from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import at_lr_floor, cpu_has_fast_bf16, fit, make_scheduler, resolve_precision
 
 CPU = torch.device("cpu")
