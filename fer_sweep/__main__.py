@@ -27,10 +27,10 @@ def main(cfg: DictConfig) -> float:
     In a multirun a failed job is recorded (MLflow run FAILED, a note for the sweep's summary)
     and NaN is returned so that its siblings still run; the sweep then exits non-zero.
     """
-    from fer_sweep.job import _hydra, run_job
+    from fer_sweep.job import hydra_job, run_job
     from fer_sweep.train import Interrupted
 
-    multirun, sweep_dir, job_num, overrides = _hydra()
+    multirun, sweep_dir, job_num, overrides = hydra_job()
     try:
         return run_job(cfg)
     except (Interrupted, KeyboardInterrupt):

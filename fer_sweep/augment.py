@@ -46,13 +46,21 @@ def affine_batch(
         raise ValueError(f"affine_batch expects (B, C, H, W), got shape {tuple(x.shape)}")
     dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     h, w = x.shape[-2:]
-    theta = affine_theta(*(v.to(device=x.device, dtype=dt) for v in (angle_deg, tx, ty)),
-                         flip=None if flip is None else flip.to(x.device), size=(h, w))
+    theta = affine_theta(
+        *(v.to(device=x.device, dtype=dt) for v in (angle_deg, tx, ty)),
+        flip=None if flip is None else flip.to(x.device),
+        size=(h, w),
+    )
     return warp(x.to(dt), theta).to(x.dtype)
 
 
-def affine_theta(angle_deg: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
-                 flip: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+def affine_theta(
+    angle_deg: torch.Tensor,
+    tx: torch.Tensor,
+    ty: torch.Tensor,
+    flip: torch.Tensor | None,
+    size: tuple[int, int],
+) -> torch.Tensor:
     """(B, 2, 3) ``affine_grid`` matrices of ``affine_batch``'s warps for (h, w) images."""
     h, w = size
     rad = torch.deg2rad(angle_deg)
@@ -97,8 +105,9 @@ def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _base_coords(h: int, w: int, dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _base_coords(
+    h: int, w: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (w,) and y (h,) of the output pixel centres in normalized coordinates; built once per
     image size (they are the same for every batch)."""
     xs = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=device) * ((w - 1) / w)
@@ -194,8 +203,9 @@ class BatchTransform:
         ty = torch.round((2.0 * u[:, 2] - 1.0) * (self.translate[1] * h))
         return affine_theta(angle, tx, ty, flip, (h, w))
 
-    def __call__(self, x: torch.Tensor, train: bool = True,
-                 warps: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, train: bool = True, warps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Normalize; when training, warp each image with its own random parameters (``warps``
         from ``draw``, one per image; drawn here when not given)."""
         out = self.normalize(x)

@@ -56,8 +56,13 @@ TRANSFORMS = ("norm", "aug")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HEAVY = ("resnet",)  # model configs whose CPU step is ~100x the small CNNs': fewer steps
 RUNTIME_ENV = (  # thread and allocator settings, recorded with the results
-    "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS",
-    "FER_SWEEP_MALLOPT", "GLIBC_TUNABLES")
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "MKL_NUM_THREADS",
+    "FER_SWEEP_MALLOPT",
+    "GLIBC_TUNABLES",
+)
 
 
 # --------------------------------------------------------------------------- naive pipeline
@@ -74,8 +79,7 @@ def naive_transform(mean: float, std: float, augment: bool) -> Any:
     return T.Compose(ops)
 
 
-def naive_dataset(folder: str | os.PathLike[str], mean: float, std: float,
-                  augment: bool) -> Any:
+def naive_dataset(folder: str | os.PathLike[str], mean: float, std: float, augment: bool) -> Any:
     """``ImageFolder`` over ``folder`` (e.g. FER2013_ROOT/train) with fer_sweep's label order.
 
     ImageFolder numbers classes alphabetically (neutral = 4); mapping them onto ``CLASSES``
@@ -86,26 +90,40 @@ def naive_dataset(folder: str | os.PathLike[str], mean: float, std: float,
     ds = ImageFolder(str(folder), transform=naive_transform(mean, std, augment))
     unknown = [c for c in ds.classes if c.lower() not in CLASSES]
     if unknown:
-        raise FerSweepError(f"{folder} has class folders {unknown} that are not FER2013 classes "
-                            f"({', '.join(CLASSES)}).")
+        raise FerSweepError(
+            f"{folder} has class folders {unknown} that are not FER2013 classes "
+            f"({', '.join(CLASSES)})."
+        )
     canon = {i: CLASSES.index(c.lower()) for i, c in enumerate(ds.classes)}
     ds.target_transform = canon.__getitem__
     return ds
 
 
-def naive_loader(dataset: Any, batch_size: int = 100, num_workers: int | None = None,
-                 shuffle: bool = True, pin_memory: bool = False,
-                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+def naive_loader(
+    dataset: Any,
+    batch_size: int = 100,
+    num_workers: int | None = None,
+    shuffle: bool = True,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.DataLoader:
     """DataLoader(num_workers=os.cpu_count(), shuffle); workers persist across epochs (and
     across the benchmark's repeats) so their start-up is paid once, as in a real run."""
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=pin_memory, generator=generator)
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        generator=generator,
+    )
 
 
-def naive_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor) -> torch.Tensor:
+def naive_step(
+    model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor
+) -> torch.Tensor:
     """The textbook step: fp32, no autocast, contiguous memory."""
     loss = F.cross_entropy(model(xb), yb)
     opt.zero_grad()
@@ -122,16 +140,20 @@ def compose_config(overrides: Sequence[str]) -> Config:
     from hydra import compose, initialize_config_dir
 
     if not (CONF_DIR / "config.yaml").is_file():
-        raise FerSweepError(f"fer_sweep's config folder {CONF_DIR} is missing; run the benchmark "
-                            "from a source checkout installed with `pip install -e .`.")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
-                               job_name="fer_sweep_bench"):
+        raise FerSweepError(
+            f"fer_sweep's config folder {CONF_DIR} is missing; run the benchmark "
+            "from a source checkout installed with `pip install -e .`."
+        )
+    with initialize_config_dir(
+        config_dir=str(CONF_DIR), version_base="1.3", job_name="fer_sweep_bench"
+    ):
         try:
             cfg = compose(config_name="config", overrides=list(overrides))
         except Exception as err:  # Hydra's own errors: a bad --override, usually
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"cannot compose the config with {list(overrides)}: {first}") \
-                from None
+            raise ConfigError(
+                f"cannot compose the config with {list(overrides)}: {first}"
+            ) from None
     return validate(cfg)
 
 
@@ -167,8 +189,9 @@ class FerSweepLoop(Pipeline):
 
     name = "fer_sweep"
 
-    def __init__(self, conf: Config, data: Dataset, device: torch.device,
-                 x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(
+        self, conf: Config, data: Dataset, device: torch.device, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         from fer_sweep.augment import make_transform
 
         self.transforms = conf.transforms.name
@@ -177,7 +200,6 @@ class FerSweepLoop(Pipeline):
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size
         self.amp = resolve_precision(conf.trainer.amp, device)
-        self.lr = conf.optimizer.lr
 
     def run(self, steps: int) -> int:
         from fer_sweep.train import train_epoch
@@ -187,8 +209,17 @@ class FerSweepLoop(Pipeline):
         images = 0
         while steps > 0:  # a tiny (synthetic) set needs several short epochs
             k = min(steps, per_epoch)
-            train_epoch(self.step_model, self.opt, self.x, self.y, self.tfm, self.bs, self.amp,
-                        self.channels_last, lr=self.lr, max_steps=k)
+            train_epoch(
+                self.step_model,
+                self.opt,
+                self.x,
+                self.y,
+                self.tfm,
+                self.bs,
+                self.amp,
+                self.channels_last,
+                max_steps=k,
+            )
             images += min(n, k * self.bs)
             steps -= k
         return images
@@ -228,8 +259,15 @@ class VariantCeiling(Pipeline):
     memory format fer_sweep uses, the same fixed batch as the paired ceiling.
     """
 
-    def __init__(self, conf: Config, ours: FerSweepLoop, xb: torch.Tensor, yb: torch.Tensor,
-                 precision: str, compiled: bool) -> None:
+    def __init__(
+        self,
+        conf: Config,
+        ours: FerSweepLoop,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        precision: str,
+        compiled: bool,
+    ) -> None:
         self.name = f"ceiling_{precision}_{'compile' if compiled else 'eager'}"
         self.transforms = "norm"
         device = xb.device
@@ -263,8 +301,14 @@ class SharedLoader:
             return next(self.it)
 
 
-def make_shared_loader(folder: Path, data: Dataset, augment: bool, batch_size: int,
-                       device: torch.device, workers: int | None) -> SharedLoader:
+def make_shared_loader(
+    folder: Path,
+    data: Dataset,
+    augment: bool,
+    batch_size: int,
+    device: torch.device,
+    workers: int | None,
+) -> SharedLoader:
     """Start the workers (the start-up a user waits for) and time their batch rate alone."""
     t0 = time.perf_counter()
     ds = naive_dataset(folder, data.mean, data.std, augment)
@@ -294,9 +338,12 @@ class Naive(Pipeline):
         torch.manual_seed(conf.trainer.seed)
         self.model = build_model(conf.model).to(device)
         self.model.train()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=conf.optimizer.lr,
-                                   momentum=conf.optimizer.momentum,
-                                   weight_decay=conf.optimizer.weight_decay)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=conf.optimizer.lr,
+            momentum=conf.optimizer.momentum,
+            weight_decay=conf.optimizer.weight_decay,
+        )
         self.loader = loader
         self.device = device
         self.nb = device.type == "cuda"  # pinned memory: asynchronous copies
@@ -305,8 +352,12 @@ class Naive(Pipeline):
         images = 0
         for _ in range(steps):
             xb, yb = self.loader.next()
-            naive_step(self.model, self.opt, xb.to(self.device, non_blocking=self.nb),
-                       yb.to(self.device, non_blocking=self.nb))
+            naive_step(
+                self.model,
+                self.opt,
+                xb.to(self.device, non_blocking=self.nb),
+                yb.to(self.device, non_blocking=self.nb),
+            )
             images += len(yb)
         return images
 
@@ -338,8 +389,12 @@ class Plan:
 
 
 # (light, heavy) timed steps per repeat: each timed segment lasts 0.5-2 s on its device.
-DEFAULT_STEPS = {("cpu", False): (50, 3), ("cpu", True): (16, 1),
-                 ("gpu", False): (300, 100), ("gpu", True): (100, 30)}
+DEFAULT_STEPS = {
+    ("cpu", False): (50, 3),
+    ("cpu", True): (16, 1),
+    ("gpu", False): (300, 100),
+    ("gpu", True): (100, 30),
+}
 DEFAULT_WARMUP = {"cpu": (3, 1), "gpu": (20, 10)}
 # (light, heavy) untimed batches before every timed segment, so that it starts from its own
 # steady state rather than in whatever the previous segment left behind (caches, sleeping
@@ -360,8 +415,9 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         available = sorted(p.stem for p in (CONF_DIR / folder).glob("*.yaml"))
         bad = [v for v in items if v not in available]
         if not items or bad:
-            raise ConfigError(f"--{what} {value!r}: give a comma-separated list of "
-                              f"{', '.join(available)}.")
+            raise ConfigError(
+                f"--{what} {value!r}: give a comma-separated list of {', '.join(available)}."
+            )
         return list(dict.fromkeys(items))
 
     models = pick(args.models, "model", "models")
@@ -376,8 +432,10 @@ def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
         return m.startswith(HEAVY)
 
     steps = {m: args.steps or (heavy if is_heavy(m) else light) for m in models}
-    warmup = {m: args.warmup if args.warmup is not None
-              else warm_heavy if is_heavy(m) else warm_light for m in models}
+    warmup = {
+        m: args.warmup if args.warmup is not None else warm_heavy if is_heavy(m) else warm_light
+        for m in models
+    }
     rep_light, rep_heavy = DEFAULT_REPEATS[bool(args.quick)]
     repeats = {m: args.repeats or (rep_heavy if is_heavy(m) else rep_light) for m in models}
     settle = {m: settle_heavy if is_heavy(m) else settle_light for m in models}
@@ -408,8 +466,12 @@ def measure_load(root: Path, cache: Path, fmt: str = "auto") -> dict[str, Any]:
         t0 = time.perf_counter()
         _, _, info = load_source(root, fmt, cache)
         warm.append(time.perf_counter() - t0)
-    return {"cold_seconds": round(cold, 3), "warm_seconds": round(statistics.median(warm), 3),
-            "images": len(train) + len(test), "source": info["source"]}
+    return {
+        "cold_seconds": round(cold, 3),
+        "warm_seconds": round(statistics.median(warm), 3),
+        "images": len(train) + len(test),
+        "source": info["source"],
+    }
 
 
 def resolve_root(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[str]]:
@@ -420,14 +482,18 @@ def resolve_root(args: argparse.Namespace, tmp: Path) -> tuple[Path, list[str]]:
         return root, ["data=synthetic"]
     env = os.environ.get("FER2013_ROOT", "")
     if not env:
-        raise FerSweepError("FER2013_ROOT is not set: point it at FER2013's image folders "
-                            "(FER2013_ROOT=/path/to/fer2013 python -m fer_sweep.bench), or run "
-                            "with --synthetic to try the benchmark on generated data.")
+        raise FerSweepError(
+            "FER2013_ROOT is not set: point it at FER2013's image folders "
+            "(FER2013_ROOT=/path/to/fer2013 python -m fer_sweep.bench), or run "
+            "with --synthetic to try the benchmark on generated data."
+        )
     root = Path(env).expanduser().absolute()
     if not ((root / "train").is_dir() and (root / "test").is_dir()):
-        raise FerSweepError(f"FER2013_ROOT={env} has no train/ and test/ image folders (the "
-                            'Kaggle "msambare/fer2013" layout, which the naive ImageFolder '
-                            "pipeline needs); fix FER2013_ROOT or run with --synthetic.")
+        raise FerSweepError(
+            f"FER2013_ROOT={env} has no train/ and test/ image folders (the "
+            'Kaggle "msambare/fer2013" layout, which the naive ImageFolder '
+            "pipeline needs); fix FER2013_ROOT or run with --synthetic."
+        )
     return root, [f"data.root='{root}'"]
 
 
@@ -453,15 +519,27 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     with tempfile.TemporaryDirectory(prefix="fer_sweep_bench_") as tmp_name:
         tmp = Path(tmp_name)
         root, data_overrides = resolve_root(args, tmp)
-        log(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"data {root}")
-        base = [*data_overrides, f"data.cache_dir='{tmp}'", f"trainer.device={args.device}",
-                f"trainer.batch_size={args.batch_size}", *args.override]
-        confs = {(m, t): compose_config([*base, f"model={m}", f"transforms={t}"])
-                 for m in plan.models for t in plan.transforms}  # bad settings fail here, first
+        log(
+            f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"data {root}"
+        )
+        base = [
+            *data_overrides,
+            f"data.cache_dir='{tmp}'",
+            f"trainer.device={args.device}",
+            f"trainer.batch_size={args.batch_size}",
+            *args.override,
+        ]
+        confs = {
+            (m, t): compose_config([*base, f"model={m}", f"transforms={t}"])
+            for m in plan.models
+            for t in plan.transforms
+        }  # bad settings fail here, first
         load = measure_load(root, tmp)
-        log(f"load: cold {load['cold_seconds']:.2f} s, warm {load['warm_seconds']:.2f} s "
-            f"({load['images']} images)")
+        log(
+            f"load: cold {load['cold_seconds']:.2f} s, warm {load['warm_seconds']:.2f} s "
+            f"({load['images']} images)"
+        )
         t0 = time.perf_counter()
         data = load_dataset(next(iter(confs.values())).data)
         load["dataset_seconds"] = round(time.perf_counter() - t0, 3)
@@ -474,32 +552,51 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         # model -> the ceiling in every precision x compile mode this device offers
         variants: dict[str, list[Pipeline]] = {}
         precisions = available_precisions(device)
-        log(f"ceiling variants: {', '.join(precisions)} x "
+        log(
+            f"ceiling variants: {', '.join(precisions)} x "
             f"{', '.join('compile' if c else 'eager' for c in plan.compile_modes)}"
-            + (" (torch.compile: ~40 s per model and precision to compile)"
-               if True in plan.compile_modes else ""))
+            + (
+                " (torch.compile: ~40 s per model and precision to compile)"
+                if True in plan.compile_modes
+                else ""
+            )
+        )
         for m in plan.models:
             pairs[m], naives[m] = [], []
             for t in plan.transforms:
                 conf = confs[(m, t)]
                 augment = _augments(conf, data)
                 if augment not in loaders:
-                    loaders[augment] = make_shared_loader(root / "train", data, augment,
-                                                          args.batch_size, device, args.workers)
+                    loaders[augment] = make_shared_loader(
+                        root / "train", data, augment, args.batch_size, device, args.workers
+                    )
                     sl = loaders[augment]
-                    log(f"naive DataLoader ({'aug' if augment else 'norm'}): "
+                    log(
+                        f"naive DataLoader ({'aug' if augment else 'norm'}): "
                         f"{sl.loader.num_workers} workers, first batch after "
-                        f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch")
+                        f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch"
+                    )
                 ours = FerSweepLoop(conf, data, device, x_train, y_train)
                 pairs[m].append((Ceiling(ours, conf, data), ours))
                 naives[m].append(Naive(conf, loaders[augment], device))
             ceiling, ours = pairs[m][0]
-            variants[m] = [VariantCeiling(confs[(m, plan.transforms[0])], ours, ceiling.xb,
-                                          ceiling.yb, precision, compiled)
-                           for compiled in plan.compile_modes for precision in precisions]
+            variants[m] = [
+                VariantCeiling(
+                    confs[(m, plan.transforms[0])],
+                    ours,
+                    ceiling.xb,
+                    ceiling.yb,
+                    precision,
+                    compiled,
+                )
+                for compiled in plan.compile_modes
+                for precision in precisions
+            ]
 
-        log(f"timing {_per_model(plan.repeats)} repeats of {_per_model(plan.steps)} batches "
-            f"per pipeline, after {_per_model(plan.warmup)} warm-up batches")
+        log(
+            f"timing {_per_model(plan.repeats)} repeats of {_per_model(plan.steps)} batches "
+            f"per pipeline, after {_per_model(plan.warmup)} warm-up batches"
+        )
         for m in plan.models:  # warm-up: allocations, kernels, workers
             for p in [*(p for pair in pairs[m] for p in pair), *variants[m], *naives[m]]:
                 p.before()
@@ -520,17 +617,22 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
                     for j, steps in enumerate(_chunks(plan.steps[m], plan.chunks[m])):
                         for p in (ceiling, ours) if (j + rep) % 2 == 0 else (ours, ceiling):
                             images, seconds = _time_segment(
-                                p, steps, plan.settle[m] if j == 0 else 0, device)
+                                p, steps, plan.settle[m] if j == 0 else 0, device
+                            )
                             totals[p][0] += images
                             totals[p][1] += seconds
                     for p, (images, seconds) in totals.items():
                         samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-                for p in [*(variants[m][::-1] if rep % 2 else variants[m]),
-                          *(naives[m][::-1] if rep % 2 else naives[m])]:
+                for p in [
+                    *(variants[m][::-1] if rep % 2 else variants[m]),
+                    *(naives[m][::-1] if rep % 2 else naives[m]),
+                ]:
                     images, seconds = _time_segment(p, plan.steps[m], plan.settle[m], device)
                     samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-            log(f"repeat {rep + 1}/{max(plan.repeats.values())} done "
-                f"({time.perf_counter() - started:.0f} s)")
+            log(
+                f"repeat {rep + 1}/{max(plan.repeats.values())} done "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
         for sl in loaders.values():
             sl.it = None  # the iterator owns the workers: they shut down
         threads = torch.get_num_threads()
@@ -540,49 +642,79 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         best: list[float] = []
         for v in variants[m]:
             values = samples[(m, v.transforms, v.name)]
-            ceilings.append({"model": m, "variant": v.name.removeprefix("ceiling_"),
-                             "precision": v.name.split("_")[1],
-                             "compile": v.name.endswith("compile"),
-                             "images_per_second": round(_median(values), 1),
-                             "samples": [round(x, 1) for x in values]})
+            ceilings.append(
+                {
+                    "model": m,
+                    "variant": v.name.removeprefix("ceiling_"),
+                    "precision": v.name.split("_")[1],
+                    "compile": v.name.endswith("compile"),
+                    "images_per_second": round(_median(values), 1),
+                    "samples": [round(x, 1) for x in values],
+                }
+            )
             if not best or _median(values) > _median(best):
                 best, best_name = values, ceilings[-1]["variant"]
         fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
         for t in plan.transforms:
             ceiling = samples[(m, t, "ceiling")]
-            series = {"ceiling": ceiling, "fer_sweep": samples[(m, t, "fer_sweep")],
-                      "naive": samples[(m, t, "naive")]}
+            series = {
+                "ceiling": ceiling,
+                "fer_sweep": samples[(m, t, "fer_sweep")],
+                "naive": samples[(m, t, "naive")],
+            }
             for name, values in series.items():
-                records.append({"model": m, "transforms": t, "pipeline": name,
-                                "images_per_second": round(_median(values), 1),
-                                "samples": [round(v, 1) for v in values],
-                                "steps": plan.steps[m], "batch_size": args.batch_size})
-            ratios.append({"model": m, "transforms": t,
-                           "fer_sweep_over_ceiling": _paired_ratio(series["fer_sweep"], ceiling),
-                           "fer_sweep_over_naive": _paired_ratio(series["fer_sweep"],
-                                                                 series["naive"]),
-                           "fer_sweep_precision": pairs[m][0][1].amp,
-                           "best_ceiling": best_name,
-                           "fer_sweep_over_best_ceiling": _paired_ratio(series["fer_sweep"],
-                                                                        best),
-                           "fer_sweep_over_fp32_eager": _paired_ratio(series["fer_sweep"],
-                                                                      fp32_eager)})
+                records.append(
+                    {
+                        "model": m,
+                        "transforms": t,
+                        "pipeline": name,
+                        "images_per_second": round(_median(values), 1),
+                        "samples": [round(v, 1) for v in values],
+                        "steps": plan.steps[m],
+                        "batch_size": args.batch_size,
+                    }
+                )
+            ratios.append(
+                {
+                    "model": m,
+                    "transforms": t,
+                    "fer_sweep_over_ceiling": _paired_ratio(series["fer_sweep"], ceiling),
+                    "fer_sweep_over_naive": _paired_ratio(series["fer_sweep"], series["naive"]),
+                    "fer_sweep_precision": pairs[m][0][1].amp,
+                    "best_ceiling": best_name,
+                    "fer_sweep_over_best_ceiling": _paired_ratio(series["fer_sweep"], best),
+                    "fer_sweep_over_fp32_eager": _paired_ratio(series["fer_sweep"], fp32_eager),
+                }
+            )
     import torchvision
 
     return {
-        "records": records, "ratios": ratios, "ceilings": ceilings, "load": load,
-        "naive_startup_seconds": {("aug" if k else "norm"): round(v.startup_seconds, 3)
-                                  for k, v in loaders.items()},
+        "records": records,
+        "ratios": ratios,
+        "ceilings": ceilings,
+        "load": load,
+        "naive_startup_seconds": {
+            ("aug" if k else "norm"): round(v.startup_seconds, 3) for k, v in loaders.items()
+        },
         "naive_workers": next(iter(loaders.values())).loader.num_workers,
-        "device": str(device), "device_name": device_name(device),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": threads, "cpu_count": os.cpu_count(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
         "malloc_tuned": runtime.tune()["malloc"] == "tuned",
         "env": {k: os.environ[k] for k in RUNTIME_ENV if k in os.environ},
-        "python": platform.python_version(), "platform": platform.platform(),
-        "quick": bool(args.quick), "synthetic": bool(args.synthetic), "overrides": args.override,
-        "repeats": plan.repeats, "steps": plan.steps, "warmup": plan.warmup,
-        "settle": plan.settle, "chunks": plan.chunks,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "quick": bool(args.quick),
+        "synthetic": bool(args.synthetic),
+        "overrides": args.override,
+        "repeats": plan.repeats,
+        "steps": plan.steps,
+        "warmup": plan.warmup,
+        "settle": plan.settle,
+        "chunks": plan.chunks,
         "loadavg_start": [round(v, 2) for v in loadavg_start],
         "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -595,8 +727,7 @@ def _chunks(steps: int, n: int) -> list[int]:
     return [steps // n + (1 if i < steps % n else 0) for i in range(n)]
 
 
-def _time_segment(p: Pipeline, steps: int, settle: int,
-                  device: torch.device) -> tuple[int, float]:
+def _time_segment(p: Pipeline, steps: int, settle: int, device: torch.device) -> tuple[int, float]:
     """(images, seconds) of one timed segment, from queued device work done to done, after
     ``settle`` untimed batches of the same pipeline."""
     p.before()
@@ -617,8 +748,10 @@ def _augments(conf: Config, data: Dataset) -> bool:
 
     tfm = make_transform(conf.transforms, data.mean, data.std)
     if tfm.hflip:
-        raise ConfigError(f"transforms={conf.transforms.name}: the naive pipeline mirrors only "
-                          "the study's rotation + translation; benchmark norm or aug.")
+        raise ConfigError(
+            f"transforms={conf.transforms.name}: the naive pipeline mirrors only "
+            "the study's rotation + translation; benchmark norm or aug."
+        )
     return tfm.is_random
 
 
@@ -631,50 +764,65 @@ def _per_model(values: dict[str, int]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The table: img/s per pipeline and the two ratios (medians of per-repeat ratios)."""
-    ips = {(r["model"], r["transforms"], r["pipeline"]): r["images_per_second"]
-           for r in result["records"]}
+    ips = {
+        (r["model"], r["transforms"], r["pipeline"]): r["images_per_second"]
+        for r in result["records"]
+    }
     best = {(c["model"], c["variant"]): c["images_per_second"] for c in result["ceilings"]}
-    lines = ["| model | transforms | precision | ceiling img/s | best ceiling img/s | "
-             "fer_sweep img/s | naive img/s | fer_sweep/ceiling | fer_sweep/best ceiling "
-             "| fer_sweep/fp32 eager | fer_sweep/naive |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | transforms | precision | ceiling img/s | best ceiling img/s | "
+        "fer_sweep img/s | naive img/s | fer_sweep/ceiling | fer_sweep/best ceiling "
+        "| fer_sweep/fp32 eager | fer_sweep/naive |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["ratios"]:
         m, t = r["model"], r["transforms"]
-        lines.append(f"| {m} | {t} | {r['fer_sweep_precision']} | "
-                     f"{ips[(m, t, 'ceiling')]:,.0f} | "
-                     f"{best[(m, r['best_ceiling'])]:,.0f} ({r['best_ceiling']}) | "
-                     f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
-                     f"{r['fer_sweep_over_ceiling']:.2f} | "
-                     f"{r['fer_sweep_over_best_ceiling']:.2f} | "
-                     f"{r['fer_sweep_over_fp32_eager']:.2f} | {r['fer_sweep_over_naive']:.2f} |")
+        lines.append(
+            f"| {m} | {t} | {r['fer_sweep_precision']} | "
+            f"{ips[(m, t, 'ceiling')]:,.0f} | "
+            f"{best[(m, r['best_ceiling'])]:,.0f} ({r['best_ceiling']}) | "
+            f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
+            f"{r['fer_sweep_over_ceiling']:.2f} | "
+            f"{r['fer_sweep_over_best_ceiling']:.2f} | "
+            f"{r['fer_sweep_over_fp32_eager']:.2f} | {r['fer_sweep_over_naive']:.2f} |"
+        )
     variants = list(dict.fromkeys(c["variant"] for c in result["ceilings"]))
     models = list(dict.fromkeys(c["model"] for c in result["ceilings"]))
-    lines += ["", "Ceiling variants (the model's step alone, img/s):", "",
-              "| model | " + " | ".join(variants) + " |",
-              "|---|" + "---:|" * len(variants)]
+    lines += [
+        "",
+        "Ceiling variants (the model's step alone, img/s):",
+        "",
+        "| model | " + " | ".join(variants) + " |",
+        "|---|" + "---:|" * len(variants),
+    ]
     for m in models:
-        lines.append(f"| {m} | " + " | ".join(f"{best[(m, v)]:,.0f}" if (m, v) in best else ""
-                                            for v in variants) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{best[(m, v)]:,.0f}" if (m, v) in best else "" for v in variants)
+            + " |"
+        )
     load = result["load"]
     steps = _per_model(result["steps"])
     repeats = _per_model(result["repeats"])
     chunks = _per_model(result["chunks"])
     startup = ", ".join(f"{k} {v:.1f} s" for k, v in result["naive_startup_seconds"].items())
-    lines += ["",
-              f"Data loading ({load['images']:,} images): cold {load['cold_seconds']:.2f} s "
-              f"(decode into an empty cache), warm {load['warm_seconds']:.2f} s (from the "
-              f"cache); load_dataset from the cache {load['dataset_seconds']:.2f} s. "
-              f"Naive DataLoader start-up (not in its img/s): {startup}.",
-              "",
-              f"{result['device']} ({result['device_name']}), torch {result['torch']}, "
-              f"{result['threads']} threads, "
-              f"{'tuned' if result.get('malloc_tuned') else 'default'} glibc malloc, "
-              f"batch {result['records'][0]['batch_size']}, "
-              f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
-              f"(each: ceiling and fer_sweep of one transforms in {chunks} alternating chunks "
-              f"on the same model, then naive); ratios are medians of the "
-              f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
-              f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all."]
+    lines += [
+        "",
+        f"Data loading ({load['images']:,} images): cold {load['cold_seconds']:.2f} s "
+        f"(decode into an empty cache), warm {load['warm_seconds']:.2f} s (from the "
+        f"cache); load_dataset from the cache {load['dataset_seconds']:.2f} s. "
+        f"Naive DataLoader start-up (not in its img/s): {startup}.",
+        "",
+        f"{result['device']} ({result['device_name']}), torch {result['torch']}, "
+        f"{result['threads']} threads, "
+        f"{'tuned' if result.get('malloc_tuned') else 'default'} glibc malloc, "
+        f"batch {result['records'][0]['batch_size']}, "
+        f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
+        f"(each: ceiling and fer_sweep of one transforms in {chunks} alternating chunks "
+        f"on the same model, then naive); ratios are medians of the "
+        f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
+        f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all.",
+    ]
     return "\n".join(lines)
 
 
@@ -682,33 +830,70 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m fer_sweep.bench",
         description="Training throughput of fer_sweep vs the model's compute ceiling vs a naive "
-                    "ImageFolder/DataLoader pipeline, plus data loading times.")
+        "ImageFolder/DataLoader pipeline, plus data loading times.",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model configs")
-    p.add_argument("--transforms", default=",".join(TRANSFORMS),
-                   help="comma-separated transforms configs (norm, aug)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 16, "
-                        "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="interleaved repeats (7, resnet 5; --quick 7, resnet 3)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed batches per pipeline first (CPU 3, resnet 1; GPU 20, resnet 10)")
+    p.add_argument(
+        "--transforms",
+        default=",".join(TRANSFORMS),
+        help="comma-separated transforms configs (norm, aug)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed batches per pipeline and repeat (CPU: 50, resnet 3; --quick 16, "
+        "resnet 1. GPU: 300, resnet 100; --quick 100, resnet 30)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repeats (7, resnet 5; --quick 7, resnet 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed batches per pipeline first (CPU 3, resnet 1; GPU 20, resnet 10)",
+    )
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads for every pipeline (default: torch's own)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="naive DataLoader workers (default os.cpu_count())")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer batches (about 6 min on 2 CPU cores, 4 of them compiling)")
-    p.add_argument("--no-compile", action="store_true",
-                   help="leave out the torch.compile ceiling variants (saves ~40 s per model "
-                        "and precision)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="generated data instead of FER2013 (for trying it; not a real number)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Hydra override for every configuration, e.g. trainer.threads=1 or "
-                        "trainer.channels_last=false (repeatable)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for every pipeline (default: torch's own)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="naive DataLoader workers (default os.cpu_count())",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer batches (about 6 min on 2 CPU cores, 4 of them compiling)",
+    )
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out the torch.compile ceiling variants (saves ~40 s per model and precision)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generated data instead of FER2013 (for trying it; not a real number)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override for every configuration, e.g. trainer.threads=1 or "
+        "trainer.channels_last=false (repeatable)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -726,8 +911,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    print(f"runtime: {', '.join(f'{k}={v}' for k, v in runtime.tune().items())}",
-          file=sys.stderr)
+    print(f"runtime: {', '.join(f'{k}={v}' for k, v in runtime.tune().items())}", file=sys.stderr)
     started = time.perf_counter()
     try:
         result = run_benchmark(args, log=lambda s: print(s, file=sys.stderr, flush=True))

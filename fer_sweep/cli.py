@@ -11,16 +11,25 @@ from fer_sweep import store
 from fer_sweep.errors import FerSweepError
 
 
-def add_store_args(parser: argparse.ArgumentParser, what: str = "the runs were logged to",
-                   experiment_help: str = "MLflow experiment name") -> None:
+def add_store_args(
+    parser: argparse.ArgumentParser,
+    what: str = "the runs were logged to",
+    experiment_help: str = "MLflow experiment name",
+) -> None:
     """--tracking-uri and --experiment, defaulting to $MLFLOW_TRACKING_URI /
     $MLFLOW_EXPERIMENT_NAME, else sqlite:///mlflow.db / fer_sweep."""
-    parser.add_argument("--tracking-uri", default=store.default_uri(),
-                        help=f"the MLflow store {what} (default: $MLFLOW_TRACKING_URI, else "
-                             f"{store.DEFAULT_URI}; now %(default)s)")
-    parser.add_argument("--experiment", default=store.default_experiment(),
-                        help=f"{experiment_help} (default: $MLFLOW_EXPERIMENT_NAME, else "
-                             f"{store.DEFAULT_EXPERIMENT}; now %(default)s)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=store.default_uri(),
+        help=f"the MLflow store {what} (default: $MLFLOW_TRACKING_URI, else "
+        f"{store.DEFAULT_URI}; now %(default)s)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default=store.default_experiment(),
+        help=f"{experiment_help} (default: $MLFLOW_EXPERIMENT_NAME, else "
+        f"{store.DEFAULT_EXPERIMENT}; now %(default)s)",
+    )
 
 
 def user_errors(run: Callable[[], int]) -> int:

@@ -7,6 +7,7 @@ the fix, instead of surfacing as a crash an hour into a sweep.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from dataclasses import dataclass, field, fields
@@ -39,17 +40,25 @@ class DataConfig:
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.format in ("auto", "folder", "csv"),
-                 f"data.format={self.format!r} is not one of auto, folder, csv.")
-        _require(0.0 < self.val_fraction < 1.0,
-                 f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1 "
-                 "(the study uses 0.2).")
-        _require(self.limit_per_class is None or self.limit_per_class > 0,
-                 f"data.limit_per_class={self.limit_per_class} must be a positive number of "
-                 "images per class, or null for all images.")
+        _require(
+            self.format in ("auto", "folder", "csv"),
+            f"data.format={self.format!r} is not one of auto, folder, csv.",
+        )
+        _require(
+            0.0 < self.val_fraction < 1.0,
+            f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1 "
+            "(the study uses 0.2).",
+        )
+        _require(
+            self.limit_per_class is None or self.limit_per_class > 0,
+            f"data.limit_per_class={self.limit_per_class} must be a positive number of "
+            "images per class, or null for all images.",
+        )
         _require(self.std is None or self.std > 0, f"data.std={self.std} must be positive.")
-        _require((self.mean is None) == (self.std is None),
-                 "data.mean and data.std must be pinned together (or both null to compute them).")
+        _require(
+            (self.mean is None) == (self.std is None),
+            "data.mean and data.std must be pinned together (or both null to compute them).",
+        )
 
 
 @dataclass
@@ -71,39 +80,63 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.builder in ("cnn", "resnet"),
-                 f"model.builder={self.builder!r} is not one of cnn, resnet.")
+        _require(
+            self.builder in ("cnn", "resnet"),
+            f"model.builder={self.builder!r} is not one of cnn, resnet.",
+        )
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must lie in [0, 1).")
         _require(all(h > 0 for h in self.hidden), f"model.hidden={self.hidden} must be positive.")
         if self.builder == "cnn":
-            _require(bool(self.conv_channels) and all(c > 0 for c in self.conv_channels),
-                     f"model.conv_channels={self.conv_channels} must be a non-empty list of "
-                     "positive integers.")
-            _require(self.kernel_size >= 1 and self.padding >= 0 and self.pool >= 1,
-                     f"model: need kernel_size >= 1, padding >= 0, pool >= 1; got "
-                     f"{self.kernel_size}, {self.padding}, {self.pool}.")
+            _require(
+                bool(self.conv_channels) and all(c > 0 for c in self.conv_channels),
+                f"model.conv_channels={self.conv_channels} must be a non-empty list of "
+                "positive integers.",
+            )
+            _require(
+                self.kernel_size >= 1 and self.padding >= 0 and self.pool >= 1,
+                f"model: need kernel_size >= 1, padding >= 0, pool >= 1; got "
+                f"{self.kernel_size}, {self.padding}, {self.pool}.",
+            )
         else:
-            _require(self.stem_channels >= 1 and self.pool_size >= 1,
-                     f"model: stem_channels and pool_size must be positive, got "
-                     f"{self.stem_channels}, {self.pool_size}.")
-            _require(bool(self.stages), "model.stages must be a non-empty list of "
-                     "{channels, blocks, stride} for builder resnet.")
+            _require(
+                self.stem_channels >= 1 and self.pool_size >= 1,
+                f"model: stem_channels and pool_size must be positive, got "
+                f"{self.stem_channels}, {self.pool_size}.",
+            )
+            _require(
+                bool(self.stages),
+                "model.stages must be a non-empty list of "
+                "{channels, blocks, stride} for builder resnet.",
+            )
             for i, stage in enumerate(self.stages):
-                _require({"channels", "blocks"} <= set(stage) <= {"channels", "blocks", "stride"},
-                         f"model.stages[{i}] needs keys channels, blocks (and optional stride); "
-                         f"got {sorted(stage)}.")
-                _require(all(v >= 1 for v in stage.values()),
-                         f"model.stages[{i}] values must be positive, got {dict(stage)}.")
+                _require(
+                    {"channels", "blocks"} <= set(stage) <= {"channels", "blocks", "stride"},
+                    f"model.stages[{i}] needs keys channels, blocks (and optional stride); "
+                    f"got {sorted(stage)}.",
+                )
+                _require(
+                    all(v >= 1 for v in stage.values()),
+                    f"model.stages[{i}] values must be positive, got {dict(stage)}.",
+                )
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Only the keys the chosen builder takes."""
         head = {"hidden": list(self.hidden), "dropout": self.dropout}
         if self.builder == "cnn":
-            return {"conv_channels": list(self.conv_channels), "kernel_size": self.kernel_size,
-                    "padding": self.padding, "pool": self.pool, "batchnorm": self.batchnorm,
-                    **head}
-        return {"stem_channels": self.stem_channels, "stages": [dict(s) for s in self.stages],
-                "pool_size": self.pool_size, **head}
+            return {
+                "conv_channels": list(self.conv_channels),
+                "kernel_size": self.kernel_size,
+                "padding": self.padding,
+                "pool": self.pool,
+                "batchnorm": self.batchnorm,
+                **head,
+            }
+        return {
+            "stem_channels": self.stem_channels,
+            "stages": [dict(s) for s in self.stages],
+            "pool_size": self.pool_size,
+            **head,
+        }
 
 
 @dataclass
@@ -114,10 +147,14 @@ class TransformsConfig:
     hflip: bool = False
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.rotation <= 180.0,
-                 f"transforms.rotation={self.rotation} must be in degrees, 0..180.")
-        _require(0.0 <= self.translate < 1.0,
-                 f"transforms.translate={self.translate} is a fraction of the image, 0..1.")
+        _require(
+            0.0 <= self.rotation <= 180.0,
+            f"transforms.rotation={self.rotation} must be in degrees, 0..180.",
+        )
+        _require(
+            0.0 <= self.translate < 1.0,
+            f"transforms.translate={self.translate} is a fraction of the image, 0..1.",
+        )
 
 
 @dataclass
@@ -130,11 +167,14 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
     def __post_init__(self) -> None:
-        _require(self.name in ("sgd", "adam", "adamw"),
-                 f"optimizer.name={self.name!r} is not one of sgd, adam, adamw.")
+        _require(
+            self.name in ("sgd", "adam", "adamw"),
+            f"optimizer.name={self.name!r} is not one of sgd, adam, adamw.",
+        )
         _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (the study uses 0.01).")
-        _require(self.weight_decay >= 0,
-                 f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
+        _require(
+            self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0."
+        )
         _require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0.")
 
 
@@ -146,15 +186,23 @@ class SchedulerConfig:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.name in ("plateau", "cosine", "none"),
-                 f"scheduler.name={self.name!r} is not one of plateau, cosine, none.")
+        _require(
+            self.name in ("plateau", "cosine", "none"),
+            f"scheduler.name={self.name!r} is not one of plateau, cosine, none.",
+        )
         _require(0.0 < self.factor < 1.0, f"scheduler.factor={self.factor} must be in (0, 1).")
         _require(self.patience >= 0, f"scheduler.patience={self.patience} must be >= 0.")
 
 
 # trainer.amp: the booleans of earlier configs and the usual spellings, mapped to the three states.
-_PRECISION_ALIASES = {"true": "bf16", "false": "fp32", "bfloat16": "bf16", "float32": "fp32",
-                      "off": "fp32", "none": "fp32"}
+_PRECISION_ALIASES = {
+    "true": "bf16",
+    "false": "fp32",
+    "bfloat16": "bf16",
+    "float32": "fp32",
+    "off": "fp32",
+    "none": "fp32",
+}
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -163,9 +211,11 @@ class EarlyStoppingConfig:
     patience: int | None = None  # epochs without a better validation loss; null = off
 
     def __post_init__(self) -> None:
-        _require(self.patience is None or self.patience > 0,
-                 f"trainer.early_stopping.patience={self.patience} must be a positive number "
-                 "of epochs, or null (off).")
+        _require(
+            self.patience is None or self.patience > 0,
+            f"trainer.early_stopping.patience={self.patience} must be a positive number "
+            "of epochs, or null (off).",
+        )
 
 
 @dataclass
@@ -187,22 +237,32 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
-        _require(self.batch_size > 0,
-                 f"trainer.batch_size={self.batch_size} must be a positive integer.")
-        _require(self.eval_batch_size > 0,
-                 f"trainer.eval_batch_size={self.eval_batch_size} must be positive.")
-        _require(bool(_DEVICE.match(self.device)),
-                 f"trainer.device={self.device!r} is not a device: use auto, cpu, cuda, "
-                 "cuda:N or mps.")
+        _require(
+            self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be a positive integer."
+        )
+        _require(
+            self.eval_batch_size > 0,
+            f"trainer.eval_batch_size={self.eval_batch_size} must be positive.",
+        )
+        _require(
+            bool(_DEVICE.match(self.device)),
+            f"trainer.device={self.device!r} is not a device: use auto, cpu, cuda, cuda:N or mps.",
+        )
         self.amp = str(self.amp).lower()
         self.amp = _PRECISION_ALIASES.get(self.amp, self.amp)
-        _require(self.amp in ("auto", "bf16", "fp32"),
-                 f"trainer.amp={self.amp!r}: use auto (bf16 where the device is fast at it), "
-                 "bf16 or fp32.")
-        _require(self.channels_last in ("auto", "true", "false", "True", "False"),
-                 f"trainer.channels_last={self.channels_last!r}: use auto, true or false.")
-        _require(self.threads is None or self.threads > 0,
-                 f"trainer.threads={self.threads} must be a positive integer or null.")
+        _require(
+            self.amp in ("auto", "bf16", "fp32"),
+            f"trainer.amp={self.amp!r}: use auto (bf16 where the device is fast at it), "
+            "bf16 or fp32.",
+        )
+        _require(
+            self.channels_last in ("auto", "true", "false", "True", "False"),
+            f"trainer.channels_last={self.channels_last!r}: use auto, true or false.",
+        )
+        _require(
+            self.threads is None or self.threads > 0,
+            f"trainer.threads={self.threads} must be a positive integer or null.",
+        )
 
 
 @dataclass
@@ -210,8 +270,10 @@ class EvalConfig:
     tta: str = "none"
 
     def __post_init__(self) -> None:
-        _require(self.tta in ("none", "flip", "shift", "flip_shift"),
-                 f"eval.tta={self.tta!r} is not one of none, flip, shift, flip_shift.")
+        _require(
+            self.tta in ("none", "flip", "shift", "flip_shift"),
+            f"eval.tta={self.tta!r} is not one of none, flip, shift, flip_shift.",
+        )
 
 
 @dataclass
@@ -224,10 +286,15 @@ class MlflowConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment), "mlflow.experiment must not be empty.")
-        _require(bool(re.match(r"^(sqlite|https?|postgresql|mysql|file|databricks)[:+]",
-                               self.tracking_uri)),
-                 f"mlflow.tracking_uri={self.tracking_uri!r} is not a tracking URI: use "
-                 "sqlite:///path.db or http://host:port.")
+        _require(
+            bool(
+                re.match(
+                    r"^(sqlite|https?|postgresql|mysql|file|databricks)[:+]", self.tracking_uri
+                )
+            ),
+            f"mlflow.tracking_uri={self.tracking_uri!r} is not a tracking URI: use "
+            "sqlite:///path.db or http://host:port.",
+        )
 
 
 @dataclass
@@ -248,9 +315,14 @@ def _did_you_mean(full_key: str) -> str:
     section = next((f for f in fields(Config) if f.name == group), None)
     if section is None or not name:
         return ""
-    close = difflib.get_close_matches(name, [f.name for f in fields(section.default_factory)],
-                                      n=1)
-    return f"; did you mean {group}.{close[0]}?" if close else ""
+    close = difflib.get_close_matches(name, [f.name for f in fields(section.default_factory)], n=1)
+    return f"; did you mean {group}.{close[0]}?" if close and close[0] != name else ""
+
+
+def _readable(err: OmegaConfBaseException, prefix: str = "") -> ConfigError:
+    key = prefix + (getattr(err, "full_key", None) or "?")
+    msg = getattr(err, "msg", str(err)).splitlines()[0]
+    return ConfigError(f"invalid setting {key}: {msg}{_did_you_mean(key)}")
 
 
 def validate(cfg: DictConfig) -> Config:
@@ -262,6 +334,28 @@ def validate(cfg: DictConfig) -> Config:
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        msg = getattr(err, "msg", str(err)).splitlines()[0]
-        raise ConfigError(f"invalid setting {key}: {msg}{_did_you_mean(key)}") from None
+        raise _readable(err) from None
+
+
+def with_values(conf: Config, values: dict[str, Any]) -> Config:
+    """``conf`` with dotted-key values set, each touched section re-checked by the schema (types,
+    unknown keys, ranges) as ``validate`` would: milliseconds instead of a full validation, for
+    the jobs of a grid that differ only in values (trainer.seed=range(0,300))."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, _, rest = key.partition(".")
+        if not rest or section not in {f.name for f in fields(Config)}:
+            raise ConfigError(f"invalid setting {key}: not a key of the config{_did_you_mean(key)}")
+        sections.setdefault(section, {})[rest] = value
+    out = copy.copy(conf)
+    for section, items in sections.items():
+        node = OmegaConf.structured(getattr(conf, section))
+        try:
+            for rest, value in items.items():
+                OmegaConf.update(node, rest, value, merge=True)
+            setattr(out, section, OmegaConf.to_object(node))
+        except ConfigError:
+            raise
+        except OmegaConfBaseException as err:
+            raise _readable(err, prefix=f"{section}.") from None
+    return out

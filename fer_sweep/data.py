@@ -80,8 +80,9 @@ class Split:
         # numpy's gather is several times faster than torch's for this uint8 copy
         i = idx.to(torch.int64).cpu().numpy()
         usage = None if self.usage is None else torch.from_numpy(self.usage.numpy()[i])
-        return Split(torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]),
-                     usage)
+        return Split(
+            torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]), usage
+        )
 
 
 @dataclass
@@ -134,8 +135,11 @@ def _resolve_format(root: Path, fmt: str) -> tuple[str, Path]:
     if fmt in ("auto", "csv") and csv is not None:
         return "csv", csv
     present = sorted(p.name for p in root.iterdir())[:8]
-    wanted = {"auto": "neither layout", "folder": "no train/ and test/ folders",
-              "csv": f"no {' or '.join(CSV_NAMES)}"}[fmt]
+    wanted = {
+        "auto": "neither layout",
+        "folder": "no train/ and test/ folders",
+        "csv": f"no {' or '.join(CSV_NAMES)}",
+    }[fmt]
     raise _not_found(f"{wanted} in {root}, which contains {present or 'nothing'}")
 
 
@@ -154,8 +158,11 @@ def _checksum(arrays: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> in
 
 
 _ARRAY_SPECS = {  # name -> (dtype, ndim)
-    "train_x": (torch.uint8, 3), "train_y": (torch.int64, 1),
-    "test_x": (torch.uint8, 3), "test_y": (torch.int64, 1), "test_usage": (torch.int8, 1),
+    "train_x": (torch.uint8, 3),
+    "train_y": (torch.int64, 1),
+    "test_x": (torch.uint8, 3),
+    "test_y": (torch.int64, 1),
+    "test_usage": (torch.int8, 1),
 }
 
 
@@ -194,16 +201,23 @@ def _write_cache(path: Path, key: str, arrays: dict[str, torch.Tensor], meta: di
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        payload = {"version": CACHE_VERSION, "key": key, "meta": meta, "arrays": arrays,
-                   "crc": _checksum(arrays, meta)}
+        payload = {
+            "version": CACHE_VERSION,
+            "key": key,
+            "meta": meta,
+            "arrays": arrays,
+            "crc": _checksum(arrays, meta),
+        }
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
         os.replace(tmp, path)
         return True
     except OSError as e:
-        warnings.warn(f"Could not write the data cache {path} ({e}); continuing without it. "
-                      "Set data.cache_dir to a writable folder to speed up later runs.",
-                      stacklevel=3)
+        warnings.warn(
+            f"Could not write the data cache {path} ({e}); continuing without it. "
+            "Set data.cache_dir to a writable folder to speed up later runs.",
+            stacklevel=3,
+        )
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         return False
@@ -250,8 +264,10 @@ def _scan_folder(root: Path) -> _Listing:
                 )
             c = CLASSES.index(cls)
             if c in seen:
-                raise DataError(f"Both {split}/{seen[c]} and {rel} map to class {cls!r}; "
-                                "merge them into one folder.")
+                raise DataError(
+                    f"Both {split}/{seen[c]} and {rel} map to class {cls!r}; "
+                    "merge them into one folder."
+                )
             seen[c] = entry.name
             rows = []
             with os.scandir(entry.path) as it2:
@@ -261,19 +277,26 @@ def _scan_folder(root: Path) -> _Listing:
             rows.sort()
             stamp.append((rel, rows))
             # Hidden files such as macOS "._x.jpg" are not images, whatever their suffix.
-            names = [n for n, _, _, mode in rows
-                     if n[0] != "." and n.lower().endswith(_IMAGE_SUFFIXES) and S_ISREG(mode)]
+            names = [
+                n
+                for n, _, _, mode in rows
+                if n[0] != "." and n.lower().endswith(_IMAGE_SUFFIXES) and S_ISREG(mode)
+            ]
             if len(names) < len(rows):
                 keep = set(names)
                 ignored.extend(f"{rel}/{n}" for n, _, _, _ in rows if n not in keep)
             if not names:
-                raise DataError(f"Class folder {root / split / entry.name} contains no images; "
-                                "add its images or restore the original download.")
+                raise DataError(
+                    f"Class folder {root / split / entry.name} contains no images; "
+                    "add its images or restore the original download."
+                )
             folders.append((c, entry.path, names))
         missing = [CLASSES[c] for c in range(len(CLASSES)) if c not in seen]
         if missing:
-            raise DataError(f"{root / split} has no class folder for {', '.join(missing)}; "
-                            f"all of {', '.join(CLASSES)} are needed.")
+            raise DataError(
+                f"{root / split} has no class folder for {', '.join(missing)}; "
+                f"all of {', '.join(CLASSES)} are needed."
+            )
         files[split] = sorted(folders, key=itemgetter(0))
     key = hashlib.blake2b(repr(stamp).encode(), digest_size=16).hexdigest()
     return _Listing(files, sorted(ignored), key)
@@ -334,15 +357,19 @@ def decode_workers(n_images: int) -> int:
     fork is what makes workers free to start (no imports); elsewhere, decoding stays serial."""
     import multiprocessing
 
-    if (n_images < PARALLEL_DECODE_MIN or not sys.platform.startswith("linux")
-            or multiprocessing.current_process().daemon):  # daemons may not have children
+    if (
+        n_images < PARALLEL_DECODE_MIN
+        or not sys.platform.startswith("linux")
+        or multiprocessing.current_process().daemon
+    ):  # daemons may not have children
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, MAX_DECODE_WORKERS))
 
 
-def _decode_all(paths: list[str], workers: int
-                ) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+def _decode_all(
+    paths: list[str], workers: int
+) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """``_decode_files`` over ``workers`` forked processes, in 4 chunks per worker (balance)."""
     if workers <= 1:
         return _decode_files(paths)
@@ -386,19 +413,28 @@ def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.T
         y = np.concatenate([np.full(len(names), c, dtype=np.int64) for c, _, names in folders])
         arrays[f"{split}_x"], arrays[f"{split}_y"] = torch.from_numpy(x), torch.from_numpy(y)
         if split == "test":
-            arrays["test_usage"] = torch.from_numpy(np.array(
-                [_usage_from_name(n) for _, _, names in folders for n in names], dtype=np.int8))
+            arrays["test_usage"] = torch.from_numpy(
+                np.array(
+                    [_usage_from_name(n) for _, _, names in folders for n in names], dtype=np.int8
+                )
+            )
         if bad:  # drop skipped images (copying only when there are any)
             keep = np.ones(len(paths), dtype=bool)
             keep[[i for i, _ in bad]] = False
             for name in [k for k in arrays if k.startswith(f"{split}_")]:
                 arrays[name] = arrays[name][torch.from_numpy(keep)]
     if converted:
-        log.warning("Converted %d images that were not 48x48 grayscale to 48x48 gray "
-                    "(e.g. %s).", len(converted), converted[0])
+        log.warning(
+            "Converted %d images that were not 48x48 grayscale to 48x48 gray (e.g. %s).",
+            len(converted),
+            converted[0],
+        )
     if skipped:
-        warnings.warn(f"Skipped {len(skipped)} unreadable images (data.skip_bad_images=true), "
-                      f"e.g. {skipped[0]}.", stacklevel=3)
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable images (data.skip_bad_images=true), "
+            f"e.g. {skipped[0]}.",
+            stacklevel=3,
+        )
     return arrays, {"converted": len(converted), "skipped": len(skipped)}
 
 
@@ -438,8 +474,9 @@ def _parse_pixels_slow(path: Path, lineno: int, text: bytes) -> np.ndarray:
         try:
             v = int(tok)
         except ValueError:
-            raise _row_error(path, lineno, f"pixel {j + 1} is {_text(tok)}, not an integer "
-                             "0..255") from None
+            raise _row_error(
+                path, lineno, f"pixel {j + 1} is {_text(tok)}, not an integer 0..255"
+            ) from None
         if not 0 <= v <= 255:
             raise _row_error(path, lineno, f"pixel {j + 1} is {v}, outside 0..255")
         values[j] = v
@@ -452,8 +489,13 @@ def _parse_pixel_chunk(path: Path, rows: Sequence[tuple[int, bytes]]) -> np.ndar
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # empty input warns; the shape check catches it
-            out = np.loadtxt(io.BytesIO(b"\n".join(t for _, t in rows)), dtype=np.uint8,
-                             delimiter=" ", comments=None, ndmin=2)
+            out = np.loadtxt(
+                io.BytesIO(b"\n".join(t for _, t in rows)),
+                dtype=np.uint8,
+                delimiter=" ",
+                comments=None,
+                ndmin=2,
+            )
         if out.shape == (len(rows), _NPIX):
             return out.reshape(len(rows), IMAGE_SIZE, IMAGE_SIZE)
     except ValueError:
@@ -476,23 +518,34 @@ def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             ci, ui, pi = (header.index(n) for n in ("emotion", "usage", "pixels"))
         except ValueError:
-            raise DataError(f"{path} line 1: header is {header}, expected the columns "
-                            "emotion, pixels, Usage (the Kaggle FER2013 CSV).") from None
+            raise DataError(
+                f"{path} line 1: header is {header}, expected the columns "
+                "emotion, pixels, Usage (the Kaggle FER2013 CSV)."
+            ) from None
         for lineno, line in enumerate(f, start=2):
             fields = [v.strip().strip(b'"') for v in line.split(b",")]
             if len(fields) != len(header):
                 if not line.strip():
                     continue
-                raise _row_error(path, lineno, f"expected {len(header)} comma-separated "
-                                 f"fields, found {len(fields)}")
+                raise _row_error(
+                    path,
+                    lineno,
+                    f"expected {len(header)} comma-separated fields, found {len(fields)}",
+                )
             label = fields[ci]
             if not (label.isdigit() and int(label) < len(CLASSES)):
-                raise _row_error(path, lineno, f"emotion is {_text(label)}, expected an "
-                                 f"integer 0..{len(CLASSES) - 1}")
+                raise _row_error(
+                    path,
+                    lineno,
+                    f"emotion is {_text(label)}, expected an integer 0..{len(CLASSES) - 1}",
+                )
             usage = usage_codes.get(fields[ui], -2)
             if usage == -2:
-                raise _row_error(path, lineno, f"Usage is {_text(fields[ui])}, expected one "
-                                 f"of {', '.join(_USAGE_CODES)}")
+                raise _row_error(
+                    path,
+                    lineno,
+                    f"Usage is {_text(fields[ui])}, expected one of {', '.join(_USAGE_CODES)}",
+                )
             split = "train" if usage is None else "test"
             labels[split].append(int(label))
             if usage is not None:
@@ -505,8 +558,11 @@ def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     for split in ("train", "test"):
         if pending[split]:
             chunks[split].append(_parse_pixel_chunk(path, pending[split]))
-        x = (np.concatenate(chunks[split]) if chunks[split]
-             else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8))
+        x = (
+            np.concatenate(chunks[split])
+            if chunks[split]
+            else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        )
         arrays[f"{split}_x"] = torch.from_numpy(x)
         arrays[f"{split}_y"] = torch.tensor(labels[split], dtype=torch.int64)
     arrays["test_usage"] = torch.tensor(usages, dtype=torch.int8)
@@ -531,10 +587,14 @@ def load_source(
     if fmt == "folder":
         listing = _scan_folder(root)
         if listing.ignored:
-            warnings.warn(f"Ignored {len(listing.ignored)} non-image files or folders under "
-                          f"{root} (e.g. {listing.ignored[0]}).", stacklevel=2)
-        key = hashlib.blake2b(f"{listing.key}\0skip={bool(skip_bad_images)}".encode(),
-                              digest_size=16).hexdigest()
+            warnings.warn(
+                f"Ignored {len(listing.ignored)} non-image files or folders under "
+                f"{root} (e.g. {listing.ignored[0]}).",
+                stacklevel=2,
+            )
+        key = hashlib.blake2b(
+            f"{listing.key}\0skip={bool(skip_bad_images)}".encode(), digest_size=16
+        ).hexdigest()
     else:
         listing = None
         key = _csv_key(source)
@@ -544,8 +604,11 @@ def load_source(
     if cached is not None:
         arrays, meta = cached
         if meta.get("skipped"):
-            log.warning("Cache %s excludes %d unreadable images (data.skip_bad_images=true).",
-                        path, meta["skipped"])
+            log.warning(
+                "Cache %s excludes %d unreadable images (data.skip_bad_images=true).",
+                path,
+                meta["skipped"],
+            )
     else:
         if listing is not None:
             arrays, meta = _decode_folder(listing, skip_bad_images)
@@ -565,9 +628,15 @@ def load_source(
         "cache_hit": cached is not None,
         "load_seconds": round(time.perf_counter() - start, 4),
     }
-    log.info("Loaded FER2013 %s from %s: %d train, %d test images in %.2f s (cache %s).",
-             fmt, source, len(train), len(test), info["load_seconds"],
-             "hit" if cached is not None else f"written to {path}" if written else "not written")
+    log.info(
+        "Loaded FER2013 %s from %s: %d train, %d test images in %.2f s (cache %s).",
+        fmt,
+        source,
+        len(train),
+        len(test),
+        info["load_seconds"],
+        "hit" if cached is not None else f"written to {path}" if written else "not written",
+    )
     return train, test, info
 
 
@@ -590,8 +659,10 @@ def stratified_split(
         n_val = round(idx.size * float(val_fraction))
         val_parts.append(idx[:n_val])
         train_parts.append(idx[n_val:])
-    return (torch.from_numpy(np.sort(np.concatenate(train_parts))),
-            torch.from_numpy(np.sort(np.concatenate(val_parts))))
+    return (
+        torch.from_numpy(np.sort(np.concatenate(train_parts))),
+        torch.from_numpy(np.sort(np.concatenate(val_parts))),
+    )
 
 
 def limit_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -615,8 +686,10 @@ def _require_every_class(split: Split, where: str, fix: str) -> None:
     counts = split.class_counts()
     missing = [CLASSES[c] for c, k in enumerate(counts) if k == 0]
     if missing:
-        raise DataError(f"The {where} split has no images of class {', '.join(missing)} "
-                        f"(counts per class {dict(zip(CLASSES, counts, strict=True))}); {fix}")
+        raise DataError(
+            f"The {where} split has no images of class {', '.join(missing)} "
+            f"(counts per class {dict(zip(CLASSES, counts, strict=True))}); {fix}"
+        )
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
@@ -660,7 +733,14 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     std = float(pinned_std) if pinned_std is not None else std
     info["synthetic"] = cfg.synthetic
     info["load_seconds"] = round(time.perf_counter() - start, 4)
-    log.info("Dataset: train %d, val %d, test %d (limit_per_class=%s); mean %.6f std %.6f%s.",
-             len(train), len(val), len(test), limit, mean, std,
-             " (pinned)" if pinned_mean is not None or pinned_std is not None else "")
+    log.info(
+        "Dataset: train %d, val %d, test %d (limit_per_class=%s); mean %.6f std %.6f%s.",
+        len(train),
+        len(val),
+        len(test),
+        limit,
+        mean,
+        std,
+        " (pinned)" if pinned_mean is not None or pinned_std is not None else "",
+    )
     return Dataset(train=train, val=val, test=test, mean=mean, std=std, info=info)

@@ -492,8 +492,15 @@ def accuracy_bars(
             for yi, value, iv in zip(y, values, intervals, strict=True):
                 if iv is not None and np.isfinite(value):
                     lo, hi = _as_percent(_floats(iv))
-                    ax.errorbar(value, yi + offset, xerr=[[value - lo], [hi - value]],
-                                fmt="none", ecolor="black", capsize=3, lw=1)
+                    ax.errorbar(
+                        value,
+                        yi + offset,
+                        xerr=[[value - lo], [hi - value]],
+                        fmt="none",
+                        ecolor="black",
+                        capsize=3,
+                        lw=1,
+                    )
         for yi in y[~ok]:
             ax.text(0.5, yi + offset, "n/a", va="center", fontsize=7, color="0.4")
     ax.set_yticks(y, wrapped, fontsize=8)

@@ -40,14 +40,23 @@ from fer_sweep.train import (
 log = logging.getLogger(__name__)
 
 # Settings that do not change what a run computes: excluded from the resume key.
-_VOLATILE = {"trainer.resume", "trainer.progress", "trainer.threads", "trainer.checkpoint_dir",
-             "data.cache_dir", "data.root"}
+_VOLATILE = {
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.threads",
+    "trainer.checkpoint_dir",
+    "data.cache_dir",
+    "data.root",
+}
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Identifies "the same run" for trainer.resume=auto."""
-    flat = {k: v for k, v in tracking.flatten(_job_config(cfg)).items()
-            if k not in _VOLATILE and not k.startswith("mlflow.")}
+    flat = {
+        k: v
+        for k, v in tracking.flatten(_job_config(cfg)).items()
+        if k not in _VOLATILE and not k.startswith("mlflow.")
+    }
     return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -55,26 +64,39 @@ def _job_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
 
 
-def _hydra() -> tuple[bool, Path | None, int, list[str]]:
+def hydra_job() -> tuple[bool, Path | None, int, list[str]]:
     """(multirun?, sweep dir, job number, overrides) of the current Hydra job, if any."""
     if not HydraConfig.initialized():
         return False, None, 0, []
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    return (multirun, Path(hc.sweep.dir) if multirun else None, int(hc.job.get("num", 0) or 0),
-            list(hc.overrides.task))
+    return (
+        multirun,
+        Path(hc.sweep.dir) if multirun else None,
+        int(hc.job.get("num", 0) or 0),
+        list(hc.overrides.task),
+    )
 
 
-def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
-             parent_id: str | None, overrides: list[str]) -> tuple[str, bool]:
+def open_run(
+    client: MlflowClient,
+    exp_id: str,
+    conf: Config,
+    cfg: DictConfig,
+    parent_id: str | None,
+    overrides: list[str],
+) -> tuple[str, bool]:
     """(run id, resuming?): a new run, or the interrupted one named by trainer.resume."""
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
     key = config_hash(cfg)
     resume = conf.trainer.resume
     if resume == "auto":
         runs = client.search_runs(
-            [exp_id], f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=50)
+            [exp_id],
+            f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
         for run in runs:
             if (ckpt_dir / f"{run.info.run_id}.pt").exists():
                 resume = run.info.run_id
@@ -86,36 +108,58 @@ def open_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig,
         try:
             run = client.get_run(resume)
         except Exception:
-            raise FerSweepError(f"trainer.resume={resume}: no such run in "
-                                f"{conf.mlflow.tracking_uri}.") from None
+            raise FerSweepError(
+                f"trainer.resume={resume}: no such run in {conf.mlflow.tracking_uri}."
+            ) from None
         if not (ckpt_dir / f"{resume}.pt").exists():
-            raise FerSweepError(f"trainer.resume={resume}: no checkpoint {ckpt_dir / resume}.pt "
-                                "(it is deleted when a run finishes; set trainer.checkpoint_dir "
-                                "to where the run wrote it).")
+            raise FerSweepError(
+                f"trainer.resume={resume}: no checkpoint {ckpt_dir / resume}.pt "
+                "(it is deleted when a run finishes; set trainer.checkpoint_dir "
+                "to where the run wrote it)."
+            )
         if run.data.tags.get("fer_sweep.config_hash") != key:
-            raise FerSweepError(f"trainer.resume={resume}: that run was trained with different "
-                                "settings; resume it with the same overrides.")
+            raise FerSweepError(
+                f"trainer.resume={resume}: that run was trained with different "
+                "settings; resume it with the same overrides."
+            )
         client.update_run(resume, status="RUNNING")
         log.info("resuming MLflow run %s from %s", resume, ckpt_dir / f"{resume}.pt")
         return resume, True
 
     synthetic = conf.data.synthetic
     name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
-    tags = {"model": conf.model.name, "transforms": conf.transforms.name,
-            "data": conf.data.name, "precision": conf.trainer.amp,
-            "device": conf.trainer.device,
-            "device_name": device_name(torch.device(conf.trainer.device)),
-            "overrides": " ".join(overrides), "fer_sweep.config_hash": key,
-            "fer_sweep.role": "job", **tracking.process_tags()}
+    tags = {
+        "model": conf.model.name,
+        "transforms": conf.transforms.name,
+        "data": conf.data.name,
+        "precision": conf.trainer.amp,
+        "device": conf.trainer.device,
+        "device_name": device_name(torch.device(conf.trainer.device)),
+        "overrides": " ".join(overrides),
+        "fer_sweep.config_hash": key,
+        "fer_sweep.role": "job",
+        **tracking.process_tags(),
+    }
     if HydraConfig.initialized():  # the config-group options this job was composed from
-        tags.update({f"fer_sweep.choice.{k}": str(v)
-                     for k, v in HydraConfig.get().runtime.choices.items()
-                     if v is not None and not k.startswith("hydra/")})
-    run_id = tracking.create_run(client, exp_id, name, tags, parent_id=parent_id,
-                                 synthetic=synthetic)
-    tracking.log_params(client, run_id, {**tracking.flatten(_job_config(cfg)),
-                                         "trainer.precision": conf.trainer.amp,
-                                         "trainer.device_used": conf.trainer.device})
+        tags.update(
+            {
+                f"fer_sweep.choice.{k}": str(v)
+                for k, v in HydraConfig.get().runtime.choices.items()
+                if v is not None and not k.startswith("hydra/")
+            }
+        )
+    run_id = tracking.create_run(
+        client, exp_id, name, tags, parent_id=parent_id, synthetic=synthetic
+    )
+    tracking.log_params(
+        client,
+        run_id,
+        {
+            **tracking.flatten(_job_config(cfg)),
+            "trainer.precision": conf.trainer.amp,
+            "trainer.device_used": conf.trainer.device,
+        },
+    )
     return run_id, False
 
 
@@ -127,27 +171,41 @@ def run_job(cfg: DictConfig) -> float:
     device = pick_device(conf.trainer.device)  # a GPU that is not there: named before any data
     # What trainer.amp means on this device, decided (and refused, if impossible) up front.
     conf.trainer.amp = resolve_precision(conf.trainer.amp, device)
-    multirun, sweep_dir, job_num, overrides = _hydra()
+    multirun, sweep_dir, job_num, overrides = hydra_job()
     if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
         # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.
         conf.trainer.device = f"cuda:{job_num % torch.cuda.device_count()}"
     if conf.trainer.device == "auto":
         conf.trainer.device = str(device)
-    log.info("device %s (%s), precision %s", conf.trainer.device,
-             device_name(torch.device(conf.trainer.device)), conf.trainer.amp)
+    log.info(
+        "device %s (%s), precision %s",
+        conf.trainer.device,
+        device_name(torch.device(conf.trainer.device)),
+        conf.trainer.amp,
+    )
     client = store.connect(conf.mlflow.tracking_uri)
     parent = tracking.parent_info(sweep_dir) if sweep_dir else None
     parent_id = None
-    if parent and parent["tracking_uri"] == conf.mlflow.tracking_uri \
-            and parent["experiment"] == conf.mlflow.experiment:
+    if (
+        parent
+        and parent["tracking_uri"] == conf.mlflow.tracking_uri
+        and parent["experiment"] == conf.mlflow.experiment
+    ):
         exp_id, parent_id = parent["experiment_id"], parent["parent_run_id"]
     else:
         exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
 
     data = load_dataset(conf.data)
-    log.info("data: %s  train %d  val %d  test %d  mean %.4f std %.4f  (%s)", conf.data.name,
-             len(data.train), len(data.val), len(data.test), data.mean, data.std,
-             "cache hit" if data.info.get("cache_hit") else "decoded")
+    log.info(
+        "data: %s  train %d  val %d  test %d  mean %.4f std %.4f  (%s)",
+        conf.data.name,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        data.mean,
+        data.std,
+        "cache hit" if data.info.get("cache_hit") else "decoded",
+    )
 
     run_id, resuming = open_run(client, exp_id, conf, cfg, parent_id, overrides)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
@@ -161,9 +219,10 @@ def run_job(cfg: DictConfig) -> float:
         def on_resume(state: State) -> None:
             _relog_missing_epochs(client, run_id, state)
 
-        result = fit(conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch,
-                     on_resume=on_resume)
-        report(client, run_id, conf, cfg, data, result)
+        result = fit(
+            conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch, on_resume=on_resume
+        )
+        log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
         from fer_sweep.train import Interrupted
@@ -171,29 +230,39 @@ def run_job(cfg: DictConfig) -> float:
         killed = isinstance(err, (Interrupted, KeyboardInterrupt))
         tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
         if killed:
-            print(f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
-                  f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
-                  file=sys.stderr)
+            print(
+                f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
+                f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
+                file=sys.stderr,
+            )
         raise
     ckpt.unlink(missing_ok=True)
     return result.state.best_val_acc
 
 
 def _data_json(data: Dataset) -> str:
-    counts = {split: dict(zip(CLASSES, getattr(data, split).class_counts(), strict=True))
-              for split in ("train", "val", "test")}
+    counts = {
+        split: dict(zip(CLASSES, getattr(data, split).class_counts(), strict=True))
+        for split in ("train", "val", "test")
+    }
     return json.dumps({"classes": list(CLASSES), "counts": counts, **data.info}, indent=2)
 
 
 def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
     """Params only: artifacts are written at the end, so a broken artifact store cannot stop
     the metrics from being logged."""
-    tracking.log_params(client, run_id, {"data.mean_used": f"{data.mean:.8f}",
-                                         "data.std_used": f"{data.std:.8f}",
-                                         "data.n_train": str(len(data.train)),
-                                         "data.n_val": str(len(data.val)),
-                                         "data.n_test": str(len(data.test)),
-                                         "data.converted": str(data.info.get("converted", 0))})
+    tracking.log_params(
+        client,
+        run_id,
+        {
+            "data.mean_used": f"{data.mean:.8f}",
+            "data.std_used": f"{data.std:.8f}",
+            "data.n_train": str(len(data.train)),
+            "data.n_val": str(len(data.val)),
+            "data.n_test": str(len(data.test)),
+            "data.converted": str(data.info.get("converted", 0)),
+        },
+    )
 
 
 def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> None:
@@ -202,19 +271,29 @@ def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> No
     logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
     for epoch in range(state.epoch + 1):
         if epoch not in logged:
-            tracking.log_metrics(client, run_id,
-                                 {k: v[epoch] for k, v in state.history.items()}, step=epoch)
+            tracking.log_metrics(
+                client, run_id, {k: v[epoch] for k, v in state.history.items()}, step=epoch
+            )
 
 
-def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset,
-           result: Result) -> None:
+def log_results(
+    client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset, result: Result
+) -> None:
     """Test metrics for the best-validation weights (and the last epoch's), figures, model."""
     model, state, dev = result.model, result.state, result.device
     tc = conf.trainer
 
     def test(tta: str = "none") -> dict[str, Any]:
-        return evaluate(model, data.test, result.tfm, tc.eval_batch_size, dev, result.precision,
-                        result.channels_last, tta)
+        return evaluate(
+            model,
+            data.test,
+            result.tfm,
+            tc.eval_batch_size,
+            dev,
+            result.precision,
+            result.channels_last,
+            tta,
+        )
 
     last = test()
     if state.best_weights is not None:
@@ -223,12 +302,16 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
     y = data.test.y
     pred = best["pred"]
     metrics: dict[str, float] = {
-        "test_acc": best["acc"], "test_loss": best["loss"],
-        "test_acc_last": last["acc"], "test_loss_last": last["loss"],
-        "best_epoch": state.best_epoch + 1, "best_val_acc": state.best_val_acc,
+        "test_acc": best["acc"],
+        "test_loss": best["loss"],
+        "test_acc_last": last["acc"],
+        "test_loss_last": last["loss"],
+        "best_epoch": state.best_epoch + 1,
+        "best_val_acc": state.best_val_acc,
         "stopped_epoch": state.epoch + 1,
         "final_train_loss": state.history["train_loss"][-1],
-        "n_params": result.n_params, "train_seconds": result.train_seconds,
+        "n_params": result.n_params,
+        "train_seconds": result.train_seconds,
         "macro_f1": figures.macro_f1(y, pred, len(CLASSES)),
     }
     for name, acc in zip(CLASSES, figures.per_class_accuracy(y, pred, len(CLASSES)), strict=True):
@@ -244,8 +327,13 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
         metrics["test_acc_tta"], metrics["test_loss_tta"] = tta["acc"], tta["loss"]
     tracking.log_metrics(client, run_id, metrics, step=state.epoch)
     tracking.set_tags(client, run_id, {"fer_sweep.stop_reason": state.stop_reason})
-    log.info("test_acc %.4f (best epoch %d, val_acc %.4f), last-epoch test_acc %.4f",
-             best["acc"], state.best_epoch + 1, state.best_val_acc, last["acc"])
+    log.info(
+        "test_acc %.4f (best epoch %d, val_acc %.4f), last-epoch test_acc %.4f",
+        best["acc"],
+        state.best_epoch + 1,
+        state.best_val_acc,
+        last["acc"],
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -253,17 +341,27 @@ def report(client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, dat
         (out / "config.yaml").write_text(OmegaConf.to_yaml(_job_config(cfg), resolve=True))
         model_cpu = model.to("cpu", memory_format=torch.contiguous_format).float()
         (out / "model_summary.txt").write_text(
-            f"{describe(model_cpu)}\n\n{summary_text(model_cpu)}\n")
-        np.savez_compressed(out / "predictions.npz", test_probs=best["probs"].numpy(),
-                            test_y=y.numpy(), classes=np.array(CLASSES))
+            f"{describe(model_cpu)}\n\n{summary_text(model_cpu)}\n"
+        )
+        np.savez_compressed(
+            out / "predictions.npz",
+            test_probs=best["probs"].numpy(),
+            test_y=y.numpy(),
+            classes=np.array(CLASSES),
+        )
         if conf.mlflow.figures:
             title = f"{conf.model.name} / {conf.transforms.name}"
-            figures.learning_curves(state.history, out / "curves.png", title=title,
-                                    best_epoch=state.best_epoch)
-            figures.confusion_matrix(y, pred, CLASSES, out / "confusion_matrix.png",
-                                     title=f"{title}: test accuracy {best['acc']:.1%}")
-            figures.misclassification_panels(data.test.x, y, pred, CLASSES,
-                                             out / "misclassified")
+            figures.learning_curves(
+                state.history, out / "curves.png", title=title, best_epoch=state.best_epoch
+            )
+            figures.confusion_matrix(
+                y,
+                pred,
+                CLASSES,
+                out / "confusion_matrix.png",
+                title=f"{title}: test accuracy {best['acc']:.1%}",
+            )
+            figures.misclassification_panels(data.test.x, y, pred, CLASSES, out / "misclassified")
         client.log_artifacts(run_id, str(out))
     if conf.mlflow.log_model:
         _log_model(conf.mlflow.tracking_uri, run_id, model_cpu)
@@ -279,5 +377,9 @@ def _log_model(uri: str, run_id: str, model: torch.nn.Module) -> None:
     # about it on every run); predict.py only loads runs of the user's own store.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pytorch.log_model(model.eval(), name="model", serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        mlflow.pytorch.log_model(
+            model.eval(),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )

@@ -68,23 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Predict the facial expression of face-crop images with the model logged by "
-                    "a fer_sweep training run. Images of any size and colour mode are converted "
-                    "to 48x48 grayscale exactly as in training.",
-        epilog="Example: %(prog)s --run-id best faces/ photo.jpg --format csv")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="image files, or folders searched recursively for image files "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    p.add_argument("--run-id", required=True,
-                   help="MLflow run id of a training run, or 'best': the FINISHED job run of "
-                        "--experiment with the highest best_val_acc")
+        "a fer_sweep training run. Images of any size and colour mode are converted "
+        "to 48x48 grayscale exactly as in training.",
+        epilog="Example: %(prog)s --run-id best faces/ photo.jpg --format csv",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, or folders searched recursively for image files "
+        f"({', '.join(sorted(IMAGE_EXTENSIONS))})",
+    )
+    p.add_argument(
+        "--run-id",
+        required=True,
+        help="MLflow run id of a training run, or 'best': the FINISHED job run of "
+        "--experiment with the highest best_val_acc",
+    )
     add_store_args(p, "the run is in", "experiment searched by --run-id best")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
-                   help="output format (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=256,
-                   help="images per forward pass (default: %(default)s)")
-    p.add_argument("--device", default="auto",
-                   help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        help="images per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps (default: %(default)s)",
+    )
     return p
 
 
@@ -178,9 +196,13 @@ def _search(client: Any, exp_id: str, filt: str) -> Iterator[Any]:
     """All matching runs, best first, page by page (stops as soon as the caller does)."""
     token = None
     while True:
-        page = client.search_runs([exp_id], filt, max_results=200, page_token=token,
-                                  order_by=["metrics.best_val_acc DESC",
-                                            "attributes.start_time DESC"])
+        page = client.search_runs(
+            [exp_id],
+            filt,
+            max_results=200,
+            page_token=token,
+            order_by=["metrics.best_val_acc DESC", "attributes.start_time DESC"],
+        )
         yield from page
         token = page.token
         if not token:
@@ -196,15 +218,19 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
         try:
             run = client.get_run(run_id)
         except MlflowException:
-            raise FerSweepError(f"no MLflow run {run_id!r} in {uri}. Check the id (MLflow UI or "
-                                "`mlflow runs list`), pass the --tracking-uri the run was logged "
-                                "to, or use --run-id best.") from None
+            raise FerSweepError(
+                f"no MLflow run {run_id!r} in {uri}. Check the id (MLflow UI or "
+                "`mlflow runs list`), pass the --tracking-uri the run was logged "
+                "to, or use --run-id best."
+            ) from None
         if not _has_model(client, run):
             raise FerSweepError(_no_model(run, uri))
         return run
     exp_id = store.require_experiment(client, experiment)
-    filt = (f"tags.`{ROLE_TAG}` = 'job' and attributes.status = 'FINISHED' "
-            "and metrics.best_val_acc >= 0")
+    filt = (
+        f"tags.`{ROLE_TAG}` = 'job' and attributes.status = 'FINISHED' "
+        "and metrics.best_val_acc >= 0"
+    )
     skipped = []
     for run in _search(client, exp_id, filt):
         if not _has_model(client, run):
@@ -215,24 +241,36 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
         synthetic = run.data.tags.get("synthetic") == "true" and "SYNTHETIC" not in name
         extra = ", trained on SYNTHETIC data" if synthetic else ""
         if skipped:
-            print(f"fer_sweep: skipped {len(skipped)} better run(s) without a logged model "
-                  f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})",
-                  file=sys.stderr)
-        print(f"fer_sweep: --run-id best: using run {run.info.run_id} ({name}, best_val_acc "
-              f"{acc:.4f}{extra}) from experiment {experiment!r} in {uri}", file=sys.stderr)
+            print(
+                f"fer_sweep: skipped {len(skipped)} better run(s) without a logged model "
+                f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})",
+                file=sys.stderr,
+            )
+        print(
+            f"fer_sweep: --run-id best: using run {run.info.run_id} ({name}, best_val_acc "
+            f"{acc:.4f}{extra}) from experiment {experiment!r} in {uri}",
+            file=sys.stderr,
+        )
         return run
     what = "with a logged model " if skipped else ""
-    raise FerSweepError(f"experiment {experiment!r} in {uri} has no FINISHED training run "
-                        f"{what}with a best_val_acc metric. Train one first (python -m "
-                        "fer_sweep ...), or pass --run-id ID.")
+    raise FerSweepError(
+        f"experiment {experiment!r} in {uri} has no FINISHED training run "
+        f"{what}with a best_val_acc metric. Train one first (python -m "
+        "fer_sweep ...), or pass --run-id ID."
+    )
 
 
 def _no_model(run: Any, uri: str) -> str:
     role = run.data.tags.get(ROLE_TAG)
-    why = (" (it is a sweep's parent run; pass one of its job runs)" if role == "parent"
-           else f" (status {run.info.status}; train with mlflow.log_model=true)")
-    return f"run {run.info.run_id} in {uri} has no logged model at runs:/{run.info.run_id}/" \
-           f"{MODEL_PATH}{why}."
+    why = (
+        " (it is a sweep's parent run; pass one of its job runs)"
+        if role == "parent"
+        else f" (status {run.info.status}; train with mlflow.log_model=true)"
+    )
+    return (
+        f"run {run.info.run_id} in {uri} has no logged model at runs:/{run.info.run_id}/"
+        f"{MODEL_PATH}{why}."
+    )
 
 
 def normalization(run: Any) -> tuple[float, float]:
@@ -241,9 +279,11 @@ def normalization(run: Any) -> tuple[float, float]:
     try:
         return float(params["data.mean_used"]), float(params["data.std_used"])
     except (KeyError, ValueError):
-        raise FerSweepError(f"run {run.info.run_id} has no usable data.mean_used / "
-                            "data.std_used params, so its input normalisation is unknown; "
-                            "use a run logged by `python -m fer_sweep`.") from None
+        raise FerSweepError(
+            f"run {run.info.run_id} has no usable data.mean_used / "
+            "data.std_used params, so its input normalisation is unknown; "
+            "use a run logged by `python -m fer_sweep`."
+        ) from None
 
 
 def load_model(run: Any, uri: str, device: torch.device) -> torch.nn.Module:
@@ -252,8 +292,9 @@ def load_model(run: Any, uri: str, device: torch.device) -> torch.nn.Module:
 
     store.use_store(uri)
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/{MODEL_PATH}",
-                                          map_location="cpu")
+        model = mlflow.pytorch.load_model(
+            f"runs:/{run.info.run_id}/{MODEL_PATH}", map_location="cpu"
+        )
     except MlflowException as err:
         raise FerSweepError(f"{_no_model(run, uri)} MLflow said: {err.message}") from None
     return model.to(device).float().eval()
@@ -269,14 +310,21 @@ def run_precision(run: Any, device: torch.device) -> str:
         return "fp32"
 
 
-def predict_probs(model: torch.nn.Module, x: np.ndarray, mean: float, std: float,
-                  device: torch.device, batch_size: int, precision: str = "fp32") -> np.ndarray:
+def predict_probs(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    mean: float,
+    std: float,
+    device: torch.device,
+    batch_size: int,
+    precision: str = "fp32",
+) -> np.ndarray:
     """Softmax probabilities (N, 7) for uint8 (N, 48, 48) images via the training transform."""
     tfm = make_transform(None, mean, std)
     xt = torch.from_numpy(x)
     out = []
     for i in range(0, len(xt), batch_size):
-        xb = tfm(xt[i:i + batch_size].to(device), train=False)
+        xb = tfm(xt[i : i + batch_size].to(device), train=False)
         with autocast(device, precision):
             logits = model(xb)
         out.append(logits.float().softmax(1).cpu())
@@ -304,13 +352,22 @@ def write_csv(preds: Sequence[Prediction], out: TextIO) -> None:
         w.writerow([p.path, p.label, *(f"{v:.8f}" for v in p.probs)])
 
 
-def write_json(preds: Sequence[Prediction], out: TextIO, run_id: str,
-               unreadable: Sequence[tuple[str, str]]) -> None:
-    doc = {"run_id": run_id, "classes": list(CLASSES),
-           "predictions": [{"image": p.path, "emotion": p.label,
-                            "probabilities": dict(zip(CLASSES, p.probs, strict=True))}
-                           for p in preds],
-           "unreadable": [{"image": n, "error": why} for n, why in unreadable]}
+def write_json(
+    preds: Sequence[Prediction], out: TextIO, run_id: str, unreadable: Sequence[tuple[str, str]]
+) -> None:
+    doc = {
+        "run_id": run_id,
+        "classes": list(CLASSES),
+        "predictions": [
+            {
+                "image": p.path,
+                "emotion": p.label,
+                "probabilities": dict(zip(CLASSES, p.probs, strict=True)),
+            }
+            for p in preds
+        ],
+        "unreadable": [{"image": n, "error": why} for n, why in unreadable],
+    }
     json.dump(doc, out, indent=2)
     out.write("\n")
 
@@ -335,16 +392,17 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     names, x, bad = read_images(files)
     for name, why in bad:
         print(f"fer_sweep: cannot read {name}: {why}", file=sys.stderr)
-    probs = predict_probs(model, x, mean, std, device, args.batch_size,
-                          run_precision(run_, device))
+    probs = predict_probs(model, x, mean, std, device, args.batch_size, run_precision(run_, device))
     preds = [Prediction(n, [float(v) for v in row]) for n, row in zip(names, probs, strict=True)]
     if args.format == "json":
         write_json(preds, out, run_.info.run_id, bad)
     elif preds:
         (write_table if args.format == "table" else write_csv)(preds, out)
     if bad:
-        print(f"fer_sweep: predicted {len(preds)} image(s); {len(bad)} unreadable file(s) "
-              "skipped.", file=sys.stderr)
+        print(
+            f"fer_sweep: predicted {len(preds)} image(s); {len(bad)} unreadable file(s) skipped.",
+            file=sys.stderr,
+        )
     if not preds:
         print("fer_sweep: error: none of the files could be read as an image.", file=sys.stderr)
         return 1

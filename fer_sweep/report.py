@@ -51,52 +51,103 @@ class StudyRow:
 
 
 _AUG = "Normalize, RandomRotation(10), RandomAffine(degrees=0, translate=(0.1, 0.1))"
-_RES = ("Conv2d-64-3x3, BatchNorm2d-64, Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (x2), "
-        "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (x2), Linear-8192-500")
+_RES = (
+    "Conv2d-64-3x3, BatchNorm2d-64, Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (x2), "
+    "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (x2), Linear-8192-500"
+)
 _CNN2 = "Conv2d-10-3x3, MaxPool2d-2x2, Conv2d-20-3x3, MaxPool2d-2x2"
 
 # The reference study, §4.1 Table 2, in its order; matched to our runs by model name
 # (conf/model/<name>.yaml), which is how conf/table2/row<N>.yaml picks each row's network.
 STUDY_TABLE2: tuple[StudyRow, ...] = (
-    StudyRow(1, "cnn2", f"{_CNN2}, Linear-720-300, Linear-300-150, Linear-150-7",
-             "Normalize", 50, 0.015543, 52.6),
-    StudyRow(2, "cnn2_fc1000", f"{_CNN2}, Linear-1000, Linear-250-1000, Linear-1000-7",
-             "Normalize", 500, 0.016786, 51.3),
-    StudyRow(3, "cnn2_fc3",
-             f"{_CNN2}, Linear-1000-1000, Linear-250-1000, Linear-100-250, Linear-7-100",
-             "Normalize", 500, 0.017463, 51.4),
-    StudyRow(4, "cnn3", f"{_CNN2}, Conv2d-40-3x3, MaxPool2d-2x2, Linear-360-300, "
-             "Linear-300-150, Linear-150-7", "Normalize", 100, 0.015525, 50.4),
-    StudyRow(5, "resnet_small", "Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (2 layers), "
-             "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (2 layers), Linear-8192-500, "
-             "Linear-500-7", "Normalize", 100, 0.012914, 60.4),
+    StudyRow(
+        1,
+        "cnn2",
+        f"{_CNN2}, Linear-720-300, Linear-300-150, Linear-150-7",
+        "Normalize",
+        50,
+        0.015543,
+        52.6,
+    ),
+    StudyRow(
+        2,
+        "cnn2_fc1000",
+        f"{_CNN2}, Linear-1000, Linear-250-1000, Linear-1000-7",
+        "Normalize",
+        500,
+        0.016786,
+        51.3,
+    ),
+    StudyRow(
+        3,
+        "cnn2_fc3",
+        f"{_CNN2}, Linear-1000-1000, Linear-250-1000, Linear-100-250, Linear-7-100",
+        "Normalize",
+        500,
+        0.017463,
+        51.4,
+    ),
+    StudyRow(
+        4,
+        "cnn3",
+        f"{_CNN2}, Conv2d-40-3x3, MaxPool2d-2x2, Linear-360-300, Linear-300-150, Linear-150-7",
+        "Normalize",
+        100,
+        0.015525,
+        50.4,
+    ),
+    StudyRow(
+        5,
+        "resnet_small",
+        "Conv2d-64-3x3, BatchNorm2d-64, ResBlock-64 (2 layers), "
+        "Conv2d-128-3x3, BatchNorm2d-128, ResBlock-128 (2 layers), Linear-8192-500, "
+        "Linear-500-7",
+        "Normalize",
+        100,
+        0.012914,
+        60.4,
+    ),
     StudyRow(6, "resnet", f"{_RES}, Linear-500-7", _AUG, 100, 0.004955, 65.9),
-    StudyRow(7, "resnet_dropout", f"{_RES}, Dropout-500, Linear-500-7", _AUG, 100, 0.009753,
-             63.3),
+    StudyRow(7, "resnet_dropout", f"{_RES}, Dropout-500, Linear-500-7", _AUG, 100, 0.009753, 63.3),
 )
 STUDY_BY_MODEL: dict[str, StudyRow] = {r.model: r for r in STUDY_TABLE2}
 
 # The study's Table 1 (train / validation / test), keyed by fer_sweep.data.CLASSES names.
 STUDY_TABLE1: dict[str, tuple[int, int, int]] = {
-    "angry": (3190, 805, 958), "disgust": (362, 74, 111), "fear": (3318, 779, 1024),
-    "happy": (5770, 1445, 1774), "sad": (3859, 971, 1247), "surprise": (2487, 684, 831),
+    "angry": (3190, 805, 958),
+    "disgust": (362, 74, 111),
+    "fear": (3318, 779, 1024),
+    "happy": (5770, 1445, 1774),
+    "sad": (3859, 971, 1247),
+    "surprise": (2487, 684, 831),
     "neutral": (3981, 984, 1233),
 }
-STUDY_CLASS_NAMES = {"angry": "Anger", "disgust": "Disgust", "fear": "Fear",
-                     "happy": "Happiness", "sad": "Sadness", "surprise": "Surprise",
-                     "neutral": "Neutral"}
+STUDY_CLASS_NAMES = {
+    "angry": "Anger",
+    "disgust": "Disgust",
+    "fear": "Fear",
+    "happy": "Happiness",
+    "sad": "Sadness",
+    "surprise": "Surprise",
+    "neutral": "Neutral",
+}
 
 # The ensemble accuracy the study quotes (§6, Table 3, from its reference [2]).
 STUDY_ENSEMBLE_ACC = 75.8
 
 # Params that differ between runs without being a setting of the experiment.
-_NOT_SWEPT = re.compile(r"^(mlflow\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
-                        r"trainer\.(resume|progress|threads|checkpoint_dir|device)$)")
+_NOT_SWEPT = re.compile(
+    r"^(mlflow\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
+    r"trainer\.(resume|progress|threads|checkpoint_dir|device)$)"
+)
 _GROUPS = ("model", "transforms", "optimizer", "scheduler", "data")
 
 # Optional test metrics: a column appears when at least one row has the metric.
-OPTIONAL_ACC = (("test_acc_tta", "TTA"), ("test_acc_public", "PublicTest"),
-                ("test_acc_private", "PrivateTest"))
+OPTIONAL_ACC = (
+    ("test_acc_tta", "TTA"),
+    ("test_acc_public", "PublicTest"),
+    ("test_acc_private", "PrivateTest"),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,22 +162,34 @@ def find_parent(client: MlflowClient, exp_id: str, parent: str | None) -> Run:
         except Exception:
             raise FerSweepError(f"--parent {parent}: no such run in this store.") from None
         if run.info.experiment_id != exp_id:
-            raise FerSweepError(f"--parent {parent} belongs to another experiment (id "
-                                f"{run.info.experiment_id}); pass its --experiment.")
+            raise FerSweepError(
+                f"--parent {parent} belongs to another experiment (id "
+                f"{run.info.experiment_id}); pass its --experiment."
+            )
         return run
-    runs = client.search_runs([exp_id], f"tags.`{ROLE}` = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.`{ROLE}` = 'parent'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
-        raise FerSweepError("no sweep parent run in this experiment: run a multirun first "
-                            "(python -m fer_sweep -m ... or experiment=table2), or name one "
-                            "with --parent RUN_ID.")
+        raise FerSweepError(
+            "no sweep parent run in this experiment: run a multirun first "
+            "(python -m fer_sweep -m ... or experiment=table2), or name one "
+            "with --parent RUN_ID."
+        )
     return runs[0]
 
 
 def children(client: MlflowClient, exp_id: str, parent_id: str, role: str = "job") -> list[Run]:
     """The parent's child runs of one role (jobs, or ensembles), oldest first."""
-    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=10000)
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.mlflow.parentRunId = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10000,
+    )
     return [r for r in runs if r.data.tags.get(ROLE, "job") == role]
 
 
@@ -219,8 +282,7 @@ def swept_keys(params: Sequence[Mapping[str, str]]) -> list[str]:
     where it differs between runs of the same option (model.dropout=0.1,0.5).
     """
     keys = sorted({k for p in params for k in p})
-    differing = [k for k in keys if not _NOT_SWEPT.match(k)
-                 and len({p.get(k) for p in params}) > 1]
+    differing = [k for k in keys if not _NOT_SWEPT.match(k) and len({p.get(k) for p in params}) > 1]
     out: list[str] = []
     for key in differing:
         group = key.split(".", 1)[0]
@@ -294,8 +356,7 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[list[Row],
-                                                                              list[str]]:
+def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[list[Row], list[str]]:
     """Rows in the study's order (study rows first, by model), then the others as launched."""
     keys = swept_keys([r.data.params for r in runs])
     rows: list[Row] = []
@@ -306,18 +367,25 @@ def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[li
         if "final_train_loss" not in metrics and "train_loss" in metrics:
             metrics["final_train_loss"] = metrics["train_loss"]  # the last logged epoch's
         model = str(mcfg.get("name") or run.data.tags.get("model", "?"))
-        rows.append(Row(
-            run=run, model=model,
-            transforms_name=str(tcfg.get("name") or run.data.tags.get("transforms", "?")),
-            network=describe_network(mcfg) if mcfg else "?",
-            transforms=describe_transforms(tcfg),
-            epochs=_int((cfg.get("trainer") or {}).get("epochs",
-                                                      run.data.params.get("trainer.epochs"))),
-            synthetic=run.data.tags.get("synthetic") == "true"
-            or str((cfg.get("data") or {}).get("synthetic")).lower() == "true",
-            metrics=metrics, swept={k: swept_value(run, k) for k in keys},
-            study=STUDY_BY_MODEL.get(model), wall_seconds=_wall_seconds(run),
-            row_tag=_row_tag(run)))
+        rows.append(
+            Row(
+                run=run,
+                model=model,
+                transforms_name=str(tcfg.get("name") or run.data.tags.get("transforms", "?")),
+                network=describe_network(mcfg) if mcfg else "?",
+                transforms=describe_transforms(tcfg),
+                epochs=_int(
+                    (cfg.get("trainer") or {}).get("epochs", run.data.params.get("trainer.epochs"))
+                ),
+                synthetic=run.data.tags.get("synthetic") == "true"
+                or str((cfg.get("data") or {}).get("synthetic")).lower() == "true",
+                metrics=metrics,
+                swept={k: swept_value(run, k) for k in keys},
+                study=STUDY_BY_MODEL.get(model),
+                wall_seconds=_wall_seconds(run),
+                row_tag=_row_tag(run),
+            )
+        )
 
     def order(r: Row) -> tuple[int, float, float]:
         first = r.study.row if r.study else (r.row_tag or math.inf)
@@ -349,7 +417,7 @@ class Group:
         return len(self.rows)
 
     def seeds_text(self) -> str:
-        """"trainer.seed 0, 1, 2" / "data.split_seed 0, 1 (validation split)"; '' for n = 1."""
+        """ "trainer.seed 0, 1, 2" / "data.split_seed 0, 1 (validation split)"; '' for n = 1."""
         parts = []
         for key, values in self.seeds.items():
             note = " (validation split)" if key == "data.split_seed" else ""
@@ -379,13 +447,21 @@ def build_groups(rows: Sequence[Row], keys: Sequence[str]) -> tuple[list[Group],
             values = [m.run.data.params.get(key, "") for m in members]
             if len(set(values)) > 1:
                 seeds[key] = values
-        summaries = {m: summarize([r.metrics[m] for r in members if m in r.metrics])
-                     for m in SUMMARISED}
-        groups.append(Group(members, {k: members[0].swept[k] for k in group_keys}, seeds,
-                            {m: v for m, v in summaries.items() if v is not None}))
+        summaries = {
+            m: summarize([r.metrics[m] for r in members if m in r.metrics]) for m in SUMMARISED
+        }
+        groups.append(
+            Group(
+                members,
+                {k: members[0].swept[k] for k in group_keys},
+                seeds,
+                {m: v for m, v in summaries.items() if v is not None},
+            )
+        )
     for i, g in enumerate(groups, 1):
-        names = [v for v in g.settings.values() if v] or \
-            [g.first.run.info.run_name or g.first.run_id[:8]]
+        names = [v for v in g.settings.values() if v] or [
+            g.first.run.info.run_name or g.first.run_id[:8]
+        ]
         g.label = f"{i}. {' / '.join(names)}" + (f" (n={g.n})" if g.n > 1 else "")
     return groups, group_keys
 
@@ -399,19 +475,22 @@ class Comparison:
     diff: Difference
 
 
-def compare_groups(groups: Sequence[Group], keys: Sequence[str],
-                   key: str | None = None) -> list[Comparison]:
+def compare_groups(
+    groups: Sequence[Group], keys: Sequence[str], key: str | None = None
+) -> list[Comparison]:
     """Differences of mean test accuracy between pairs of groups: with ``key``, every pair that
     differs in that setting; without, only when the sweep varies exactly one setting besides
     the seeds and has replicates (e.g. transforms=norm,aug trainer.seed=0,1,2)."""
     if key is not None and key not in keys:
-        raise FerSweepError(f"--compare {key}: this sweep does not vary {key}; it varies "
-                            f"{', '.join(keys) or 'nothing besides the seeds'}.")
+        raise FerSweepError(
+            f"--compare {key}: this sweep does not vary {key}; it varies "
+            f"{', '.join(keys) or 'nothing besides the seeds'}."
+        )
     if key is None and (len(keys) != 1 or all(g.n < 2 for g in groups)):
         return []
     out = []
     for i, a in enumerate(groups):
-        for b in groups[i + 1:]:
+        for b in groups[i + 1 :]:
             differ = [k for k in keys if a.settings[k] != b.settings[k]]
             if key is None and len(differ) != 1:
                 continue
@@ -420,8 +499,15 @@ def compare_groups(groups: Sequence[Group], keys: Sequence[str],
             if "test_acc" not in a.stats or "test_acc" not in b.stats:
                 continue
             k = key or differ[0]
-            out.append(Comparison(a, b, k, tuple(d for d in differ if d != k),
-                                  welch(a.stats["test_acc"], b.stats["test_acc"])))
+            out.append(
+                Comparison(
+                    a,
+                    b,
+                    k,
+                    tuple(d for d in differ if d != k),
+                    welch(a.stats["test_acc"], b.stats["test_acc"]),
+                )
+            )
     return out
 
 
@@ -448,11 +534,14 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(header: Sequence[str], body: Sequence[Sequence[Any]],
-                   right: Sequence[bool] | None = None) -> str:
+def markdown_table(
+    header: Sequence[str], body: Sequence[Sequence[Any]], right: Sequence[bool] | None = None
+) -> str:
     right = right or [False] * len(header)
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines = [
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "|" + "|".join("---:" if r else "---" for r in right) + "|",
+    ]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
@@ -468,21 +557,35 @@ def run_records(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, Any]
     for i, r in enumerate(rows, 1):
         acc = r.test_acc
         rec: dict[str, Any] = {
-            "run": i, "run_id": r.run_id, "run_name": r.run.info.run_name,
-            "status": r.run.info.status, "synthetic": str(r.synthetic).lower(),
-            "model": r.model, "transforms_name": r.transforms_name}
+            "run": i,
+            "run_id": r.run_id,
+            "run_name": r.run.info.run_name,
+            "status": r.run.info.status,
+            "synthetic": str(r.synthetic).lower(),
+            "model": r.model,
+            "transforms_name": r.transforms_name,
+        }
         rec.update({k: r.swept[k] for k in keys if k not in ("model", "transforms")})
-        rec.update({"epochs": r.epochs, "final_train_loss": r.metrics.get("final_train_loss"),
-                    "test_acc_pct": _pct_value(acc),
-                    "macro_f1": r.metrics.get("macro_f1")})
+        rec.update(
+            {
+                "epochs": r.epochs,
+                "final_train_loss": r.metrics.get("final_train_loss"),
+                "test_acc_pct": _pct_value(acc),
+                "macro_f1": r.metrics.get("macro_f1"),
+            }
+        )
         for metric, _ in extra:
             rec[f"{metric}_pct"] = _pct_value(r.metrics.get(metric))
-        rec.update({"n_params": _int(r.metrics.get("n_params")),
-                    "best_epoch": _int(r.metrics.get("best_epoch")),
-                    "stopped_epoch": _int(r.metrics.get("stopped_epoch")),
-                    "best_val_acc_pct": _pct_value(r.metrics.get("best_val_acc")),
-                    "precision": r.run.data.params.get("trainer.precision"),
-                    "wall_seconds": r.wall_seconds})
+        rec.update(
+            {
+                "n_params": _int(r.metrics.get("n_params")),
+                "best_epoch": _int(r.metrics.get("best_epoch")),
+                "stopped_epoch": _int(r.metrics.get("stopped_epoch")),
+                "best_val_acc_pct": _pct_value(r.metrics.get("best_val_acc")),
+                "precision": r.run.data.params.get("trainer.precision"),
+                "wall_seconds": r.wall_seconds,
+            }
+        )
         records.append(rec)
     return records
 
@@ -493,12 +596,16 @@ def _pct_value(x: float | None) -> float | None:
 
 def _summary_fields(prefix: str, s: Summary | None, scale: float = 100.0) -> dict[str, Any]:
     """{prefix}_mean, _std, _ci95_low, _ci95_high (empty where undefined: n = 1)."""
+
     def val(x: float | None) -> float | None:
         return None if x is None else scale * x
 
-    return {f"{prefix}_mean": val(s.mean) if s else None, f"{prefix}_std": val(s.std) if s
-            else None, f"{prefix}_ci95_low": val(s.low) if s else None,
-            f"{prefix}_ci95_high": val(s.high) if s else None}
+    return {
+        f"{prefix}_mean": val(s.mean) if s else None,
+        f"{prefix}_std": val(s.std) if s else None,
+        f"{prefix}_ci95_low": val(s.low) if s else None,
+        f"{prefix}_ci95_high": val(s.high) if s else None,
+    }
 
 
 def table2_records(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -512,53 +619,77 @@ def table2_records(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[st
         r, study, acc = g.first, g.first.study, g.stats.get("test_acc")
         statuses = sorted({m.run.info.status for m in g.rows})
         rec: dict[str, Any] = {
-            "row": i, "n": g.n, "run_id": " ".join(m.run_id for m in g.rows),
-            "run_name": r.run.info.run_name, "status": "/".join(statuses),
+            "row": i,
+            "n": g.n,
+            "run_id": " ".join(m.run_id for m in g.rows),
+            "run_name": r.run.info.run_name,
+            "status": "/".join(statuses),
             "synthetic": str(any(m.synthetic for m in g.rows)).lower(),
-            "model": r.model, "transforms_name": r.transforms_name}
+            "model": r.model,
+            "transforms_name": r.transforms_name,
+        }
         rec.update({k: g.settings[k] for k in keys if k not in ("model", "transforms")})
-        rec.update({"replicates": g.seeds_text(), "network": r.network,
-                    "transformations": r.transforms, "epochs": r.epochs,
-                    "final_train_loss": _mean([m.metrics.get("final_train_loss")
-                                               for m in g.rows]),
-                    "test_acc_pct": _pct_value(acc.mean) if acc else None,
-                    **_summary_fields("test_acc", acc),
-                    "study_row": study.row if study else None,
-                    "study_network": study.network if study else None,
-                    "study_transformations": study.transforms if study else None,
-                    "study_epochs": study.epochs if study else None,
-                    "study_train_loss": study.train_loss if study else None,
-                    "study_acc_pct": study.acc if study else None,
-                    "study_in_ci95": _yes_no(acc.contains(study.acc / 100))
-                    if study and acc else None,
-                    "diff_pp": (100 * acc.mean - study.acc) if study and acc else None})
+        rec.update(
+            {
+                "replicates": g.seeds_text(),
+                "network": r.network,
+                "transformations": r.transforms,
+                "epochs": r.epochs,
+                "final_train_loss": _mean([m.metrics.get("final_train_loss") for m in g.rows]),
+                "test_acc_pct": _pct_value(acc.mean) if acc else None,
+                **_summary_fields("test_acc", acc),
+                "study_row": study.row if study else None,
+                "study_network": study.network if study else None,
+                "study_transformations": study.transforms if study else None,
+                "study_epochs": study.epochs if study else None,
+                "study_train_loss": study.train_loss if study else None,
+                "study_acc_pct": study.acc if study else None,
+                "study_in_ci95": _yes_no(acc.contains(study.acc / 100)) if study and acc else None,
+                "diff_pp": (100 * acc.mean - study.acc) if study and acc else None,
+            }
+        )
         rec.update(_summary_fields("macro_f1", g.stats.get("macro_f1"), scale=1.0))
         for metric, _ in extra:
             summary = g.stats.get(metric)
             rec[f"{metric}_pct"] = _pct_value(summary.mean) if summary else None
             rec.update(_summary_fields(metric, summary))
         best_epochs = [_int(m.metrics.get("best_epoch")) for m in g.rows]
-        rec.update({"n_params": _int(r.metrics.get("n_params")),
-                    "best_epoch": _int(_median([b for b in best_epochs if b is not None])),
-                    "best_val_acc_pct": _pct_value(_mean([m.metrics.get("best_val_acc")
-                                                          for m in g.rows])),
-                    "wall_seconds": _mean([m.wall_seconds for m in g.rows])})
+        rec.update(
+            {
+                "n_params": _int(r.metrics.get("n_params")),
+                "best_epoch": _int(_median([b for b in best_epochs if b is not None])),
+                "best_val_acc_pct": _pct_value(
+                    _mean([m.metrics.get("best_val_acc") for m in g.rows])
+                ),
+                "wall_seconds": _mean([m.wall_seconds for m in g.rows]),
+            }
+        )
         records.append(rec)
     return records
 
 
 def comparison_records(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
     """compare.csv: b − a in percentage points with Welch's 95 % interval."""
-    return [{"setting": c.key, "a": c.a.label, "b": c.b.label,
-             "a_value": c.a.settings[c.key], "b_value": c.b.settings[c.key],
-             "n_a": c.a.n, "n_b": c.b.n,
-             "a_test_acc_mean": 100 * c.a.stats["test_acc"].mean,
-             "b_test_acc_mean": 100 * c.b.stats["test_acc"].mean,
-             "diff_pp": 100 * c.diff.delta,
-             "diff_ci95_low": None if c.diff.low is None else 100 * c.diff.low,
-             "diff_ci95_high": None if c.diff.high is None else 100 * c.diff.high,
-             "welch_df": c.diff.df, "excludes_zero": _yes_no(c.diff.excludes_zero),
-             "also_differs": " ".join(c.others)} for c in comparisons]
+    return [
+        {
+            "setting": c.key,
+            "a": c.a.label,
+            "b": c.b.label,
+            "a_value": c.a.settings[c.key],
+            "b_value": c.b.settings[c.key],
+            "n_a": c.a.n,
+            "n_b": c.b.n,
+            "a_test_acc_mean": 100 * c.a.stats["test_acc"].mean,
+            "b_test_acc_mean": 100 * c.b.stats["test_acc"].mean,
+            "diff_pp": 100 * c.diff.delta,
+            "diff_ci95_low": None if c.diff.low is None else 100 * c.diff.low,
+            "diff_ci95_high": None if c.diff.high is None else 100 * c.diff.high,
+            "welch_df": c.diff.df,
+            "excludes_zero": _yes_no(c.diff.excludes_zero),
+            "also_differs": " ".join(c.others),
+        }
+        for c in comparisons
+    ]
 
 
 def _yes_no(flag: bool | None) -> str | None:
@@ -592,20 +723,51 @@ def _interval(low: float | None, high: float | None, digits: int = 1) -> str:
     return f"[{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
 
 
-def table2_markdown(groups: Sequence[Group], keys: Sequence[str], parent: Run, uri: str,
-                    experiment: str, ensembles: Sequence[Run] = (),
-                    comparisons: Sequence[Comparison] = ()) -> str:
+def table2_markdown(
+    groups: Sequence[Group],
+    keys: Sequence[str],
+    parent: Run,
+    uri: str,
+    experiment: str,
+    ensembles: Sequence[Run] = (),
+    comparisons: Sequence[Comparison] = (),
+) -> str:
     rows = [r for g in groups for r in g.rows]
     extra = _optional_metrics(rows)
     tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
     replicated = any(g.n > 1 for g in groups)
-    header = ["#", *keys, "Network configuration", "Transformations", "Epochs",
-              "Training loss", "n", "Test acc.", "95 % CI", "Study", "Study in CI", "Δ (pp)"]
-    header += [f"{t} ({'/'.join(sorted(tta))})" if m == "test_acc_tta" and tta else t
-               for m, t in extra]
+    header = [
+        "#",
+        *keys,
+        "Network configuration",
+        "Transformations",
+        "Epochs",
+        "Training loss",
+        "n",
+        "Test acc.",
+        "95 % CI",
+        "Study",
+        "Study in CI",
+        "Δ (pp)",
+    ]
+    header += [
+        f"{t} ({'/'.join(sorted(tta))})" if m == "test_acc_tta" and tta else t for m, t in extra
+    ]
     header += ["Params", "Best epoch", "Wall time", "Data", "Run"]
-    right = [True, *[False] * len(keys), False, False, True, True, True, True, True, True,
-             False, True]
+    right = [
+        True,
+        *[False] * len(keys),
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+    ]
     right += [True] * len(extra) + [True, True, True, False, False]
     body = []
     for i, g in enumerate(groups, 1):
@@ -617,86 +779,181 @@ def table2_markdown(groups: Sequence[Group], keys: Sequence[str], parent: Run, u
         best = ", ".join(str(_int(m.metrics.get("best_epoch")) or "") for m in g.rows)
         statuses = {m.run.info.status for m in g.rows} - {"FINISHED"}
         status = f" ({'/'.join(sorted(statuses))})" if statuses else ""
-        run = (f"`{r.run_id[:8]}` {r.run.info.run_name or ''}" if g.n == 1
-               else f"{g.n} runs: {g.seeds_text() or 'same seeds'}")
-        body.append([
-            i, *[g.settings[k] for k in keys], r.network, r.transforms, r.epochs or "",
-            "" if loss is None else f"{loss:.6f}", g.n, _mean_sd(acc) + status,
-            _interval(acc.low, acc.high) if acc else "",
-            f"{study.acc:.1f}% (row {study.row})" if study else "—", inside or "", diff,
-            *[_mean_sd(g.stats.get(m)) for m, _ in extra],
-            "" if n_params is None else f"{n_params:,}", best,
-            _duration(_mean([m.wall_seconds for m in g.rows])),
-            "**SYNTHETIC**" if any(m.synthetic for m in g.rows) else "fer2013", run])
-    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}" + \
-        (f" in {len(groups)} groups" if replicated else "")
+        run = (
+            f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"
+            if g.n == 1
+            else f"{g.n} runs: {g.seeds_text() or 'same seeds'}"
+        )
+        body.append(
+            [
+                i,
+                *[g.settings[k] for k in keys],
+                r.network,
+                r.transforms,
+                r.epochs or "",
+                "" if loss is None else f"{loss:.6f}",
+                g.n,
+                _mean_sd(acc) + status,
+                _interval(acc.low, acc.high) if acc else "",
+                f"{study.acc:.1f}% (row {study.row})" if study else "—",
+                inside or "",
+                diff,
+                *[_mean_sd(g.stats.get(m)) for m, _ in extra],
+                "" if n_params is None else f"{n_params:,}",
+                best,
+                _duration(_mean([m.wall_seconds for m in g.rows])),
+                "**SYNTHETIC**" if any(m.synthetic for m in g.rows) else "fer2013",
+                run,
+            ]
+        )
+    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}" + (
+        f" in {len(groups)} groups" if replicated else ""
+    )
     out = [f"# Table 2: network configurations and their performance ({runs})", ""]
     n_syn = sum(r.synthetic for r in rows)
     if n_syn:
-        out += [f"> **Warning: {n_syn} of {len(rows)} runs were trained on fer_sweep's "
-                "SYNTHETIC faces (data=synthetic)**: a pipeline check, never a FER2013 result; "
-                "their accuracies are not comparable with the study's.", ""]
+        out += [
+            f"> **Warning: {n_syn} of {len(rows)} runs were trained on fer_sweep's "
+            "SYNTHETIC faces (data=synthetic)**: a pipeline check, never a FER2013 result; "
+            "their accuracies are not comparable with the study's.",
+            "",
+        ]
     overrides = parent.data.tags.get("fer_sweep.overrides", "")
-    out += [f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
-            f"`{experiment}` in `{uri}`" + (f", launched with `{overrides}`" if overrides else "")
-            + ".", "",
-            markdown_table(header, body, right), "",
-            "Test acc.: the best-validation-epoch weights on the test split; a row with n > 1 "
-            "holds runs that differ only in their seeds (mean ± sample sd, 95 % CI from "
-            "Student's t with n − 1 degrees of freedom; none for n = 1). Study: the "
-            "reference study's Table 2 accuracy for the same model (matched by model name; "
-            "other runs have none); Study in CI: whether it lies inside our interval; Δ = "
-            "ours − study, in percentage points. Training loss: the last epoch's mean "
-            "training loss. Wall time: training time per run."]
+    out += [
+        f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
+        f"`{experiment}` in `{uri}`"
+        + (f", launched with `{overrides}`" if overrides else "")
+        + ".",
+        "",
+        markdown_table(header, body, right),
+        "",
+        "Test acc.: the best-validation-epoch weights on the test split; a row with n > 1 "
+        "holds runs that differ only in their seeds (mean ± sample sd, 95 % CI from "
+        "Student's t with n − 1 degrees of freedom; none for n = 1). Study: the "
+        "reference study's Table 2 accuracy for the same model (matched by model name; "
+        "other runs have none); Study in CI: whether it lies inside our interval; Δ = "
+        "ours − study, in percentage points. Training loss: the last epoch's mean "
+        "training loss. Wall time: training time per run.",
+    ]
     if comparisons:
-        out += ["", "## Differences (b − a, mean test accuracy, Welch 95 % CI)", "",
-                markdown_table(
-                    ["Setting", "a", "b", "n (a, b)", "a", "b", "b − a (pp)", "95 % CI (pp)",
-                     "Real?", "Also differs"],
-                    [[c.key, c.a.settings[c.key], c.b.settings[c.key], f"{c.a.n}, {c.b.n}",
-                      _pct(c.a.stats["test_acc"].mean), _pct(c.b.stats["test_acc"].mean),
-                      f"{100 * c.diff.delta:+.1f}",
-                      "" if c.diff.low is None else
-                      f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]",
-                      {True: "yes", False: "not shown"}.get(c.diff.excludes_zero,
-                                                            "needs n ≥ 2 on both sides"),
-                      " ".join(c.others) or "—"] for c in comparisons],
-                    [False, False, False, True, True, True, True, True, False, False]), "",
-                "Real?: yes when the interval excludes 0 (the difference is larger than the "
-                "seed-to-seed spread can explain at the 95 % level)."]
+        out += [
+            "",
+            "## Differences (b − a, mean test accuracy, Welch 95 % CI)",
+            "",
+            markdown_table(
+                [
+                    "Setting",
+                    "a",
+                    "b",
+                    "n (a, b)",
+                    "a",
+                    "b",
+                    "b − a (pp)",
+                    "95 % CI (pp)",
+                    "Real?",
+                    "Also differs",
+                ],
+                [
+                    [
+                        c.key,
+                        c.a.settings[c.key],
+                        c.b.settings[c.key],
+                        f"{c.a.n}, {c.b.n}",
+                        _pct(c.a.stats["test_acc"].mean),
+                        _pct(c.b.stats["test_acc"].mean),
+                        f"{100 * c.diff.delta:+.1f}",
+                        ""
+                        if c.diff.low is None
+                        else f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]",
+                        {True: "yes", False: "not shown"}.get(
+                            c.diff.excludes_zero, "needs n ≥ 2 on both sides"
+                        ),
+                        " ".join(c.others) or "—",
+                    ]
+                    for c in comparisons
+                ],
+                [False, False, False, True, True, True, True, True, False, False],
+            ),
+            "",
+            "Real?: yes when the interval excludes 0 (the difference is larger than the "
+            "seed-to-seed spread can explain at the 95 % level).",
+        ]
     if replicated:
-        out += ["", "## Runs", "",
-                markdown_table(["Row", "Run", *SEED_KEYS, "Test acc.", "Best epoch",
-                                "Stopped", "Status", "Wall time"],
-                               [[i, f"`{r.run_id[:8]}` {r.run.info.run_name or ''}",
-                                 *[r.run.data.params.get(k, "") for k in SEED_KEYS],
-                                 _pct(r.test_acc), _int(r.metrics.get("best_epoch")) or "",
-                                 _int(r.metrics.get("stopped_epoch")) or "", r.run.info.status,
-                                 _duration(r.wall_seconds)]
-                                for i, g in enumerate(groups, 1) for r in g.rows],
-                               [True, False, True, True, True, True, True, False, True])]
+        out += [
+            "",
+            "## Runs",
+            "",
+            markdown_table(
+                [
+                    "Row",
+                    "Run",
+                    *SEED_KEYS,
+                    "Test acc.",
+                    "Best epoch",
+                    "Stopped",
+                    "Status",
+                    "Wall time",
+                ],
+                [
+                    [
+                        i,
+                        f"`{r.run_id[:8]}` {r.run.info.run_name or ''}",
+                        *[r.run.data.params.get(k, "") for k in SEED_KEYS],
+                        _pct(r.test_acc),
+                        _int(r.metrics.get("best_epoch")) or "",
+                        _int(r.metrics.get("stopped_epoch")) or "",
+                        r.run.info.status,
+                        _duration(r.wall_seconds),
+                    ]
+                    for i, g in enumerate(groups, 1)
+                    for r in g.rows
+                ],
+                [True, False, True, True, True, True, True, False, True],
+            ),
+        ]
     if ensembles:
         ens_body = []
         for e in ensembles:
             m = e.data.metrics
             acc = m.get("test_acc")
-            ens_body.append([
-                f"`{e.info.run_id[:8]}` {e.info.run_name}", e.data.params.get("ensemble.by", ""),
-                _int(m.get("n_members")) or "", _pct(acc),
-                "" if m.get("test_loss") is None else f"{m['test_loss']:.4f}",
-                f"{STUDY_ENSEMBLE_ACC:.1f}%",
-                "" if acc is None else f"{100 * acc - STUDY_ENSEMBLE_ACC:+.1f}"])
-        out += ["", "## Ensembles of this sweep (python -m fer_sweep.ensemble)", "",
-                markdown_table(["Run", "Chosen by", "Members", "Test acc.", "Test NLL",
-                                "Study's ensemble", "Δ (pp)"], ens_body,
-                               [False, False, True, True, True, True, True]), "",
-                "The study quotes an ensemble of other authors' networks (its Table 3, [2]) "
-                "at 75.8%, not an ensemble of its Table 2."]
+            ens_body.append(
+                [
+                    f"`{e.info.run_id[:8]}` {e.info.run_name}",
+                    e.data.params.get("ensemble.by", ""),
+                    _int(m.get("n_members")) or "",
+                    _pct(acc),
+                    "" if m.get("test_loss") is None else f"{m['test_loss']:.4f}",
+                    f"{STUDY_ENSEMBLE_ACC:.1f}%",
+                    "" if acc is None else f"{100 * acc - STUDY_ENSEMBLE_ACC:+.1f}",
+                ]
+            )
+        out += [
+            "",
+            "## Ensembles of this sweep (python -m fer_sweep.ensemble)",
+            "",
+            markdown_table(
+                [
+                    "Run",
+                    "Chosen by",
+                    "Members",
+                    "Test acc.",
+                    "Test NLL",
+                    "Study's ensemble",
+                    "Δ (pp)",
+                ],
+                ens_body,
+                [False, False, True, True, True, True, True],
+            ),
+            "",
+            "The study quotes an ensemble of other authors' networks (its Table 3, [2]) "
+            "at 75.8%, not an ensemble of its Table 2.",
+        ]
     return "\n".join(out) + "\n"
 
 
-def _class_counts(client: MlflowClient, runs: Sequence[Run], tmp: Path
-                  ) -> list[tuple[dict[str, dict[str, int]], list[str]]]:
+def _class_counts(
+    client: MlflowClient, runs: Sequence[Run], tmp: Path
+) -> list[tuple[dict[str, dict[str, int]], list[str]]]:
     """Distinct (counts per split, run names) among the runs' data.json artifacts."""
     groups: list[tuple[dict[str, dict[str, int]], list[str]]] = []
     for run in runs:
@@ -713,16 +970,29 @@ def _class_counts(client: MlflowClient, runs: Sequence[Run], tmp: Path
     return groups
 
 
-def table1_markdown(groups: Sequence[tuple[dict[str, dict[str, int]], list[str]]],
-                    synthetic: bool) -> str:
+def table1_markdown(
+    groups: Sequence[tuple[dict[str, dict[str, int]], list[str]]], synthetic: bool
+) -> str:
     out = ["# Table 1: class counts of the splits used, beside the study's", ""]
     if synthetic:
-        out += ["> **Warning: these runs used fer_sweep's SYNTHETIC faces (data=synthetic)**, "
-                "not FER2013.", ""]
+        out += [
+            "> **Warning: these runs used fer_sweep's SYNTHETIC faces (data=synthetic)**, "
+            "not FER2013.",
+            "",
+        ]
     if not groups:
         out += ["No run of this sweep logged data.json.", ""]
-    header = ["Emotion", "Train", "Val", "Test", "Total", "Study train", "Study val",
-              "Study test", "Study total"]
+    header = [
+        "Emotion",
+        "Train",
+        "Val",
+        "Test",
+        "Total",
+        "Study train",
+        "Study val",
+        "Study test",
+        "Study total",
+    ]
     right = [False] + [True] * 8
     for counts, names in groups:
         classes = list(dict.fromkeys(c for split in counts.values() for c in split))
@@ -734,14 +1004,23 @@ def table1_markdown(groups: Sequence[tuple[dict[str, dict[str, int]], list[str]]
             tot = [a + b for a, b in zip(tot, ours, strict=True)]
             if study:
                 stot = [a + b for a, b in zip(stot, study, strict=True)]
-            body.append([STUDY_CLASS_NAMES.get(c, c), *ours, sum(ours),
-                         *(study or ("", "", "")), sum(study) if study else ""])
+            body.append(
+                [
+                    STUDY_CLASS_NAMES.get(c, c),
+                    *ours,
+                    sum(ours),
+                    *(study or ("", "", "")),
+                    sum(study) if study else "",
+                ]
+            )
         body.append(["**Total**", *tot, sum(tot), *stot, sum(stot)])
         if len(groups) > 1:
             out += [f"Runs: {', '.join(names)}", ""]
         out += [markdown_table(header, body, right), ""]
-    out += ["Ours: the train / validation / test images each run actually used (after "
-            "data.limit_per_class and the stratified validation hold-out). Study: its Table 1."]
+    out += [
+        "Ours: the train / validation / test images each run actually used (after "
+        "data.limit_per_class and the stratified validation hold-out). Study: its Table 1."
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -757,8 +1036,15 @@ def _write_csv(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     path.write_text(buf.getvalue())
 
 
-def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
-                 out: Path, log: bool = True, compare: str | None = None) -> list[Group]:
+def write_report(
+    client: MlflowClient,
+    uri: str,
+    experiment: str,
+    parent: Run,
+    out: Path,
+    log: bool = True,
+    compare: str | None = None,
+) -> list[Group]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
     accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
     (files under report/)."""
@@ -768,8 +1054,10 @@ def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
     parent_id = parent.info.run_id
     runs = children(client, exp_id, parent_id)
     if not runs:
-        raise FerSweepError(f"parent run {parent_id} has no child job runs (yet); pick another "
-                            "with --parent RUN_ID.")
+        raise FerSweepError(
+            f"parent run {parent_id} has no child job runs (yet); pick another "
+            "with --parent RUN_ID."
+        )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         rows, keys = build_rows(client, runs, tmp)
@@ -779,29 +1067,35 @@ def write_report(client: MlflowClient, uri: str, experiment: str, parent: Run,
     out.mkdir(parents=True, exist_ok=True)
     ensembles = children(client, exp_id, parent_id, role="ensemble")
     (out / "table2.md").write_text(
-        table2_markdown(groups, group_keys, parent, uri, experiment, ensembles, comparisons))
+        table2_markdown(groups, group_keys, parent, uri, experiment, ensembles, comparisons)
+    )
     _write_csv(out / "table2.csv", table2_records(groups, group_keys))
     _write_csv(out / "runs.csv", run_records(rows, keys))
     if comparisons:
         _write_csv(out / "compare.csv", comparison_records(comparisons))
-    (out / "table1.md").write_text(table1_markdown(class_counts,
-                                                   any(r.synthetic for r in rows)))
+    (out / "table1.md").write_text(table1_markdown(class_counts, any(r.synthetic for r in rows)))
 
     syn = " (SYNTHETIC data)" if any(r.synthetic for r in rows) else ""
     accs = [g.stats.get("test_acc") for g in groups]
-    figures.accuracy_bars([g.label for g in groups],
-                          [math.nan if a is None else a.mean for a in accs],
-                          [g.first.study.acc / 100 if g.first.study else None for g in groups],
-                          out / "accuracy.png", title=f"Test accuracy: ours vs the study{syn}",
-                          intervals=[(a.low, a.high) if a and a.low is not None else None
-                                     for a in accs])
+    figures.accuracy_bars(
+        [g.label for g in groups],
+        [math.nan if a is None else a.mean for a in accs],
+        [g.first.study.acc / 100 if g.first.study else None for g in groups],
+        out / "accuracy.png",
+        title=f"Test accuracy: ours vs the study{syn}",
+        intervals=[(a.low, a.high) if a and a.low is not None else None for a in accs],
+    )
     curves = {}
     for r in rows:
         hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
         label = r.label if len(groups) == len(rows) else f"{r.label} ({r.run_id[:6]})"
         curves[label] = [100 * m.value for m in hist]
-    figures.overlay_curves(curves, out / "curves.png", ylabel="validation accuracy (%)",
-                           title=f"Validation accuracy per epoch{syn}")
+    figures.overlay_curves(
+        curves,
+        out / "curves.png",
+        ylabel="validation accuracy (%)",
+        title=f"Validation accuracy per epoch{syn}",
+    )
     if log:
         client.log_artifacts(parent_id, str(out), artifact_path="report")
         _log_aggregates(client, parent_id, groups)
@@ -819,8 +1113,12 @@ def _log_aggregates(client: MlflowClient, parent_id: str, groups: Sequence[Group
         tags[f"fer_sweep.group{i}"] = g.label[:5000]
         metrics[f"group{i}.n"] = g.n
         for metric, summary in g.stats.items():
-            for field_name, value in (("mean", summary.mean), ("std", summary.std),
-                                      ("ci95_low", summary.low), ("ci95_high", summary.high)):
+            for field_name, value in (
+                ("mean", summary.mean),
+                ("std", summary.std),
+                ("ci95_low", summary.low),
+                ("ci95_high", summary.high),
+            ):
                 if value is not None:
                     metrics[f"group{i}.{metric}_{field_name}"] = value
     tracking.log_metrics(client, parent_id, metrics)
@@ -831,20 +1129,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fer_sweep.report",
         description="Rebuild the study's Table 2 (one row per child run of a sweep), Table 1 "
-                    "(class counts of the splits used) and comparison figures from MLflow; "
-                    "write them to --out and log them on the sweep's parent run (report/).",
-        epilog="Example: python -m fer_sweep experiment=table2 && python -m fer_sweep.report")
+        "(class counts of the splits used) and comparison figures from MLflow; "
+        "write them to --out and log them on the sweep's parent run (report/).",
+        epilog="Example: python -m fer_sweep experiment=table2 && python -m fer_sweep.report",
+    )
     add_store_args(p, "the sweep logged to")
-    p.add_argument("--parent", metavar="RUN_ID",
-                   help="the sweep's parent run (default: the latest parent in the experiment)")
-    p.add_argument("--out", metavar="DIR", type=Path,
-                   help="output folder (default: reports/<parent run id>)")
-    p.add_argument("--compare", metavar="SETTING",
-                   help="state the difference of mean test accuracy (Welch 95 %% CI) between "
-                        "every two groups that differ in this setting, e.g. transforms or "
-                        "model (default: pairs that differ in exactly one setting)")
-    p.add_argument("--no-log", action="store_true",
-                   help="only write the files; do not log them on the parent run")
+    p.add_argument(
+        "--parent",
+        metavar="RUN_ID",
+        help="the sweep's parent run (default: the latest parent in the experiment)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", type=Path, help="output folder (default: reports/<parent run id>)"
+    )
+    p.add_argument(
+        "--compare",
+        metavar="SETTING",
+        help="state the difference of mean test accuracy (Welch 95 %% CI) between "
+        "every two groups that differ in this setting, e.g. transforms or "
+        "model (default: pairs that differ in exactly one setting)",
+    )
+    p.add_argument(
+        "--no-log",
+        action="store_true",
+        help="only write the files; do not log them on the parent run",
+    )
     return p
 
 
@@ -859,13 +1168,22 @@ def _report(args: argparse.Namespace) -> int:
     exp_id = store.require_experiment(client, args.experiment)
     parent = find_parent(client, exp_id, args.parent)
     out = args.out or Path("reports") / parent.info.run_id
-    groups = write_report(client, args.tracking_uri, args.experiment, parent, out,
-                          log=not args.no_log, compare=args.compare)
+    groups = write_report(
+        client,
+        args.tracking_uri,
+        args.experiment,
+        parent,
+        out,
+        log=not args.no_log,
+        compare=args.compare,
+    )
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
     runs = sum(g.n for g in groups)
-    print(f"{len(groups)} rows ({runs} runs) -> {out}/ (table2.md, table2.csv, runs.csv, "
-          f"table1.md, accuracy.png, curves.png){where}")
+    print(
+        f"{len(groups)} rows ({runs} runs) -> {out}/ (table2.md, table2.csv, runs.csv, "
+        f"table1.md, accuracy.png, curves.png){where}"
+    )
     return 0
 
 

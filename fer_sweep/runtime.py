@@ -31,8 +31,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)
-                and mallopt(m_trim_threshold, TRIM_THRESHOLD))
+    return bool(
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD) and mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    )
 
 
 def tune() -> dict[str, str]:
@@ -47,8 +48,10 @@ def tune() -> dict[str, str]:
     global _applied
     if _applied is None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        _applied = {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
-                    "malloc": "tuned" if keep_freed_memory() else "default"}
+        _applied = {
+            "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
+            "malloc": "tuned" if keep_freed_memory() else "default",
+        }
     return dict(_applied)
 
 

@@ -83,10 +83,12 @@ def open_existing(uri: str) -> MlflowClient:
     sqlite file is the user's mistake, not a new empty store that MLflow would create."""
     path = local_path(uri)
     if path is not None and not path.exists():
-        raise FerSweepError(f"no MLflow store at {path} (--tracking-uri {uri}). Pass the "
-                            "store the runs were logged to (mlflow.tracking_uri, or "
-                            "$MLFLOW_TRACKING_URI), e.g. --tracking-uri "
-                            "sqlite:///path/to/mlflow.db, or run from that folder.")
+        raise FerSweepError(
+            f"no MLflow store at {path} (--tracking-uri {uri}). Pass the "
+            "store the runs were logged to (mlflow.tracking_uri, or "
+            "$MLFLOW_TRACKING_URI), e.g. --tracking-uri "
+            "sqlite:///path/to/mlflow.db, or run from that folder."
+        )
     check_reachable(uri)
     from mlflow.tracking import MlflowClient
 
@@ -115,9 +117,11 @@ def require_experiment(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise FerSweepError(f"no experiment {name!r} in this store (it has: "
-                            f"{', '.join(names) or 'none'}); pass --experiment NAME (or set "
-                            "MLFLOW_EXPERIMENT_NAME).")
+        raise FerSweepError(
+            f"no experiment {name!r} in this store (it has: "
+            f"{', '.join(names) or 'none'}); pass --experiment NAME (or set "
+            "MLFLOW_EXPERIMENT_NAME)."
+        )
     return exp.experiment_id
 
 

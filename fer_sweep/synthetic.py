@@ -40,20 +40,69 @@ def ensure_synthetic(cache_dir: Path) -> Path:
 # Per class: brow tilt (+ = inner ends lowered, a frown), brow lift, eye height and width,
 # mouth curve (+ = corners up), mouth opening height and width (0 = closed line).
 _FACE_PARAMS: dict[str, dict[str, float]] = {
-    "angry":    {"tilt": 5.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 4.0, "curve": -2.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "disgust":  {"tilt": 3.0, "lift": 0.0, "eye_h": 2.0, "eye_w": 3.5, "curve": 0.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "fear":     {"tilt": -4.0, "lift": 4.0, "eye_h": 5.0, "eye_w": 5.0, "curve": -1.0,
-                 "open_h": 4.0, "open_w": 14.0},
-    "happy":    {"tilt": 0.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 7.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "sad":      {"tilt": -4.0, "lift": 1.0, "eye_h": 3.0, "eye_w": 4.0, "curve": -6.0,
-                 "open_h": 0.0, "open_w": 0.0},
-    "surprise": {"tilt": 0.0, "lift": 6.0, "eye_h": 6.0, "eye_w": 5.5, "curve": 0.0,
-                 "open_h": 11.0, "open_w": 9.0},
-    "neutral":  {"tilt": 0.0, "lift": 0.0, "eye_h": 3.0, "eye_w": 4.0, "curve": 0.0,
-                 "open_h": 0.0, "open_w": 0.0},
+    "angry": {
+        "tilt": 5.0,
+        "lift": 0.0,
+        "eye_h": 2.0,
+        "eye_w": 4.0,
+        "curve": -2.0,
+        "open_h": 0.0,
+        "open_w": 0.0,
+    },
+    "disgust": {
+        "tilt": 3.0,
+        "lift": 0.0,
+        "eye_h": 2.0,
+        "eye_w": 3.5,
+        "curve": 0.0,
+        "open_h": 0.0,
+        "open_w": 0.0,
+    },
+    "fear": {
+        "tilt": -4.0,
+        "lift": 4.0,
+        "eye_h": 5.0,
+        "eye_w": 5.0,
+        "curve": -1.0,
+        "open_h": 4.0,
+        "open_w": 14.0,
+    },
+    "happy": {
+        "tilt": 0.0,
+        "lift": 1.0,
+        "eye_h": 3.0,
+        "eye_w": 4.0,
+        "curve": 7.0,
+        "open_h": 0.0,
+        "open_w": 0.0,
+    },
+    "sad": {
+        "tilt": -4.0,
+        "lift": 1.0,
+        "eye_h": 3.0,
+        "eye_w": 4.0,
+        "curve": -6.0,
+        "open_h": 0.0,
+        "open_w": 0.0,
+    },
+    "surprise": {
+        "tilt": 0.0,
+        "lift": 6.0,
+        "eye_h": 6.0,
+        "eye_w": 5.5,
+        "curve": 0.0,
+        "open_h": 11.0,
+        "open_w": 9.0,
+    },
+    "neutral": {
+        "tilt": 0.0,
+        "lift": 0.0,
+        "eye_h": 3.0,
+        "eye_w": 4.0,
+        "curve": 0.0,
+        "open_h": 0.0,
+        "open_w": 0.0,
+    },
 }
 
 
@@ -94,8 +143,7 @@ def _draw_face(cls: str, rng: np.random.Generator) -> np.ndarray:
             ys = my - 3 * s * np.clip(xs, 0, None) ** 2
         else:
             ys = my - curve * (xs**2 - 0.5)
-        d.line(list(zip((cx + mw * xs).tolist(), ys.tolist(), strict=True)),
-               fill=int(ink), width=w)
+        d.line(list(zip((cx + mw * xs).tolist(), ys.tolist(), strict=True)), fill=int(ink), width=w)
     if cls == "disgust":  # wrinkled nose
         d.line([(cx - 3 * s, cy + 4 * s), (cx + 3 * s, cy + 4 * s)], fill=int(ink), width=w)
     img = img.rotate(u(-8, 8), resample=Image.Resampling.BILINEAR, fillcolor=int(bg))
@@ -122,5 +170,6 @@ def make_synthetic(
                 rng = np.random.default_rng([seed, c, 0 if split == "train" else 1, i])
                 prefix = "Training" if split == "train" else ("PublicTest", "PrivateTest")[i % 2]
                 Image.fromarray(_draw_face(cls, rng)).save(
-                    folder / f"{prefix}_{i:05d}.png", format="PNG")
+                    folder / f"{prefix}_{i:05d}.png", format="PNG"
+                )
     return root

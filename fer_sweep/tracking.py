@@ -65,11 +65,19 @@ def git_commit() -> str | None:
     """The source tree's commit, so a run can be traced back to the code that produced it."""
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -91,15 +99,25 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) ->
     raise AssertionError("unreachable")
 
 
-def create_run(client: MlflowClient, exp_id: str, name: str, tags: Mapping[str, str], *,
-               parent_id: str | None = None, synthetic: bool = False, what: str = "Trained") -> str:
+def create_run(
+    client: MlflowClient,
+    exp_id: str,
+    name: str,
+    tags: Mapping[str, str],
+    *,
+    parent_id: str | None = None,
+    synthetic: bool = False,
+    what: str = "Trained",
+) -> str:
     """A run carrying what every fer_sweep run carries: its parent, the git commit, and a clear
     SYNTHETIC label when it was computed on the synthetic faces (never a FER2013 result)."""
     tags = {**tags, "synthetic": str(synthetic).lower()}
     if synthetic:
         name = f"SYNTHETIC-{name}"
-        tags["mlflow.note.content"] = (f"{what} on fer_sweep's synthetic faces (data=synthetic): "
-                                       "a pipeline check, never a FER2013 result.")
+        tags["mlflow.note.content"] = (
+            f"{what} on fer_sweep's synthetic faces (data=synthetic): "
+            "a pipeline check, never a FER2013 result."
+        )
     if parent_id:
         tags["mlflow.parentRunId"] = parent_id
     commit = git_commit()
@@ -111,11 +129,12 @@ def create_run(client: MlflowClient, exp_id: str, name: str, tags: Mapping[str, 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        retry(client.log_batch, run_id, params=items[i:i + 100])
+        retry(client.log_batch, run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
-                step: int = 0) -> None:
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
+) -> None:
     """One batched call per step; non-finite values are skipped (some stores reject NaN)."""
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
@@ -127,8 +146,9 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
     retry(client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
-def record_failure(client: MlflowClient | None, run_id: str | None, err: BaseException,
-                   status: str = "FAILED") -> None:
+def record_failure(
+    client: MlflowClient | None, run_id: str | None, err: BaseException, status: str = "FAILED"
+) -> None:
     """Mark a run FAILED (or KILLED) with the error saved on it; never raises."""
     if client is None or run_id is None:
         return
@@ -154,13 +174,22 @@ def parent_info(sweep_dir: str | os.PathLike[str]) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_job_failure(sweep_dir: str | os.PathLike[str], job_num: int, overrides: Iterable[str],
-                      err: BaseException, run_id: str | None) -> None:
+def write_job_failure(
+    sweep_dir: str | os.PathLike[str],
+    job_num: int,
+    overrides: Iterable[str],
+    err: BaseException,
+    run_id: str | None,
+) -> None:
     """Leave a note for on_multirun_end: the launcher reports failures differently or not at all."""
     folder = Path(sweep_dir) / FAILURES_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    note = {"job": job_num, "overrides": list(overrides), "run_id": run_id,
-            "error": f"{type(err).__name__}: {err}"}
+    note = {
+        "job": job_num,
+        "overrides": list(overrides),
+        "run_id": run_id,
+        "error": f"{type(err).__name__}: {err}",
+    }
     (folder / f"{job_num}.json").write_text(json.dumps(note))
 
 
@@ -186,55 +215,15 @@ def _fail_unclosed_parents() -> None:
     sweeper crash) must not leave its parent run RUNNING forever."""
     for run_id, uri in list(_open_parents.items()):
         try:
-            close_parent(uri, run_id, "FAILED", error="the sweep stopped before its end (see "
-                         "the launcher's or sweeper's error in its output)")
+            close_parent(
+                uri,
+                run_id,
+                "FAILED",
+                error="the sweep stopped before its end (see "
+                "the launcher's or sweeper's error in its output)",
+            )
         except Exception as err:  # the store itself may be what failed
             log.warning("could not mark the sweep's parent run %s FAILED: %s", run_id, err)
-
-
-def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Each job's overrides as Hydra's basic sweeper will expand them; None for other sweepers
-    (Optuna draws its values while it runs, so they cannot be listed up front)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
-        return None
-    params = config.hydra.sweeper.get("params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(args)
-    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-
-
-def validate_jobs(config: DictConfig) -> None:
-    """Compose and validate every job of a grid sweep before its parent run exists.
-
-    Hydra only composes a batch's configs after on_multirun_start, and nothing checks a job's
-    values before that job runs: a bad value in one job (model=cnn2,nope; trainer.epochs=1,0)
-    would open a parent run for a sweep that cannot run, or let earlier jobs train first.
-    """
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
-    from fer_sweep.config import validate
-
-    try:
-        jobs = sweep_jobs(config)
-    except HydraException:  # a sweep syntax the basic sweeper rejects; it says so itself
-        return
-    if not jobs or not GlobalHydra.instance().is_initialized():
-        return
-    loader = GlobalHydra.instance().config_loader()
-    common = set.intersection(*(set(job) for job in jobs))
-    for num, overrides in enumerate(jobs):
-        # Hydra swallows a callback's exceptions (a warning, then the sweep goes on), so
-        # composition errors (model=nope) become ours, which the caller turns into an exit.
-        try:
-            validate(loader.load_sweep_config(config, overrides))
-        except (FerSweepError, HydraException) as err:
-            own = " ".join(o for o in overrides if o not in common)
-            why = str(err).split("\nConfig search path:")[0].rstrip()  # Hydra's search path
-            raise FerSweepError(f"job #{num} ({own}): {why}") from None
 
 
 class MultirunParentCallback(Callback):
@@ -242,6 +231,7 @@ class MultirunParentCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
+        from fer_sweep.sweep_validation import validate_jobs
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
@@ -256,11 +246,13 @@ class MultirunParentCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         overrides = list(config.hydra.overrides.task)
         name = str(config.hydra.get("job", {}).get("name", "sweep"))
-        tags = {f"{TAG_PREFIX}sweep_dir": str(sweep_dir.resolve()),
-                f"{TAG_PREFIX}overrides": " ".join(overrides),
-                f"{TAG_PREFIX}role": "parent",
-                f"{TAG_PREFIX}sweeper": str(config.hydra.sweeper.get("_target_", "")),
-                f"{TAG_PREFIX}launcher": str(config.hydra.launcher.get("_target_", ""))}
+        tags = {
+            f"{TAG_PREFIX}sweep_dir": str(sweep_dir.resolve()),
+            f"{TAG_PREFIX}overrides": " ".join(overrides),
+            f"{TAG_PREFIX}role": "parent",
+            f"{TAG_PREFIX}sweeper": str(config.hydra.sweeper.get("_target_", "")),
+            f"{TAG_PREFIX}launcher": str(config.hydra.launcher.get("_target_", "")),
+        }
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -268,23 +260,36 @@ class MultirunParentCallback(Callback):
         if not _open_parents:
             atexit.register(_fail_unclosed_parents)
         _open_parents[run.info.run_id] = conf.mlflow.tracking_uri
-        (sweep_dir / PARENT_FILE).write_text(json.dumps({
-            "tracking_uri": conf.mlflow.tracking_uri, "experiment": conf.mlflow.experiment,
-            "experiment_id": exp_id, "parent_run_id": run.info.run_id}))
-        log.info("MLflow parent run %s in experiment %r (%s)", run.info.run_id,
-                 conf.mlflow.experiment, conf.mlflow.tracking_uri)
+        (sweep_dir / PARENT_FILE).write_text(
+            json.dumps(
+                {
+                    "tracking_uri": conf.mlflow.tracking_uri,
+                    "experiment": conf.mlflow.experiment,
+                    "experiment_id": exp_id,
+                    "parent_run_id": run.info.run_id,
+                }
+            )
+        )
+        log.info(
+            "MLflow parent run %s in experiment %r (%s)",
+            run.info.run_id,
+            conf.mlflow.experiment,
+            conf.mlflow.tracking_uri,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         info = parent_info(sweep_dir)
-        failures = sorted((json.loads(p.read_text()) for p in
-                           (sweep_dir / FAILURES_DIR).glob("*.json")), key=lambda f: f["job"])
+        failures = sorted(
+            (json.loads(p.read_text()) for p in (sweep_dir / FAILURES_DIR).glob("*.json")),
+            key=lambda f: f["job"],
+        )
         if info is not None:
             client = MlflowClient(tracking_uri=info["tracking_uri"])
             parent = info["parent_run_id"]
-            children = client.search_runs([info["experiment_id"]],
-                                          f"tags.mlflow.parentRunId = '{parent}'",
-                                          max_results=10000)
+            children = client.search_runs(
+                [info["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000
+            )
             log_metrics(client, parent, {"jobs": len(children), "jobs_failed": len(failures)})
             if failures:
                 client.log_text(parent, json.dumps(failures, indent=2), "failures.json")
@@ -302,10 +307,12 @@ def _check_launcher(config: DictConfig) -> None:
     """hydra/launcher=slurm off a cluster: say so before a parent run is opened."""
     target = str(config.hydra.launcher.get("_target_", ""))
     if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
-        raise FerSweepError("hydra/launcher=slurm needs SLURM (no `srun` on PATH): run the sweep "
-                            "from a cluster's login node, or on this machine with "
-                            "hydra/launcher=submitit_local (same code path) or "
-                            "hydra/launcher=joblib.")
+        raise FerSweepError(
+            "hydra/launcher=slurm needs SLURM (no `srun` on PATH): run the sweep "
+            "from a cluster's login node, or on this machine with "
+            "hydra/launcher=submitit_local (same code path) or "
+            "hydra/launcher=joblib."
+        )
 
 
 def log_optimization_results(client: MlflowClient, run_id: str, path: Path) -> None:

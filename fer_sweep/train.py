@@ -60,10 +60,13 @@ def pick_device(name: str) -> torch.device:
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.")
     dev = torch.device(name)
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"trainer.device={name} but this machine has "
-                          f"{torch.cuda.device_count()} CUDA device(s); use trainer.device=auto.")
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(
+            f"trainer.device={name} but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s); use trainer.device=auto."
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=auto.")
     return dev
@@ -92,8 +95,13 @@ def use_channels_last(setting: str) -> bool:
 
 def make_optimizer(params: Any, oc: OptimizerConfig) -> torch.optim.Optimizer:
     if oc.name == "sgd":
-        return torch.optim.SGD(params, lr=oc.lr, momentum=oc.momentum,
-                               weight_decay=oc.weight_decay, nesterov=oc.nesterov)
+        return torch.optim.SGD(
+            params,
+            lr=oc.lr,
+            momentum=oc.momentum,
+            weight_decay=oc.weight_decay,
+            nesterov=oc.nesterov,
+        )
     cls = torch.optim.Adam if oc.name == "adam" else torch.optim.AdamW
     return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
 
@@ -101,7 +109,8 @@ def make_optimizer(params: Any, oc: OptimizerConfig) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int) -> Any:
     if sc.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=sc.factor, patience=sc.patience, min_lr=sc.min_lr)
+            opt, mode="min", factor=sc.factor, patience=sc.patience, min_lr=sc.min_lr
+        )
     if sc.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=sc.min_lr)
     return None
@@ -115,8 +124,9 @@ def cpu_has_fast_bf16() -> bool:
         return False
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
     except OSError:  # not Linux: no way to tell cheaply, stay in fp32
         return False
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
@@ -138,8 +148,9 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     else:
         ok = False
     if setting == "bf16" and not ok:
-        raise ConfigError(f"trainer.amp=bf16 but {device} cannot run bf16 autocast; use "
-                          "trainer.amp=auto or fp32.")
+        raise ConfigError(
+            f"trainer.amp=bf16 but {device} cannot run bf16 autocast; use trainer.amp=auto or fp32."
+        )
     return "bf16" if ok else "fp32"
 
 
@@ -163,20 +174,27 @@ def tta_views(x: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
         padded = F.pad(x, (2, 2, 2, 2))
         h, w = x.shape[-2:]
         for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4)):
-            yield padded[..., dy:dy + h, dx:dx + w]
+            yield padded[..., dy : dy + h, dx : dx + w]
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split | tuple[torch.Tensor, torch.Tensor],
-             tfm: BatchTransform, batch_size: int, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False, tta: str = "none") -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    split: Split | tuple[torch.Tensor, torch.Tensor],
+    tfm: BatchTransform,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    tta: str = "none",
+) -> dict[str, Any]:
     """Loss, accuracy and softmax probabilities over a whole split, in large batches."""
     x, y = (split.x, split.y) if isinstance(split, Split) else split
     model.eval()
     probs, loss_sum = [], torch.zeros((), device=device)
     for i in range(0, len(y), batch_size):
-        xb = tfm(x[i:i + batch_size].to(device, non_blocking=True), train=False)
-        yb = y[i:i + batch_size].to(device, non_blocking=True)
+        xb = tfm(x[i : i + batch_size].to(device, non_blocking=True), train=False)
+        yb = y[i : i + batch_size].to(device, non_blocking=True)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         views = list(tta_views(xb, tta)) if tta != "none" else [xb]
@@ -188,8 +206,12 @@ def evaluate(model: nn.Module, split: Split | tuple[torch.Tensor, torch.Tensor],
     prob = torch.cat(probs).cpu() if probs else torch.zeros((0, 7))
     pred = prob.argmax(1)
     n = max(len(y), 1)
-    return {"loss": loss_sum.item() / n, "acc": (pred == y.cpu()).float().sum().item() / n,
-            "probs": prob, "pred": pred}
+    return {
+        "loss": loss_sum.item() / n,
+        "acc": (pred == y.cpu()).float().sum().item() / n,
+        "probs": prob,
+        "pred": pred,
+    }
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -200,8 +222,11 @@ class State:
     """Everything needed to continue a run exactly where its last completed epoch left it."""
 
     epoch: int = -1  # last completed epoch
-    history: dict[str, list[float]] = field(default_factory=lambda: {
-        k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")})
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {
+            k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
+        }
+    )
     best_val_acc: float = -1.0
     best_epoch: int = -1
     best_weights: dict[str, torch.Tensor] | None = None
@@ -211,16 +236,28 @@ class State:
     stop_reason: str = "epochs"  # epochs | early_stopping | min_lr
 
 
-def save_checkpoint(path: Path, state: State, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any, device: torch.device) -> None:
+def save_checkpoint(
+    path: Path,
+    state: State,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    device: torch.device,
+) -> None:
     """Atomic: write a temporary file beside the target, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
-        "epoch": state.epoch, "history": state.history, "best_val_acc": state.best_val_acc,
-        "best_epoch": state.best_epoch, "best_weights": state.best_weights,
-        "best_val_loss": state.best_val_loss, "bad_epochs": state.bad_epochs,
-        "floor_epochs": state.floor_epochs, "stop_reason": state.stop_reason,
-        "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "epoch": state.epoch,
+        "history": state.history,
+        "best_val_acc": state.best_val_acc,
+        "best_epoch": state.best_epoch,
+        "best_weights": state.best_weights,
+        "best_val_loss": state.best_val_loss,
+        "bad_epochs": state.bad_epochs,
+        "floor_epochs": state.floor_epochs,
+        "stop_reason": state.stop_reason,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else None,
         "rng_cpu": torch.get_rng_state(),
         # The training device's generator only: a list of every visible GPU's would not fit a
@@ -232,14 +269,17 @@ def save_checkpoint(path: Path, state: State, model: nn.Module, opt: torch.optim
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: Any, device: torch.device) -> State:
+def load_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, device: torch.device
+) -> State:
     """Restore model, optimizer, scheduler and RNG states; weights_only (no arbitrary pickles)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise FerSweepError(f"checkpoint {path} cannot be read ({err}); delete it and start the "
-                            "run afresh (trainer.resume=null).") from None
+        raise FerSweepError(
+            f"checkpoint {path} cannot be read ({err}); delete it and start the "
+            "run afresh (trainer.resume=null)."
+        ) from None
     model.load_state_dict(blob["model"])
     opt.load_state_dict(blob["optimizer"])
     if sched is not None and blob["scheduler"] is not None:
@@ -247,12 +287,17 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
     torch.set_rng_state(blob["rng_cpu"])
     if blob.get("rng_device") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(blob["rng_device"], device)
-    return State(epoch=blob["epoch"], history=blob["history"],
-                 best_val_acc=blob["best_val_acc"], best_epoch=blob["best_epoch"],
-                 best_weights=blob["best_weights"],
-                 best_val_loss=blob.get("best_val_loss", math.inf),
-                 bad_epochs=blob.get("bad_epochs", 0), floor_epochs=blob.get("floor_epochs", 0),
-                 stop_reason=blob.get("stop_reason", "epochs"))
+    return State(
+        epoch=blob["epoch"],
+        history=blob["history"],
+        best_val_acc=blob["best_val_acc"],
+        best_epoch=blob["best_epoch"],
+        best_weights=blob["best_weights"],
+        best_val_loss=blob.get("best_val_loss", math.inf),
+        bad_epochs=blob.get("bad_epochs", 0),
+        floor_epochs=blob.get("floor_epochs", 0),
+        stop_reason=blob.get("stop_reason", "epochs"),
+    )
 
 
 @contextlib.contextmanager
@@ -280,8 +325,13 @@ def interruptible() -> Iterator[Callable[[], bool]]:
 # --------------------------------------------------------------------------- the loop
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
-               yb: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, cross-entropy, backward, optimizer step; (loss, logits), detached, on the
     device. The benchmark's ceiling times exactly this on a fixed batch."""
     with autocast(xb.device, precision):
@@ -293,11 +343,20 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor,
     return loss.detach(), logits.detach()
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                tfm: BatchTransform, batch_size: int, precision: str = "fp32",
-                channels_last: bool = False, desc: str = "", progress: bool = False,
-                interrupted: Callable[[], bool] = lambda: False, lr: float | None = None,
-                max_steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    tfm: BatchTransform,
+    batch_size: int,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    desc: str = "",
+    progress: bool = False,
+    interrupted: Callable[[], bool] = lambda: False,
+    max_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over (x, y) on their device in a random order: gather, augment, step.
 
     Returns the summed loss and the number of correct predictions as device tensors (read them
@@ -313,15 +372,19 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     warps = tfm.draw(used, x.shape[-2:], device) if tfm.is_random else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    bar = tqdm(starts, desc=desc, leave=False, disable=not progress, mininterval=1.0,
-               dynamic_ncols=True)
+    bar = tqdm(
+        starts, desc=desc, leave=False, disable=not progress, mininterval=1.0, dynamic_ncols=True
+    )
     for step, i in enumerate(bar):
         if interrupted():
             raise Interrupted(desc)
-        idx = perm[i:i + batch_size]
+        idx = perm[i : i + batch_size]
         # index_select, not x[idx]: advanced indexing took 120 us per batch on the CPU, this 5.
-        xb = tfm(x.index_select(0, idx), train=True,
-                 warps=None if warps is None else warps[i:i + batch_size])
+        xb = tfm(
+            x.index_select(0, idx),
+            train=True,
+            warps=None if warps is None else warps[i : i + batch_size],
+        )
         yb = y.index_select(0, idx)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -329,11 +392,13 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         if step % CHECK_EVERY == CHECK_EVERY - 1 and not torch.isfinite(loss_sum):
-            raise Diverged(f"the training loss became {loss_sum.item()} at step {step + 1} of "
-                           f"{desc or 'an epoch'}: lower optimizer.lr (now {lr}) or check the "
-                           "data.")
+            lr = opt.param_groups[0]["lr"]
+            raise Diverged(
+                f"the training loss became {loss_sum.item()} at step {step + 1} of "
+                f"{desc or 'an epoch'}: lower optimizer.lr (now {lr}) or check the "
+                "data."
+            )
     return loss_sum, correct
-
 
 
 STOP_REASONS = {
@@ -349,8 +414,10 @@ def at_lr_floor(sched: Any) -> bool:
     stalls at 1e-8 with factor 0.1 and min_lr 0)."""
     if not isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         return False
-    return all(g["lr"] - max(g["lr"] * sched.factor, floor) <= sched.eps
-               for g, floor in zip(sched.optimizer.param_groups, sched.min_lrs, strict=True))
+    return all(
+        g["lr"] - max(g["lr"] * sched.factor, floor) <= sched.eps
+        for g, floor in zip(sched.optimizer.param_groups, sched.min_lrs, strict=True)
+    )
 
 
 def should_stop(state: State, val_loss: float, sched: Any, tc: TrainerConfig) -> str:
@@ -382,8 +449,9 @@ class Result:
     train_seconds: float
 
 
-def build(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
-                                                        torch.optim.Optimizer, bool]:
+def build(
+    conf: Config, device: torch.device
+) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, bool]:
     """(model, the module the step calls, optimizer, channels_last): seeded, in the memory
     format that pays for this model, optionally compiled. fit and the benchmark share it."""
     tc = conf.trainer
@@ -398,9 +466,14 @@ def build(conf: Config, device: torch.device) -> tuple[nn.Module, nn.Module,
     return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
 
 
-def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: bool = False,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        on_resume: Callable[[State], None] | None = None) -> Result:
+def fit(
+    conf: Config,
+    data: Dataset,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_resume: Callable[[State], None] | None = None,
+) -> Result:
     """Train conf.model on data.train, validating on data.val after every epoch.
 
     The best-validation weights are kept in the returned state; ``on_epoch(epoch, metrics)`` is
@@ -432,43 +505,73 @@ def fit(conf: Config, data: Dataset, checkpoint: Path | None = None, resume: boo
             if state.stop_reason != "epochs":  # resumed after the run had decided to stop
                 break
             t0 = time.perf_counter()
-            loss_sum, correct = train_epoch(step_model, opt, x_train, y_train, tfm, bs, precision,
-                                            channels_last, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                                            progress=tc.progress, interrupted=interrupted,
-                                            lr=conf.optimizer.lr)
+            loss_sum, correct = train_epoch(
+                step_model,
+                opt,
+                x_train,
+                y_train,
+                tfm,
+                bs,
+                precision,
+                channels_last,
+                desc=f"epoch {epoch + 1}/{tc.epochs}",
+                progress=tc.progress,
+                interrupted=interrupted,
+            )
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):
-                raise Diverged(f"the training loss became {train_loss} at epoch {epoch + 1}: "
-                               f"lower optimizer.lr (now {conf.optimizer.lr}) or check the data.")
+                raise Diverged(
+                    f"the training loss became {train_loss} at epoch {epoch + 1}: "
+                    f"lower optimizer.lr (now {conf.optimizer.lr}) or check the data."
+                )
             v = evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
             lr = opt.param_groups[0]["lr"]
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 sched.step(v["loss"])
             elif sched is not None:
                 sched.step()
-            metrics = {"train_loss": train_loss, "train_acc": correct.item() / n,
-                       "val_loss": v["loss"], "val_acc": v["acc"], "lr": lr,
-                       "epoch_seconds": time.perf_counter() - t0}
+            metrics = {
+                "train_loss": train_loss,
+                "train_acc": correct.item() / n,
+                "val_loss": v["loss"],
+                "val_acc": v["acc"],
+                "lr": lr,
+                "epoch_seconds": time.perf_counter() - t0,
+            }
             for k, value in metrics.items():
                 state.history[k].append(value)
             state.epoch = epoch
             if v["acc"] > state.best_val_acc:
                 state.best_val_acc, state.best_epoch = v["acc"], epoch
-                state.best_weights = {k: t.detach().to("cpu", copy=True)
-                                      for k, t in model.state_dict().items()}
+                state.best_weights = {
+                    k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()
+                }
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, state, model, opt, sched, device)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             if tc.progress:
-                tqdm.write(f"epoch {epoch + 1}/{tc.epochs}  train_loss {train_loss:.4f}  "
-                           f"train_acc {metrics['train_acc']:.4f}  val_loss {v['loss']:.4f}  "
-                           f"val_acc {v['acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)")
+                tqdm.write(
+                    f"epoch {epoch + 1}/{tc.epochs}  train_loss {train_loss:.4f}  "
+                    f"train_acc {metrics['train_acc']:.4f}  val_loss {v['loss']:.4f}  "
+                    f"val_acc {v['acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)"
+                )
             if state.stop_reason != "epochs":
-                log.info("stopping after epoch %d of %d: %s", epoch + 1, tc.epochs,
-                         STOP_REASONS[state.stop_reason])
+                log.info(
+                    "stopping after epoch %d of %d: %s",
+                    epoch + 1,
+                    tc.epochs,
+                    STOP_REASONS[state.stop_reason],
+                )
                 break
-    return Result(model=model, state=state, device=device, channels_last=channels_last,
-                  precision=precision, tfm=tfm,
-                  n_params=n_params, train_seconds=time.perf_counter() - started)
+    return Result(
+        model=model,
+        state=state,
+        device=device,
+        channels_last=channels_last,
+        precision=precision,
+        tfm=tfm,
+        n_params=n_params,
+        train_seconds=time.perf_counter() - started,
+    )

@@ -29,9 +29,20 @@ def data_overrides() -> list[str]:
     return [] if real_data() else ["data=synthetic"]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 900, module: str = "fer_sweep",
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: float = 900,
+    module: str = "fer_sweep",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <module> args`` the way a user does, in ``cwd``."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -36,8 +36,10 @@ from tests.conftest import REPO, real_data, run_cli
 
 EXPERIMENT = "team"
 SWEEP_MODELS = ("cnn2", "cnn3")
-PID_LOGS = ['hydra.job_logging.formatters.simple.format="pid=%(process)d [%(name)s] %(message)s"',
-            'hydra.hydra_logging.formatters.simple.format="pid=%(process)d [HYDRA] %(message)s"']
+PID_LOGS = [
+    'hydra.job_logging.formatters.simple.format="pid=%(process)d [%(name)s] %(message)s"',
+    'hydra.hydra_logging.formatters.simple.format="pid=%(process)d [HYDRA] %(message)s"',
+]
 
 
 def free_port() -> int:
@@ -75,8 +77,12 @@ class Server:
         return json.loads(self.get(endpoint, **query))
 
     def post_json(self, endpoint: str, body: dict[str, Any]) -> Any:
-        req = urllib.request.Request(f"{self.url}{endpoint}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            f"{self.url}{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 (our 127.0.0.1)
             return json.loads(resp.read())
 
@@ -99,21 +105,37 @@ def start_server(root: Path, timeout: float = 180.0) -> Server:
     answers."""
     port = free_port()
     log = root / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fer_sweep.ui", "--tracking-uri",
-             f"sqlite:///{root / 'server.db'}", "--port", str(port),  # host: 127.0.0.1 default
-             "--artifacts-destination", str(root / "artifacts")],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True)  # its own process group: stop() ends all of it
+            [
+                sys.executable,
+                "-m",
+                "fer_sweep.ui",
+                "--tracking-uri",
+                f"sqlite:///{root / 'server.db'}",
+                "--port",
+                str(port),  # host: 127.0.0.1 default
+                "--artifacts-destination",
+                str(root / "artifacts"),
+            ],
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )  # its own process group: stop() ends all of it
     server = Server(url=f"http://127.0.0.1:{port}", root=root, proc=proc, log=log)
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"the MLflow server exited ({proc.returncode}):\n"
-                               f"{server.log_tail()}")
+            raise RuntimeError(
+                f"the MLflow server exited ({proc.returncode}):\n{server.log_tail()}"
+            )
         try:
             if server.get("/health").strip() == b"OK":
                 return server
@@ -121,8 +143,10 @@ def start_server(root: Path, timeout: float = 180.0) -> Server:
             pass
         if time.monotonic() > deadline:
             server.stop()
-            raise RuntimeError(f"the MLflow server did not answer /health within {timeout:.0f} s:"
-                               f"\n{server.log_tail()}")
+            raise RuntimeError(
+                f"the MLflow server did not answer /health within {timeout:.0f} s:"
+                f"\n{server.log_tail()}"
+            )
         time.sleep(0.5)
 
 
@@ -149,12 +173,25 @@ def sweep_on(server: Server, factory: pytest.TempPathFactory) -> Sweep:
     if server.sweep is None:
         cwd = factory.mktemp("server_sweep")
         data = [] if real_data() else ["data=synthetic"]
-        proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                        f"model={','.join(SWEEP_MODELS)}", "trainer.epochs=1",
-                        "data.limit_per_class=5", "trainer.progress=false",
-                        "mlflow.log_model=false", f"mlflow.tracking_uri={server.url}",
-                        f"mlflow.experiment={EXPERIMENT}", f"hydra.sweep.dir={cwd / 'sweep'}",
-                        *PID_LOGS, *data], cwd=cwd, timeout=600)
+        proc = run_cli(
+            [
+                "-m",
+                "hydra/launcher=joblib",
+                "hydra.launcher.n_jobs=2",
+                f"model={','.join(SWEEP_MODELS)}",
+                "trainer.epochs=1",
+                "data.limit_per_class=5",
+                "trainer.progress=false",
+                "mlflow.log_model=false",
+                f"mlflow.tracking_uri={server.url}",
+                f"mlflow.experiment={EXPERIMENT}",
+                f"hydra.sweep.dir={cwd / 'sweep'}",
+                *PID_LOGS,
+                *data,
+            ],
+            cwd=cwd,
+            timeout=600,
+        )
         server.sweep = Sweep(proc=proc, cwd=cwd)
     return server.sweep
 

@@ -188,6 +188,7 @@ def _stat_batch() -> torch.Tensor:
     return _bar_image().expand(N_STAT, 48, 48).contiguous()
 
 
+@pytest.mark.slow  # statistics over thousands of torchvision draws
 def test_distribution_matches_torchvision(torchvision_stats: dict[str, torch.Tensor]) -> None:
     assert torchvision_stats["dx"].std() > 2.5 and torchvision_stats["angle"].std() > 5.0
     torch.manual_seed(7)
@@ -225,6 +226,7 @@ def _broken(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind",
     [
@@ -244,6 +246,7 @@ def test_statistical_check_catches_broken_variants(
     assert _mismatches(_bar_stats(_broken(kind)(_stat_batch())), torchvision_stats) != []
 
 
+@pytest.mark.slow  # statistics over thousands of torchvision draws
 def test_hflip_with_geometry_matches_torchvision() -> None:
     """With flips, a bar left of centre lands left or right at random, like RandomHorizontalFlip."""
     img = torch.full((48, 48), BG, dtype=torch.uint8)

@@ -29,11 +29,17 @@ from PIL import Image
 from fer_sweep.data import load_source
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
 CLASS_DIRS = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise")
 NPIX = 48 * 48
 OURS = "fer_sweep: error:"  # the headline of every error fer_sweep itself reports
-SMALL_RUN = {"trainer.epochs": "1", "trainer.progress": "false", "mlflow.log_model": "false",
-             "mlflow.figures": "false"}
+SMALL_RUN = {
+    "trainer.epochs": "1",
+    "trainer.progress": "false",
+    "mlflow.log_model": "false",
+    "mlflow.figures": "false",
+}
 
 # ----------------------------------------------------------------------------- datasets
 # Each builder writes under ``cwd`` (data/ and, where it primes one, cache/) and returns the
@@ -183,67 +189,123 @@ ROOT_HINT = ("data.root=", "FER2013_ROOT", "data=synthetic")
 CSV_FIX = ("{root}/fer2013.csv", "Fix or delete that row")
 
 DATA_ERRORS: dict[str, Case] = {
-    "root_missing": Case(missing_root, expect=(
-        "FER2013 not found", "{root} does not exist", *ROOT_HINT)),
-    "neither_layout": Case(neither_layout, expect=(
-        "FER2013 not found", "neither layout in {root}", "notes.txt", "train/<class>/",
-        "fer2013.csv", *ROOT_HINT)),
-    "unknown_class_folder": Case(unknown_class, expect=(
-        "Unknown class folder {root}/train/happyy", "angry, disgust", "Rename or remove it")),
-    "empty_class_folder": Case(empty_class, expect=(
-        "Class folder {root}/test/fear contains no images",)),
-    "missing_class_folder": Case(missing_class, expect=(
-        "{root}/test has no class folder for fear",)),
-    "too_few_images_for_val": Case(too_few_for_val, expect=(
-        "val split has no images", "data.val_fraction")),
-    "truncated_image": Case(truncated_png, expect=(
-        "Cannot decode image {root}/train/sad/1.png", "data.skip_bad_images=true")),
-    "text_file_named_jpg": Case(text_named_jpg, expect=(
-        "Cannot decode image {root}/test/happy/2.jpg", "data.skip_bad_images=true")),
-    "csv_pixel_count": Case(bad_csv(9, "3,1 2 3,Training"), expect=(
-        *CSV_FIX, "line 9:", "expected 2304 pixel values, found 3")),
-    "csv_non_numeric": Case(bad_csv(30, f"2,{GOOD_PIXELS[:-1]}abc,Training"), expect=(
-        *CSV_FIX, "line 30:", "pixel 2304 is 'abc'", "not an integer")),
-    "csv_unknown_usage": Case(bad_csv(2, f"2,{GOOD_PIXELS},Validation"), expect=(
-        *CSV_FIX, "line 2:", "Usage is 'Validation'", "PublicTest")),
-    "csv_unknown_label": Case(bad_csv(17, f"7,{GOOD_PIXELS},Training"), expect=(
-        *CSV_FIX, "line 17:", "emotion is '7'", "0..6")),
+    "root_missing": Case(
+        missing_root, expect=("FER2013 not found", "{root} does not exist", *ROOT_HINT)
+    ),
+    "neither_layout": Case(
+        neither_layout,
+        expect=(
+            "FER2013 not found",
+            "neither layout in {root}",
+            "notes.txt",
+            "train/<class>/",
+            "fer2013.csv",
+            *ROOT_HINT,
+        ),
+    ),
+    "unknown_class_folder": Case(
+        unknown_class,
+        expect=(
+            "Unknown class folder {root}/train/happyy",
+            "angry, disgust",
+            "Rename or remove it",
+        ),
+    ),
+    "empty_class_folder": Case(
+        empty_class, expect=("Class folder {root}/test/fear contains no images",)
+    ),
+    "missing_class_folder": Case(
+        missing_class, expect=("{root}/test has no class folder for fear",)
+    ),
+    "too_few_images_for_val": Case(
+        too_few_for_val, expect=("val split has no images", "data.val_fraction")
+    ),
+    "truncated_image": Case(
+        truncated_png,
+        expect=("Cannot decode image {root}/train/sad/1.png", "data.skip_bad_images=true"),
+    ),
+    "text_file_named_jpg": Case(
+        text_named_jpg,
+        expect=("Cannot decode image {root}/test/happy/2.jpg", "data.skip_bad_images=true"),
+    ),
+    "csv_pixel_count": Case(
+        bad_csv(9, "3,1 2 3,Training"),
+        expect=(*CSV_FIX, "line 9:", "expected 2304 pixel values, found 3"),
+    ),
+    "csv_non_numeric": Case(
+        bad_csv(30, f"2,{GOOD_PIXELS[:-1]}abc,Training"),
+        expect=(*CSV_FIX, "line 30:", "pixel 2304 is 'abc'", "not an integer"),
+    ),
+    "csv_unknown_usage": Case(
+        bad_csv(2, f"2,{GOOD_PIXELS},Validation"),
+        expect=(*CSV_FIX, "line 2:", "Usage is 'Validation'", "PublicTest"),
+    ),
+    "csv_unknown_label": Case(
+        bad_csv(17, f"7,{GOOD_PIXELS},Training"),
+        expect=(*CSV_FIX, "line 17:", "emotion is '7'", "0..6"),
+    ),
 }
 
 # (override, headline, expected strings): each also runs in a multirun (see below).
 SETTINGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "model_unknown": ("model=nope", "Could not find 'model/nope'",
-                      ("Available options in 'model'", "cnn2", "resnet")),
+    "model_unknown": (
+        "model=nope",
+        "Could not find 'model/nope'",
+        ("Available options in 'model'", "cnn2", "resnet"),
+    ),
     "epochs_zero": ("trainer.epochs=0", OURS, ("trainer.epochs=0", "positive integer")),
-    "batch_size_zero": ("trainer.batch_size=0", OURS,
-                        ("trainer.batch_size=0", "positive integer")),
-    "val_fraction_zero": ("data.val_fraction=0", OURS,
-                          ("data.val_fraction=0", "strictly between 0 and 1")),
-    "val_fraction_one": ("data.val_fraction=1", OURS,
-                         ("data.val_fraction=1", "strictly between 0 and 1")),
+    "batch_size_zero": ("trainer.batch_size=0", OURS, ("trainer.batch_size=0", "positive integer")),
+    "val_fraction_zero": (
+        "data.val_fraction=0",
+        OURS,
+        ("data.val_fraction=0", "strictly between 0 and 1"),
+    ),
+    "val_fraction_one": (
+        "data.val_fraction=1",
+        OURS,
+        ("data.val_fraction=1", "strictly between 0 and 1"),
+    ),
     "lr_zero": ("optimizer.lr=0", OURS, ("optimizer.lr=0", "must be > 0")),
-    "device_unknown": ("trainer.device=tpu", OURS,
-                       ("trainer.device='tpu' is not a device", "cuda:N")),
-    "limit_per_class_zero": ("data.limit_per_class=0", OURS,
-                             ("data.limit_per_class=0", "positive number", "null")),
+    "device_unknown": (
+        "trainer.device=tpu",
+        OURS,
+        ("trainer.device='tpu' is not a device", "cuda:N"),
+    ),
+    "limit_per_class_zero": (
+        "data.limit_per_class=0",
+        OURS,
+        ("data.limit_per_class=0", "positive number", "null"),
+    ),
     "key_misspelled": ("trainer.epoch=3", "Key 'epoch' is not in struct", ("trainer.epoch",)),
-    "key_misspelled_appended": ("+trainer.epochz=3", OURS,
-                                ("invalid setting trainer.epochz", "'epochz' not in")),
+    "key_misspelled_appended": (
+        "+trainer.epochz=3",
+        OURS,
+        ("invalid setting trainer.epochz", "'epochz' not in"),
+    ),
 }
 
 SWEEP = ("-m", "model=cnn2,cnn3")
 CASES: dict[str, Case] = {
     **DATA_ERRORS,
-    **{name: Case(args=(arg,), headline=head, expect=exp)
-       for name, (arg, head, exp) in SETTINGS.items()},
+    **{
+        name: Case(args=(arg,), headline=head, expect=exp)
+        for name, (arg, head, exp) in SETTINGS.items()
+    },
     # One job of the grid is wrong: model=nope is a sweep value here, not the base config.
-    **{f"multirun_{name}": Case(args=(*SWEEP, arg) if name != "model_unknown"
-                                else ("-m", "model=cnn2,nope"), headline=head, expect=exp)
-       for name, (arg, head, exp) in SETTINGS.items()},
-    "multirun_one_job_bad": Case(args=("-m", "trainer.epochs=1,0"), expect=(
-        "trainer.epochs=0", "positive integer")),
-    "device_absent": Case(args=("trainer.device=cuda:99",), expect=(
-        "trainer.device=cuda:99", "trainer.device=auto")),
+    **{
+        f"multirun_{name}": Case(
+            args=(*SWEEP, arg) if name != "model_unknown" else ("-m", "model=cnn2,nope"),
+            headline=head,
+            expect=exp,
+        )
+        for name, (arg, head, exp) in SETTINGS.items()
+    },
+    "multirun_one_job_bad": Case(
+        args=("-m", "trainer.epochs=1,0"), expect=("trainer.epochs=0", "positive integer")
+    ),
+    "device_absent": Case(
+        args=("trainer.device=cuda:99",), expect=("trainer.device=cuda:99", "trainer.device=auto")
+    ),
     # runs that must succeed
     "odd_files": Case(odd_files, headline=None),
     "skip_bad_images": Case(both_unreadable, ("data.skip_bad_images=true",), headline=None),
@@ -300,8 +362,12 @@ class Runner:
         cwd.mkdir()
         root = case.build(cwd)
         uri = f"sqlite:///{cwd / 'm.db'}"
-        common = {"data.root": str(root), "data.cache_dir": str(cwd / "cache"),
-                  "mlflow.tracking_uri": uri, **SMALL_RUN}
+        common = {
+            "data.root": str(root),
+            "data.cache_dir": str(cwd / "cache"),
+            "mlflow.tracking_uri": uri,
+            **SMALL_RUN,
+        }
         flags = [a for a in case.args if a.startswith("-")]
         overrides = [a for a in case.args if not a.startswith("-")]
         given = {a.split("=", 1)[0] for a in overrides}
@@ -310,8 +376,9 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def runner(request: pytest.FixtureRequest,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+def runner(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Runner]:
     """Starts every selected case of this module at once, so they overlap two at a time."""
     r = Runner(tmp_path_factory.mktemp("bad_input"))
     for item in request.session.items:
@@ -352,17 +419,22 @@ def data_json(out: Outcome, run: Run) -> dict:
     client = MlflowClient(out.uri)
     dst = out.cwd / "artifacts"
     dst.mkdir(exist_ok=True)
-    return json.loads(Path(client.download_artifacts(run.info.run_id, "data.json",
-                                                     str(dst))).read_text())
+    return json.loads(
+        Path(client.download_artifacts(run.info.run_id, "data.json", str(dst))).read_text()
+    )
 
 
 # ----------------------------------------------------------------------------- the rows
 
-@pytest.mark.parametrize("case", [
-    *DATA_ERRORS,
-    *SETTINGS,
-    "device_absent",
-])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *DATA_ERRORS,
+        *SETTINGS,
+        "device_absent",
+    ],
+)
 def test_single_run_names_the_problem_before_any_run(runner: Runner, case: str) -> None:
     assert_named_before_any_run(runner.get(case), CASES[case])
 
@@ -372,11 +444,14 @@ def _no_job_started(out: Outcome) -> None:
     assert jobs == [], f"jobs started: {jobs}"
 
 
-@pytest.mark.parametrize("case", [
-    *(f"multirun_{name}" for name in SETTINGS if name != "model_unknown"),
-    "multirun_model_unknown",
-    "multirun_one_job_bad",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        *(f"multirun_{name}" for name in SETTINGS if name != "model_unknown"),
+        "multirun_model_unknown",
+        "multirun_one_job_bad",
+    ],
+)
 def test_multirun_names_the_problem_once_before_any_job(runner: Runner, case: str) -> None:
     out = runner.get(case)
     assert_named_before_any_run(out, CASES[case])
@@ -414,8 +489,7 @@ def test_other_sizes_and_modes_are_converted_and_counted(runner: Runner, case: s
 
 
 @pytest.mark.parametrize("case", ["cache_truncated", "cache_stale"])
-def test_damaged_cache_is_detected_rebuilt_and_the_run_succeeds(runner: Runner,
-                                                                case: str) -> None:
+def test_damaged_cache_is_detected_rebuilt_and_the_run_succeeds(runner: Runner, case: str) -> None:
     out = runner.get(case)
     run = assert_succeeded(out)
     info = data_json(out, run)

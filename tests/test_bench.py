@@ -19,6 +19,8 @@ import pytest
 
 from tests.conftest import real_data, run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
 MODELS, TRANSFORMS, PIPELINES = ("cnn2", "cnn3"), ("norm", "aug"), ("ceiling", "fer_sweep", "naive")
 REPEATS, STEPS = 2, 2
 
@@ -26,9 +28,20 @@ REPEATS, STEPS = 2, 2
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     tmp = tmp_path_factory.mktemp("bench")
-    args = ["--models", ",".join(MODELS), "--transforms", ",".join(TRANSFORMS),
-            "--steps", str(STEPS), "--repeats", str(REPEATS), "--warmup", "1",
-            "--json", str(tmp / "b.json")]
+    args = [
+        "--models",
+        ",".join(MODELS),
+        "--transforms",
+        ",".join(TRANSFORMS),
+        "--steps",
+        str(STEPS),
+        "--repeats",
+        str(REPEATS),
+        "--warmup",
+        "1",
+        "--json",
+        str(tmp / "b.json"),
+    ]
     if not real_data():
         args.append("--synthetic")
     proc = run_cli(args, cwd=tmp, module="fer_sweep.bench", timeout=600)
@@ -53,14 +66,16 @@ def test_records_cover_every_model_transforms_and_pipeline(bench) -> None:
 def test_ratios_are_medians_of_paired_repeats(bench) -> None:
     result, _ = bench
     s = {(r["model"], r["transforms"], r["pipeline"]): r["samples"] for r in result["records"]}
-    assert {(r["model"], r["transforms"]) for r in result["ratios"]} == set(product(MODELS,
-                                                                                   TRANSFORMS))
+    assert {(r["model"], r["transforms"]) for r in result["ratios"]} == set(
+        product(MODELS, TRANSFORMS)
+    )
     for r in result["ratios"]:
         m, t = r["model"], r["transforms"]
-        for key, other in (("fer_sweep_over_ceiling", "ceiling"),
-                           ("fer_sweep_over_naive", "naive")):
-            paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], s[(m, t, other)],
-                                            strict=True)]
+        for key, other in (
+            ("fer_sweep_over_ceiling", "ceiling"),
+            ("fer_sweep_over_naive", "naive"),
+        ):
+            paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], s[(m, t, other)], strict=True)]
             assert r[key] == pytest.approx(statistics.median(paired), rel=2e-3), (m, t, key)
 
 
@@ -75,8 +90,10 @@ def test_load_times_and_markdown_table(bench) -> None:
     for r, line in zip(result["ratios"], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:2] == [r["model"], r["transforms"]]
-        assert cells[5:] == [f"{r['fer_sweep_over_ceiling']:.2f}",
-                             f"{r['fer_sweep_over_naive']:.2f}"]
+        assert cells[5:] == [
+            f"{r['fer_sweep_over_ceiling']:.2f}",
+            f"{r['fer_sweep_over_naive']:.2f}",
+        ]
     assert f"Data loading ({load['images']:,} images)" in stdout
 
 
@@ -86,8 +103,13 @@ def test_malloc_tuning_is_on_by_default_recorded_and_can_be_turned_off(bench) ->
     assert result["malloc_tuned"] is True and "tuned glibc malloc" in stdout
     probe = "from fer_sweep import runtime; print(runtime.tune()['malloc'] == 'tuned')"
     for value, expected in (("0", "False"), ("1", "True")):
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                              env={**os.environ, "FER_SWEEP_MALLOPT": value}, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "FER_SWEEP_MALLOPT": value},
+            check=True,
+        )
         assert proc.stdout.strip() == expected, value
 
 
@@ -101,10 +123,16 @@ def test_malloc_tuning_is_on_by_default_recorded_and_can_be_turned_off(bench) ->
         (["--synthetic", "--override", "trainer.batch_size=0"], {}, "trainer.batch_size"),
     ],
 )
-def test_bad_input_is_one_clear_error(tmp_path: Path, args: list[str], env: dict[str, str],
-                                      message: str) -> None:
-    proc = run_cli([*args, "--json", str(tmp_path / "b.json")], cwd=tmp_path,
-                   module="fer_sweep.bench", env=env, timeout=120)
+def test_bad_input_is_one_clear_error(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    proc = run_cli(
+        [*args, "--json", str(tmp_path / "b.json")],
+        cwd=tmp_path,
+        module="fer_sweep.bench",
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

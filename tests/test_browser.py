@@ -16,12 +16,22 @@ import pytest
 from tests.mlflow_server import EXPERIMENT, SWEEP_MODELS, Server, shared_server, sweep_on
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium "
-                                 "(apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +51,9 @@ def page() -> Iterator[Any]:
             browser.close()
 
 
-def test_experiment_page_lists_the_sweeps_runs(server: Server, page: Any, tmp_path: Path,
-                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_experiment_page_lists_the_sweeps_runs(
+    server: Server, page: Any, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     sweep = sweep_on(server, tmp_path_factory)
     assert sweep.proc.returncode == 0, sweep.proc.stderr[-4000:]
     exp = server.get_json("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)

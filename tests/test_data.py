@@ -38,8 +38,9 @@ FOLDER_NAMES = {"happy": "Happy"}
 def _image(rng: np.random.Generator) -> np.ndarray:
     """A smooth random 48x48 image (JPEG-friendly, unlike pure noise)."""
     small = rng.integers(0, 256, (6, 6), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                    Image.Resampling.BICUBIC))
+    return np.asarray(
+        Image.fromarray(small).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+    )
 
 
 def _encode(arr: np.ndarray, fmt: str, mode: str = "L") -> bytes:
@@ -69,11 +70,15 @@ def expected_from_folders(root: Path) -> dict[str, list[tuple[int, np.ndarray, i
     """(label, pixels, usage) per split in the documented order, decoded independently."""
     out = {}
     for split in ("train", "test"):
-        files = sorted((CLASSES.index(p.parent.name.lower()), p.name, p)
-                       for p in (root / split).glob("*/*"))
+        files = sorted(
+            (CLASSES.index(p.parent.name.lower()), p.name, p) for p in (root / split).glob("*/*")
+        )
         out[split] = [
-            (label, np.asarray(Image.open(p).convert("L")),
-             -1 if split == "train" else int(name.startswith("PrivateTest_")))
+            (
+                label,
+                np.asarray(Image.open(p).convert("L")),
+                -1 if split == "train" else int(name.startswith("PrivateTest_")),
+            )
             for label, name, p in files
         ]
     return out
@@ -230,11 +235,22 @@ def test_root_from_environment_through_the_config(tiny: Path, tmp_path: Path, mo
 
 def test_omegaconf_config_through_the_schema(tiny: Path, tmp_path: Path):
     omegaconf = pytest.importorskip("omegaconf")
-    cfg = omegaconf.OmegaConf.create({"data": {
-        "root": str(tiny), "format": "folder", "val_fraction": 0.5, "split_seed": 0,
-        "limit_per_class": 1, "cache_dir": str(tmp_path / "c"), "mean": None, "std": None,
-        "skip_bad_images": False, "synthetic": False,
-    }})
+    cfg = omegaconf.OmegaConf.create(
+        {
+            "data": {
+                "root": str(tiny),
+                "format": "folder",
+                "val_fraction": 0.5,
+                "split_seed": 0,
+                "limit_per_class": 1,
+                "cache_dir": str(tmp_path / "c"),
+                "mean": None,
+                "std": None,
+                "skip_bad_images": False,
+                "synthetic": False,
+            }
+        }
+    )
     ds = load_dataset(validate(cfg).data)
     assert [len(ds.train), len(ds.val), len(ds.test)] == [7, 7, 7]
     assert 0 < ds.mean < 1 and 0 < ds.std < 1
@@ -248,8 +264,11 @@ def test_default_cache_dir(monkeypatch, tmp_path: Path):
 
 
 def test_split_subset_and_len():
-    s = Split(torch.arange(4 * 48 * 48, dtype=torch.int64).to(torch.uint8).reshape(4, 48, 48),
-              torch.tensor([0, 6, 6, 2]), torch.tensor([0, 1, -1, 0], dtype=torch.int8))
+    s = Split(
+        torch.arange(4 * 48 * 48, dtype=torch.int64).to(torch.uint8).reshape(4, 48, 48),
+        torch.tensor([0, 6, 6, 2]),
+        torch.tensor([0, 1, -1, 0], dtype=torch.int8),
+    )
     sub = s.subset(torch.tensor([3, 1]))
     assert len(sub) == 2 and sub.y.tolist() == [2, 6] and sub.usage.tolist() == [0, 1]
     assert torch.equal(sub.x[0], s.x[3]) and sub.x.is_contiguous()
@@ -290,7 +309,7 @@ def test_corrupt_cache_is_detected_and_rebuilt(tiny: Path, tmp_path: Path, damag
     blob = bytearray(path.read_bytes())
     if damage == "flip_bytes":  # inside the pixel data: only the checksum can notice
         mid = len(blob) // 2
-        blob[mid:mid + 16] = bytes(255 - b for b in blob[mid:mid + 16])
+        blob[mid : mid + 16] = bytes(255 - b for b in blob[mid : mid + 16])
     else:
         blob = blob[: len(blob) // 3]
     path.write_bytes(bytes(blob))
@@ -310,8 +329,14 @@ def test_missing_root_says_where_and_how(tmp_path: Path):
     with pytest.raises(DataError) as e:
         load_source(tmp_path / "nowhere", cache_dir=tmp_path / "c")
     msg = str(e.value)
-    for part in (str(tmp_path / "nowhere"), "msambare/fer2013", "fer2013.csv", "data.root",
-                 "FER2013_ROOT", "data=synthetic"):
+    for part in (
+        str(tmp_path / "nowhere"),
+        "msambare/fer2013",
+        "fer2013.csv",
+        "data.root",
+        "FER2013_ROOT",
+        "data=synthetic",
+    ):
         assert part in msg
 
 
@@ -379,8 +404,9 @@ def test_colour_and_wrong_size_images_are_converted(tiny: Path, tmp_path: Path, 
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parallel decoding forks")
-def test_parallel_decoding_equals_serial_and_reports_the_same(tiny: Path, tmp_path: Path,
-                                                               monkeypatch, caplog):
+def test_parallel_decoding_equals_serial_and_reports_the_same(
+    tiny: Path, tmp_path: Path, monkeypatch, caplog
+):
     """Large folders are decoded by forked workers: same arrays, same converted count, the same
     error for an unreadable image (found in a worker's chunk), the same skipping."""
     rgb = np.zeros((64, 64, 3), np.uint8)
@@ -480,11 +506,17 @@ def test_synthetic_loads_through_load_dataset_and_is_learnable(tmp_path: Path):
 
 REAL_ROOT = os.environ.get("FER2013_ROOT")
 README_COUNTS = {  # class: (train, test), from the dataset README
-    "angry": (3995, 958), "disgust": (436, 111), "fear": (4097, 1024), "happy": (7215, 1774),
-    "neutral": (4965, 1233), "sad": (4830, 1247), "surprise": (3171, 831),
+    "angry": (3995, 958),
+    "disgust": (436, 111),
+    "fear": (4097, 1024),
+    "happy": (7215, 1774),
+    "neutral": (4965, 1233),
+    "sad": (4830, 1247),
+    "surprise": (3171, 831),
 }
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_ROOT, reason="FER2013_ROOT is not set")
 def test_real_fer2013_counts(tmp_path: Path):
     train, test, info = load_source(REAL_ROOT, cache_dir=tmp_path)

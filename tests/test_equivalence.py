@@ -28,9 +28,18 @@ from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import evaluate, fit, make_optimizer
 from tests.conftest import real_data
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
 SEED = 0
-COMMON = ["model=cnn2", "transforms=aug", "trainer.progress=false", "trainer.device=cpu",
-          f"trainer.seed={SEED}", "trainer.threads=1", "data.val_fraction=0.2"]
+COMMON = [
+    "model=cnn2",
+    "transforms=aug",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    f"trainer.seed={SEED}",
+    "trainer.threads=1",
+    "data.val_fraction=0.2",
+]
 # One thread: on a shared 2-core machine two spinning OpenMP threads run several times slower,
 # and this test is about results, not speed.
 # Real data: 300 train / 100 test images per class; SGD lr 0.1 + momentum 0.9 for 10 epochs
@@ -61,8 +70,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Conf
         root, recipe = _subset_root(tmp / "fer"), REAL
     else:
         root, recipe = make_synthetic(tmp / "synthetic", 100, 50), SYNTHETIC
-    conf = compose_config([*COMMON, *recipe, f"data.root='{root}'",
-                           f"data.cache_dir='{tmp / 'c'}'"])
+    conf = compose_config(
+        [*COMMON, *recipe, f"data.root='{root}'", f"data.cache_dir='{tmp / 'c'}'"]
+    )
     threads = torch.get_num_threads()  # fit sets trainer.threads process-wide: restore it
     try:
         yield root, conf, load_dataset(conf.data)
@@ -127,8 +137,12 @@ def test_same_model_same_accuracy(setup) -> None:
     torch.manual_seed(conf.trainer.seed)  # as fit: seed, then build -> the same initial weights
     model = build_model(conf.model)
     opt = make_optimizer(model.parameters(), conf.optimizer)
-    loader = naive_loader(train_set, batch_size=conf.trainer.batch_size, num_workers=0,
-                          generator=torch.Generator().manual_seed(SEED))
+    loader = naive_loader(
+        train_set,
+        batch_size=conf.trainer.batch_size,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(SEED),
+    )
     for _ in range(conf.trainer.epochs):
         model.train()
         for xb, yb in loader:

@@ -31,8 +31,13 @@ from tests.mlflow_server import (
 
 pytestmark = pytest.mark.slow
 
-TINY = ["trainer.epochs=1", "data.limit_per_class=5", "trainer.progress=false",
-        "mlflow.log_model=false", "mlflow.figures=false"]
+TINY = [
+    "trainer.epochs=1",
+    "data.limit_per_class=5",
+    "trainer.progress=false",
+    "mlflow.log_model=false",
+    "mlflow.figures=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +65,9 @@ def _parent_and_children(client: MlflowClient, experiment: str, n: int) -> tuple
     return parent, children
 
 
-def test_joblib_runs_jobs_in_parallel_processes(server: Server,
-                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_joblib_runs_jobs_in_parallel_processes(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     sweep = sweep_on(server, tmp_path_factory)
     assert sweep.proc.returncode == 0, sweep.proc.stderr[-4000:]
     parent, children = _parent_and_children(MlflowClient(server.url), EXPERIMENT, 2)
@@ -74,10 +80,22 @@ def test_joblib_runs_jobs_in_parallel_processes(server: Server,
 def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: list[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(["-m", "hparams_search=cnn2_optuna", "hydra.sweeper.n_trials=3",
-                    "hydra.sweeper.n_jobs=3", "hydra/launcher=submitit_local", *TINY, *PID_LOGS,
-                    *data_overrides, f"mlflow.tracking_uri={uri}",
-                    f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=600)
+    proc = run_cli(
+        [
+            "-m",
+            "hparams_search=cnn2_optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.n_jobs=3",
+            "hydra/launcher=submitit_local",
+            *TINY,
+            *PID_LOGS,
+            *data_overrides,
+            f"mlflow.tracking_uri={uri}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     parent, children = _parent_and_children(MlflowClient(uri), "fer_sweep", 3)
     assert parent.data.tags["fer_sweep.sweeper"].endswith("OptunaSweeper")
@@ -100,31 +118,54 @@ def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: li
 
     # the sweeper's verdict is the best child's best validation accuracy (maximised)
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert set(results["best_params"]) == {"optimizer.lr", "optimizer.weight_decay",
-                                           "trainer.batch_size", "model.dropout"}
+    assert set(results["best_params"]) == {
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "trainer.batch_size",
+        "model.dropout",
+    }
     assert results["best_value"] == pytest.approx(
-        max(r.data.metrics["best_val_acc"] for r in children))
-    winners = [r for r in children if all(float(r.data.params[k]) == pytest.approx(float(v))
-                                          for k, v in results["best_params"].items())]
+        max(r.data.metrics["best_val_acc"] for r in children)
+    )
+    winners = [
+        r
+        for r in children
+        if all(
+            float(r.data.params[k]) == pytest.approx(float(v))
+            for k, v in results["best_params"].items()
+        )
+    ]
     assert len(winners) == 1
     assert winners[0].data.metrics["best_val_acc"] == pytest.approx(results["best_value"])
     # ... and is on the parent run, where the UI shows it
     assert parent.data.metrics["best_value"] == pytest.approx(results["best_value"])
     assert {k: float(v) for k, v in parent.data.params.items() if k.startswith("best.")} == {
-        f"best.{k}": pytest.approx(float(v)) for k, v in results["best_params"].items()}
+        f"best.{k}": pytest.approx(float(v)) for k, v in results["best_params"].items()
+    }
     assert {int(r.data.tags["fer_sweep.pid"]) for r in children} == pids
 
 
-def test_optuna_records_a_failed_trial_and_searches_on(tmp_path: Path,
-                                                       data_overrides: list[str]) -> None:
+def test_optuna_records_a_failed_trial_and_searches_on(
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
     """A trial that fails (here: dropout 1.5 is rejected) is a FAILED Optuna trial, not a crash:
     the other trials run, the parent is FAILED with the failures listed, the exit is non-zero."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(["-m", "hparams_search=cnn2_optuna", "hydra.sweeper.n_trials=3",
-                    "model.dropout=choice(0.0,1.5)", *TINY, *data_overrides,
-                    f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"],
-                   cwd=tmp_path, timeout=600)
+    proc = run_cli(
+        [
+            "-m",
+            "hparams_search=cnn2_optuna",
+            "hydra.sweeper.n_trials=3",
+            "model.dropout=choice(0.0,1.5)",
+            *TINY,
+            *data_overrides,
+            f"mlflow.tracking_uri={uri}",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "job(s) failed" in proc.stderr and "model.dropout=1.5 must lie in" in proc.stderr
     failed = len(list((sweep_dir / "failures").glob("*.json")))
@@ -140,14 +181,32 @@ def test_optuna_records_a_failed_trial_and_searches_on(tmp_path: Path,
 
 
 def test_slurm_preset_holds_the_cluster_knobs(tmp_path: Path) -> None:
-    proc = run_cli(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                    "hydra.launcher.timeout_min=30", "--cfg", "hydra", "-p", "hydra.launcher"],
-                   cwd=tmp_path, timeout=120)
+    proc = run_cli(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=30",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.launcher",
+        ],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     launcher = yaml.safe_load(proc.stdout)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert launcher["partition"] == "gpu" and launcher["timeout_min"] == 30
-    for knob in ("gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism", "account",
-                 "qos", "setup", "additional_parameters"):
+    for knob in (
+        "gpus_per_node",
+        "cpus_per_task",
+        "mem_gb",
+        "array_parallelism",
+        "account",
+        "qos",
+        "setup",
+        "additional_parameters",
+    ):
         assert knob in launcher, knob
     assert launcher["nodes"] == 1 and launcher["tasks_per_node"] == 1

@@ -208,8 +208,10 @@ def test_channels_last_and_bf16_autocast(name: str) -> None:
 
 
 def test_build_model_config_handling() -> None:
-    assert build_model(_model(TABLE2["cnn2"]), num_classes=3)(
-        torch.randn(1, 1, 48, 48)).shape == (1, 3)
+    assert build_model(_model(TABLE2["cnn2"]), num_classes=3)(torch.randn(1, 1, 48, 48)).shape == (
+        1,
+        3,
+    )
     # Settings are checked once, by the schema, before any builder runs ...
     with pytest.raises(ConfigError, match="builder"):
         _model({"builder": "vgg"})

@@ -20,6 +20,8 @@ from fer_sweep.data import CLASSES, load_source
 from fer_sweep.predict import decode_image, main
 from tests.conftest import real_data, run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
 LRS = ("0.00001", "0.003")  # adam, 1 epoch: near chance vs. clearly learning
 
 
@@ -36,9 +38,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("predict")
     uri = f"sqlite:///{tmp / 'm.db'}"
     data = [] if real_data() else ["data=synthetic"]
-    proc = run_cli(["-m", "model=cnn2", "trainer.epochs=1", "data.limit_per_class=5",
-                    "trainer.progress=false", "mlflow.figures=false", f"mlflow.tracking_uri={uri}",
-                    "optimizer=adam", f"optimizer.lr={','.join(LRS)}", *data], cwd=tmp)
+    proc = run_cli(
+        [
+            "-m",
+            "model=cnn2",
+            "trainer.epochs=1",
+            "data.limit_per_class=5",
+            "trainer.progress=false",
+            "mlflow.figures=false",
+            f"mlflow.tracking_uri={uri}",
+            "optimizer=adam",
+            f"optimizer.lr={','.join(LRS)}",
+            *data,
+        ],
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     from mlflow.tracking import MlflowClient
@@ -58,15 +72,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     Image.fromarray(_smooth(rng, 80, 100, 3)).save(faces / "sub" / "rgb.jpg", quality=90)
     (faces / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))  # JPEG header, no data
     (faces / "notes.txt").write_text("not an image\n")
-    return {"tmp": tmp, "uri": uri, "client": client, "exp_id": exp_id,
-            "jobs": jobs, "parent": parents[0]}
+    return {
+        "tmp": tmp,
+        "uri": uri,
+        "client": client,
+        "exp_id": exp_id,
+        "jobs": jobs,
+        "parent": parents[0],
+    }
 
 
 IMAGES = ("single.jpg", "faces/gray.png", "faces/sub/rgb.jpg")
 
 
-def _main(args: list[str], store: dict, capsys: pytest.CaptureFixture[str],
-          monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+def _main(
+    args: list[str],
+    store: dict,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[int, str, str]:
     """main() in this process (same code as the CLI, without paying the imports again)."""
     monkeypatch.chdir(store["tmp"])
     code = main([*args, "--tracking-uri", store["uri"], "--device", "cpu"])
@@ -76,8 +100,12 @@ def _main(args: list[str], store: dict, capsys: pytest.CaptureFixture[str],
 
 def test_cli_table_predicts_files_and_folders(store: dict) -> None:
     run_id = store["jobs"][0].info.run_id
-    proc = run_cli(["--run-id", run_id, "--tracking-uri", store["uri"], "single.jpg", "faces/"],
-                   cwd=store["tmp"], module="fer_sweep.predict", timeout=300)
+    proc = run_cli(
+        ["--run-id", run_id, "--tracking-uri", store["uri"], "single.jpg", "faces/"],
+        cwd=store["tmp"],
+        module="fer_sweep.predict",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split() == ["image", "emotion", *CLASSES]
@@ -123,11 +151,13 @@ def _reference(store: dict, run_id: str) -> dict[str, np.ndarray]:
     return dict(zip(("faces/gray.png", "faces/sub/rgb.jpg", "single.jpg"), probs, strict=True))
 
 
-def test_csv_and_json_match_the_training_path(store: dict, capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_csv_and_json_match_the_training_path(
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id = store["jobs"][1].info.run_id
-    code, out, err = _main(["--run-id", run_id, "--format", "json", "single.jpg", "faces"],
-                           store, capsys, monkeypatch)
+    code, out, err = _main(
+        ["--run-id", run_id, "--format", "json", "single.jpg", "faces"], store, capsys, monkeypatch
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert doc["run_id"] == run_id and doc["classes"] == list(CLASSES)
@@ -143,8 +173,12 @@ def test_csv_and_json_match_the_training_path(store: dict, capsys: pytest.Captur
         np.testing.assert_allclose(probs, ref[name], atol=1e-5, rtol=0)
         assert p["emotion"] == CLASSES[int(ref[name].argmax())]
 
-    code, out, err = _main(["--run-id", run_id, "--format", "csv", "--batch-size", "2",
-                            "single.jpg", "faces"], store, capsys, monkeypatch)
+    code, out, err = _main(
+        ["--run-id", run_id, "--format", "csv", "--batch-size", "2", "single.jpg", "faces"],
+        store,
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["image", "emotion", *CLASSES]
@@ -155,12 +189,14 @@ def test_csv_and_json_match_the_training_path(store: dict, capsys: pytest.Captur
         np.testing.assert_allclose(p, ref[name], atol=1e-5, rtol=0)
 
 
-def test_best_picks_the_highest_best_val_acc(store: dict, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_best_picks_the_highest_best_val_acc(
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     client, jobs = store["client"], store["jobs"]
     # the two trained runs, highest best_val_acc first (ties: the newest)
-    ranked = sorted(jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time),
-                    reverse=True)
+    ranked = sorted(
+        jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time), reverse=True
+    )
     # decoys that must never be picked: a FAILED job run with a perfect score, and a better
     # FINISHED one without a model (skipped, and said so)
     failed = client.create_run(store["exp_id"], tags={"fer_sweep.role": "job"}).info.run_id
@@ -170,8 +206,9 @@ def test_best_picks_the_highest_best_val_acc(store: dict, capsys: pytest.Capture
     client.log_metric(no_model, "best_val_acc", 0.999)
     client.set_terminated(no_model, "FINISHED")
     try:
-        code, out, err = _main(["--run-id", "best", "--format", "json", "faces/gray.png"],
-                               store, capsys, monkeypatch)
+        code, out, err = _main(
+            ["--run-id", "best", "--format", "json", "faces/gray.png"], store, capsys, monkeypatch
+        )
     finally:
         client.delete_run(failed)
         client.delete_run(no_model)
@@ -182,15 +219,18 @@ def test_best_picks_the_highest_best_val_acc(store: dict, capsys: pytest.Capture
 
 
 def test_unknown_run_is_exit_2_naming_run_and_store(
-        store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, out, err = _main(["--run-id", "0123456789abcdef", "single.jpg"], store, capsys,
-                           monkeypatch)
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = _main(
+        ["--run-id", "0123456789abcdef", "single.jpg"], store, capsys, monkeypatch
+    )
     assert code == 2 and out == ""
     assert "0123456789abcdef" in err and store["uri"] in err and "Traceback" not in err
 
 
-def test_run_without_model_is_exit_2(store: dict, capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_without_model_is_exit_2(
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     parent = store["parent"].info.run_id  # a sweep's parent run logs no model
     code, out, err = _main(["--run-id", parent, "single.jpg"], store, capsys, monkeypatch)
     assert code == 2 and out == ""
@@ -198,27 +238,32 @@ def test_run_without_model_is_exit_2(store: dict, capsys: pytest.CaptureFixture[
 
 
 def test_best_in_unknown_experiment_is_exit_2(
-        store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = _main(["--run-id", "best", "--experiment", "nope", "single.jpg"], store,
-                         capsys, monkeypatch)
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = _main(
+        ["--run-id", "best", "--experiment", "nope", "single.jpg"], store, capsys, monkeypatch
+    )
     assert code == 2 and "'nope'" in err and "fer_sweep" in err  # lists what is there
 
 
-def test_nothing_readable_is_exit_1(store: dict, capsys: pytest.CaptureFixture[str],
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_readable_is_exit_1(
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id = store["jobs"][0].info.run_id
-    code, out, err = _main(["--run-id", run_id, "faces/corrupt.jpg", "faces/notes.txt"], store,
-                           capsys, monkeypatch)
+    code, out, err = _main(
+        ["--run-id", run_id, "faces/corrupt.jpg", "faces/notes.txt"], store, capsys, monkeypatch
+    )
     assert code == 1 and out == ""
     assert "faces/corrupt.jpg" in err and "faces/notes.txt" in err
 
 
 def test_missing_path_and_missing_store_are_exit_2(
-        store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    store: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id = store["jobs"][0].info.run_id
-    code, _, err = _main(["--run-id", run_id, "single.jpg", "no_such_folder"], store, capsys,
-                         monkeypatch)
+    code, _, err = _main(
+        ["--run-id", run_id, "single.jpg", "no_such_folder"], store, capsys, monkeypatch
+    )
     assert code == 2 and "no_such_folder" in err
 
     monkeypatch.chdir(store["tmp"])

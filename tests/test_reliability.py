@@ -10,19 +10,29 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
 
-TINY = ["data.limit_per_class=8", "trainer.progress=false", "mlflow.log_model=false",
-        "mlflow.figures=false"]
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
+TINY = [
+    "data.limit_per_class=8",
+    "trainer.progress=false",
+    "mlflow.log_model=false",
+    "mlflow.figures=false",
+]
 
 
 def _runs(uri: str, experiment: str, role: str = "job") -> list:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    return [r for r in client.search_runs([exp.experiment_id], max_results=1000)
-            if r.data.tags.get("fer_sweep.role") == role]
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+        if r.data.tags.get("fer_sweep.role") == role
+    ]
 
 
 def _history(uri: str, run_id: str, key: str) -> list[float]:
@@ -31,17 +41,29 @@ def _history(uri: str, run_id: str, key: str) -> list[float]:
 
 
 def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
-        tmp_path: Path, data_overrides: list[str]) -> None:
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    proc = run_cli(["-m", "optimizer.lr=0.01,1e12,0.02", "trainer.epochs=2", *TINY,
-                    f"mlflow.tracking_uri={uri}", "mlflow.experiment=div", *data_overrides],
-                   cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "optimizer.lr=0.01,1e12,0.02",
+            "trainer.epochs=2",
+            *TINY,
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=div",
+            *data_overrides,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "1 job(s) failed" in proc.stderr and "optimizer.lr=1000000000000.0" in proc.stderr
     runs = {r.data.params["optimizer.lr"]: r for r in _runs(uri, "div")}
     assert runs["1000000000000.0"].info.status == "FAILED"
-    assert "diverg" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower() or \
-        "nan" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower()
+    assert (
+        "diverg" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower()
+        or "nan" in runs["1000000000000.0"].data.tags["fer_sweep.error"].lower()
+    )
     assert runs["0.01"].info.status == "FINISHED" and runs["0.02"].info.status == "FINISHED"
     assert "test_acc" in runs["0.02"].data.metrics  # the job after the failure still ran
     (parent,) = _runs(uri, "div", role="parent")
@@ -49,10 +71,18 @@ def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
 
 
 def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
-        tmp_path: Path, data_overrides: list[str]) -> None:
-    args = ["model=cnn2", "trainer.epochs=20", "data.limit_per_class=60", "trainer.seed=3",
-            "trainer.progress=false", "mlflow.log_model=false", "mlflow.figures=false",
-            *data_overrides]
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
+    args = [
+        "model=cnn2",
+        "trainer.epochs=20",
+        "data.limit_per_class=60",
+        "trainer.seed=3",
+        "trainer.progress=false",
+        "mlflow.log_model=false",
+        "mlflow.figures=false",
+        *data_overrides,
+    ]
     ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
     ref = run_cli([*args, f"mlflow.tracking_uri={ref_uri}"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -62,9 +92,13 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     # Create the store first: this test polls it while the job runs, and two processes that
     # first touch a new sqlite file race in MLflow's schema migration.
     MlflowClient(uri).search_experiments()
-    proc = subprocess.Popen([sys.executable, "-m", "fer_sweep", *args,
-                             f"mlflow.tracking_uri={uri}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fer_sweep", *args, f"mlflow.tracking_uri={uri}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Wait until two epochs are logged, then interrupt in the middle of the third.
     deadline = time.time() + 300
     run_id = None
@@ -97,11 +131,22 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
 
 
 def test_eight_parallel_writers_on_a_new_default_store(
-        tmp_path: Path, data_overrides: list[str]) -> None:
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
     seeds = ",".join(str(s) for s in range(8))
-    proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=8",
-                    f"trainer.seed={seeds}", "trainer.epochs=3", "model=cnn2", *TINY,
-                    *data_overrides], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=8",
+            f"trainer.seed={seeds}",
+            "trainer.epochs=3",
+            "model=cnn2",
+            *TINY,
+            *data_overrides,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     db = tmp_path / "mlflow.db"  # the default store, new to this sweep
     uri = f"sqlite:///{db}"
@@ -117,15 +162,25 @@ def test_eight_parallel_writers_on_a_new_default_store(
 
 
 def test_artifact_failure_keeps_metrics_and_marks_the_run_failed(
-        tmp_path: Path, data_overrides: list[str]) -> None:
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("artifacts cannot be written below a file")
     client = MlflowClient(uri)
     client.create_experiment("broken", artifact_location=(blocker / "artifacts").as_uri())
-    proc = run_cli(["model=cnn2", "trainer.epochs=2", *TINY, "mlflow.figures=true",
-                    f"mlflow.tracking_uri={uri}", "mlflow.experiment=broken", *data_overrides],
-                   cwd=tmp_path)
+    proc = run_cli(
+        [
+            "model=cnn2",
+            "trainer.epochs=2",
+            *TINY,
+            "mlflow.figures=true",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=broken",
+            *data_overrides,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     (run,) = _runs(uri, "broken")
     assert run.info.status == "FAILED"

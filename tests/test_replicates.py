@@ -14,8 +14,13 @@ from scipy import stats
 from fer_sweep.replicates import group, summarize, welch
 from tests.conftest import run_cli
 
-TINY = ["trainer.epochs=2", "data.limit_per_class=20", "trainer.progress=false",
-        "mlflow.log_model=false", "mlflow.figures=false"]
+TINY = [
+    "trainer.epochs=2",
+    "data.limit_per_class=20",
+    "trainer.progress=false",
+    "mlflow.log_model=false",
+    "mlflow.figures=false",
+]
 
 
 def test_summary_mean_sd_and_student_t_interval() -> None:
@@ -57,12 +62,23 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'r.db'}"
-    proc = run_cli(["-m", "experiment=table2", "table2=row1,row4", "trainer.seed=0,1,2", *TINY,
-                    f"mlflow.tracking_uri={uri}", *data_overrides], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=table2",
+            "table2=row1,row4",
+            "trainer.seed=0,1,2",
+            *TINY,
+            f"mlflow.tracking_uri={uri}",
+            *data_overrides,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "rep"
-    proc = run_cli(["--tracking-uri", uri, "--out", str(out)], cwd=tmp_path,
-                   module="fer_sweep.report")
+    proc = run_cli(
+        ["--tracking-uri", uri, "--out", str(out)], cwd=tmp_path, module="fer_sweep.report"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _read_csv(out / "table2.csv")
     assert [r["model"] for r in rows] == ["cnn2", "cnn3"]
@@ -70,42 +86,57 @@ def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[
     assert len(runs) == 6
     for r in rows:
         assert r["n"] == "3" and r["replicates"] == "trainer.seed 0, 1, 2"
-        low, mean, high = (float(r[k]) for k in ("test_acc_ci95_low", "test_acc_mean",
-                                                 "test_acc_ci95_high"))
+        low, mean, high = (
+            float(r[k]) for k in ("test_acc_ci95_low", "test_acc_mean", "test_acc_ci95_high")
+        )
         assert low <= mean <= high
         mine = [float(x["test_acc_pct"]) for x in runs if x["model"] == r["model"]]
         assert mean == pytest.approx(sum(mine) / 3)
         assert float(r["test_acc_std"]) == pytest.approx(stats.tstd(mine))
-        assert r["study_in_ci95"] == ("yes" if low <= float(r["study_acc_pct"]) <= high
-                                      else "no")
+        assert r["study_in_ci95"] == ("yes" if low <= float(r["study_acc_pct"]) <= high else "no")
     md = (out / "table2.md").read_text()
     assert "## Runs" in md and "± " in md
     # The aggregates are on the parent run too.
     client = MlflowClient(uri)
-    parent = next(r for r in client.search_runs(["1"])
-                  if r.data.tags.get("fer_sweep.role") == "parent")
+    parent = next(
+        r for r in client.search_runs(["1"]) if r.data.tags.get("fer_sweep.role") == "parent"
+    )
     assert parent.data.metrics["group1.n"] == 3
     assert parent.data.metrics["group1.test_acc_mean"] == pytest.approx(
-        float(rows[0]["test_acc_mean"]) / 100)
+        float(rows[0]["test_acc_mean"]) / 100
+    )
 
 
 @pytest.mark.slow
-def test_compare_section_for_one_varied_setting(tmp_path: Path,
-                                                data_overrides: list[str]) -> None:
+def test_compare_section_for_one_varied_setting(tmp_path: Path, data_overrides: list[str]) -> None:
     uri = f"sqlite:///{tmp_path / 'c.db'}"
-    proc = run_cli(["-m", "transforms=norm,aug", "trainer.seed=0,1,2", *TINY,
-                    f"mlflow.tracking_uri={uri}", *data_overrides], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "transforms=norm,aug",
+            "trainer.seed=0,1,2",
+            *TINY,
+            f"mlflow.tracking_uri={uri}",
+            *data_overrides,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "rep"
-    proc = run_cli(["--tracking-uri", uri, "--out", str(out), "--no-log"], cwd=tmp_path,
-                   module="fer_sweep.report")
+    proc = run_cli(
+        ["--tracking-uri", uri, "--out", str(out), "--no-log"],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (cmp,) = _read_csv(out / "compare.csv")
     assert (cmp["setting"], cmp["a_value"], cmp["b_value"]) == ("transforms", "norm", "aug")
     assert (cmp["n_a"], cmp["n_b"]) == ("3", "3")
     runs = _read_csv(out / "runs.csv")
-    acc = {t: [float(r["test_acc_pct"]) for r in runs if r["transforms_name"] == t]
-           for t in ("norm", "aug")}
+    acc = {
+        t: [float(r["test_acc_pct"]) for r in runs if r["transforms_name"] == t]
+        for t in ("norm", "aug")
+    }
     ref = stats.ttest_ind(acc["aug"], acc["norm"], equal_var=False)
     assert float(cmp["diff_pp"]) == pytest.approx(sum(acc["aug"]) / 3 - sum(acc["norm"]) / 3)
     if ref.df == ref.df:  # not NaN (identical accuracies on both sides)
@@ -113,6 +144,9 @@ def test_compare_section_for_one_varied_setting(tmp_path: Path,
         assert float(cmp["diff_ci95_low"]) == pytest.approx(ci.low)
         assert float(cmp["diff_ci95_high"]) == pytest.approx(ci.high)
     assert "## Differences" in (out / "table2.md").read_text()
-    bad = run_cli(["--tracking-uri", uri, "--out", str(out), "--no-log", "--compare",
-                   "optimizer.lr"], cwd=tmp_path, module="fer_sweep.report")
+    bad = run_cli(
+        ["--tracking-uri", uri, "--out", str(out), "--no-log", "--compare", "optimizer.lr"],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
     assert bad.returncode == 2 and "does not vary optimizer.lr" in bad.stderr

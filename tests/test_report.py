@@ -20,8 +20,12 @@ from fer_sweep.models import build_model, describe
 from tests.conftest import REPO, real_data, run_cli
 
 ROWS = [  # the study's Table 2: (model, transforms, epochs)
-    ("cnn2", "norm", 50), ("cnn2_fc1000", "norm", 500), ("cnn2_fc3", "norm", 500),
-    ("cnn3", "norm", 100), ("resnet_small", "norm", 100), ("resnet", "aug", 100),
+    ("cnn2", "norm", 50),
+    ("cnn2_fc1000", "norm", 500),
+    ("cnn2_fc3", "norm", 500),
+    ("cnn3", "norm", 100),
+    ("resnet_small", "norm", 100),
+    ("resnet", "aug", 100),
     ("resnet_dropout", "aug", 100),
 ]
 MODELS = [m for m, _, _ in ROWS]
@@ -30,8 +34,9 @@ EXP = "table2"
 
 def _compose(*overrides: str, hydra: bool = False) -> DictConfig:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["experiment=table2", *overrides],
-                       return_hydra_config=hydra)
+        return compose(
+            "config", overrides=["experiment=table2", *overrides], return_hydra_config=hydra
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,8 +57,13 @@ def test_each_row_composes_to_the_study_recipe(row: int) -> None:
 
 def test_command_line_overrides_take_precedence_over_the_rows() -> None:
     assert _compose("table2=row1").trainer.epochs == 50
-    cfg = _compose("table2=row1", "trainer.epochs=1", "data.limit_per_class=5", "model=cnn3",
-                   "mlflow.run_name=mine")
+    cfg = _compose(
+        "table2=row1",
+        "trainer.epochs=1",
+        "data.limit_per_class=5",
+        "model=cnn3",
+        "mlflow.run_name=mine",
+    )
     assert cfg.trainer.epochs == 1 and cfg.data.limit_per_class == 5
     assert cfg.model.name == "cnn3" and cfg.mlflow.run_name == "mine"
     assert cfg.transforms.name == "norm"
@@ -67,12 +77,30 @@ def test_experiment_is_a_multirun_over_the_seven_rows() -> None:
 
 def test_swept_keys_collapse_groups_and_skip_bookkeeping() -> None:
     params = [
-        {"model.name": "cnn2", "model.hidden": "[300, 150]", "model.dropout": "0.0",
-         "optimizer.lr": "0.01", "mlflow.run_name": "a", "data.n_train": "35"},
-        {"model.name": "cnn2", "model.hidden": "[300, 150]", "model.dropout": "0.5",
-         "optimizer.lr": "0.01", "mlflow.run_name": "b", "data.n_train": "36"},
-        {"model.name": "cnn3", "model.hidden": "[300, 150]", "model.dropout": "0.0",
-         "optimizer.lr": "0.1", "mlflow.run_name": "c", "data.n_train": "35"},
+        {
+            "model.name": "cnn2",
+            "model.hidden": "[300, 150]",
+            "model.dropout": "0.0",
+            "optimizer.lr": "0.01",
+            "mlflow.run_name": "a",
+            "data.n_train": "35",
+        },
+        {
+            "model.name": "cnn2",
+            "model.hidden": "[300, 150]",
+            "model.dropout": "0.5",
+            "optimizer.lr": "0.01",
+            "mlflow.run_name": "b",
+            "data.n_train": "36",
+        },
+        {
+            "model.name": "cnn3",
+            "model.hidden": "[300, 150]",
+            "model.dropout": "0.0",
+            "optimizer.lr": "0.1",
+            "mlflow.run_name": "c",
+            "data.n_train": "35",
+        },
     ]
     assert report.swept_keys(params) == ["model", "model.dropout", "optimizer.lr"]
     assert report.swept_keys(params[:1]) == []
@@ -82,12 +110,17 @@ def test_transforms_are_described_in_torchvision_words() -> None:
     assert report.describe_transforms({"rotation": 0.0, "translate": 0.0}) == "Normalize"
     assert report.describe_transforms({"rotation": 10.0, "translate": 0.1, "hflip": True}) == (
         "Normalize, RandomRotation(10), RandomAffine(degrees=0, translate=(0.1, 0.1)), "
-        "RandomHorizontalFlip(0.5)")
+        "RandomHorizontalFlip(0.5)"
+    )
 
 
+@pytest.mark.slow
 def test_report_names_a_missing_store(tmp_path: Path) -> None:
-    proc = run_cli(["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"], cwd=tmp_path,
-                   module="fer_sweep.report")
+    proc = run_cli(
+        ["--tracking-uri", f"sqlite:///{tmp_path / 'nope.db'}"],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
     assert proc.returncode == 2
     assert "fer_sweep: error: no MLflow store at" in proc.stderr
     assert not (tmp_path / "nope.db").exists()
@@ -103,19 +136,35 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str, 
     uri = f"sqlite:///{cwd / 't.db'}"
     data = [] if real_data() else ["data=synthetic"]
     # No model logging / figures: nothing below reads them, and they are most of a job's time.
-    proc = run_cli(["-m", "experiment=table2", "trainer.epochs=1", "data.limit_per_class=5",
-                    "trainer.progress=false", "mlflow.log_model=false", "mlflow.figures=false",
-                    f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXP}", *data], cwd=cwd)
+    proc = run_cli(
+        [
+            "-m",
+            "experiment=table2",
+            "trainer.epochs=1",
+            "data.limit_per_class=5",
+            "trainer.progress=false",
+            "mlflow.log_model=false",
+            "mlflow.figures=false",
+            f"mlflow.tracking_uri={uri}",
+            f"mlflow.experiment={EXP}",
+            *data,
+        ],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return MlflowClient(uri), uri, cwd
 
 
 def _runs(client: MlflowClient, role: str) -> list:
     exp = client.get_experiment_by_name(EXP)
-    return [r for r in client.search_runs([exp.experiment_id])
-            if r.data.tags.get("fer_sweep.role") == role]
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("fer_sweep.role") == role
+    ]
 
 
+@pytest.mark.slow
 def test_seven_finished_rows_under_one_parent(sweep: tuple[MlflowClient, str, Path]) -> None:
     client, _, _ = sweep
     parents, jobs = _runs(client, "parent"), _runs(client, "job")
@@ -138,28 +187,35 @@ def test_seven_finished_rows_under_one_parent(sweep: tuple[MlflowClient, str, Pa
 def ensemble(sweep: tuple[MlflowClient, str, Path]) -> tuple[str, str]:
     client, uri, cwd = sweep
     parent = _runs(client, "parent")[0].info.run_id
-    proc = run_cli(["--tracking-uri", uri, "--experiment", EXP, "--parent", parent,
-                    "--top-k", "3"], cwd=cwd, module="fer_sweep.ensemble")
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--parent", parent, "--top-k", "3"],
+        cwd=cwd,
+        module="fer_sweep.ensemble",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return parent, proc.stdout
 
 
+@pytest.mark.slow
 def test_ensemble_logs_the_accuracy_of_the_averaged_probabilities(
-        sweep: tuple[MlflowClient, str, Path], ensemble: tuple[str, str],
-        tmp_path: Path) -> None:
+    sweep: tuple[MlflowClient, str, Path], ensemble: tuple[str, str], tmp_path: Path
+) -> None:
     client, _, _ = sweep
     parent, stdout = ensemble
     (run,) = _runs(client, "ensemble")
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == parent
     members = run.data.tags["fer_sweep.members"].split(",")
-    listing = json.loads(Path(client.download_artifacts(run.info.run_id, "members.json",
-                                                        str(tmp_path))).read_text())
-    assert [m["run_id"] for m in listing] == members == \
-        run.data.params["ensemble.members"].split(",")
+    listing = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "members.json", str(tmp_path))).read_text()
+    )
+    assert (
+        [m["run_id"] for m in listing] == members == run.data.params["ensemble.members"].split(",")
+    )
     # The members are the top 3 jobs by validation accuracy, never by a test metric.
-    jobs = sorted(_runs(client, "job"), key=lambda r: (-r.data.metrics["best_val_acc"],
-                                                       r.info.start_time))
+    jobs = sorted(
+        _runs(client, "job"), key=lambda r: (-r.data.metrics["best_val_acc"], r.info.start_time)
+    )
     assert members == [r.info.run_id for r in jobs[:3]]
     probs, ys = [], []
     for i, run_id in enumerate(members):
@@ -178,8 +234,10 @@ def test_ensemble_logs_the_accuracy_of_the_averaged_probabilities(
     assert "ensemble" in stdout and f"{100 * acc:.1f}%" in stdout
 
 
+@pytest.mark.slow
 def test_ensemble_refuses_runs_scored_on_different_test_sets(
-        sweep: tuple[MlflowClient, str, Path], tmp_path: Path) -> None:
+    sweep: tuple[MlflowClient, str, Path], tmp_path: Path
+) -> None:
     client, uri, cwd = sweep
     exp_id = client.create_experiment("mismatch")
     source = _runs(client, "job")[0].info.run_id
@@ -193,14 +251,21 @@ def test_ensemble_refuses_runs_scored_on_different_test_sets(
         np.savez(folder / "predictions.npz", test_probs=p, test_y=labels)
         client.log_artifacts(run_id, str(folder))
         client.set_terminated(run_id)
-    proc = run_cli(["--tracking-uri", uri, "--experiment", "mismatch", "--top-k", "2"], cwd=cwd,
-                   module="fer_sweep.ensemble")
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", "mismatch", "--top-k", "2"],
+        cwd=cwd,
+        module="fer_sweep.ensemble",
+    )
     assert proc.returncode == 2
     assert "not evaluated on the same test set" in proc.stderr
-    assert not [r for r in client.search_runs([exp_id])
-                if r.data.tags.get("fer_sweep.role") == "ensemble"]
-    proc = run_cli(["--tracking-uri", uri, "--experiment", "mismatch", "--by", "test_acc"],
-                   cwd=cwd, module="fer_sweep.ensemble")
+    assert not [
+        r for r in client.search_runs([exp_id]) if r.data.tags.get("fer_sweep.role") == "ensemble"
+    ]
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", "mismatch", "--by", "test_acc"],
+        cwd=cwd,
+        module="fer_sweep.ensemble",
+    )
     assert proc.returncode == 2 and "test metric" in proc.stderr
 
 
@@ -208,12 +273,12 @@ def test_ensemble_refuses_runs_scored_on_different_test_sets(
 def report_dir(sweep: tuple[MlflowClient, str, Path], ensemble: tuple[str, str]) -> Path:
     _, uri, cwd = sweep
     parent, _ = ensemble
-    proc = run_cli(["--tracking-uri", uri, "--experiment", EXP], cwd=cwd,
-                   module="fer_sweep.report")
+    proc = run_cli(["--tracking-uri", uri, "--experiment", EXP], cwd=cwd, module="fer_sweep.report")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return cwd / "reports" / parent  # the default --out, for the latest parent
 
 
+@pytest.mark.slow
 def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     with (report_dir / "table2.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -223,8 +288,9 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     for row, (model, _, _) in zip(rows, ROWS, strict=True):
         assert row["status"] == "FINISHED" and row["epochs"] == "1"
         assert float(row["study_acc_pct"]) == study[model]
-        assert math.isclose(float(row["diff_pp"]),
-                            float(row["test_acc_pct"]) - study[model], abs_tol=1e-9)
+        assert math.isclose(
+            float(row["diff_pp"]), float(row["test_acc_pct"]) - study[model], abs_tol=1e-9
+        )
         assert int(row["n_params"]) > 0 and row["best_epoch"] == "1"
         assert float(row["wall_seconds"]) > 0 and float(row["final_train_loss"]) > 0
         assert row["synthetic"] == str(not real_data()).lower()
@@ -235,7 +301,8 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     assert "Dropout" in rows[6]["network"] and "Dropout" not in rows[5]["network"]
     assert rows[0]["transformations"] == "Normalize"
     assert rows[5]["transformations"] == report.describe_transforms(
-        {"rotation": 10, "translate": 0.1})
+        {"rotation": 10, "translate": 0.1}
+    )
     md = (report_dir / "table2.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(body) == 1 + 7 + 2  # header, seven rows; the ensemble table's header and row
@@ -243,8 +310,10 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     assert "## Ensembles of this sweep" in md and "75.8%" in md
 
 
+@pytest.mark.slow
 def test_report_table1_and_figures_logged_on_the_parent(
-        sweep: tuple[MlflowClient, str, Path], report_dir: Path) -> None:
+    sweep: tuple[MlflowClient, str, Path], report_dir: Path
+) -> None:
     client, _, _ = sweep
     table1 = (report_dir / "table1.md").read_text()
     assert "| Happiness | 5 | 5 | 5 | 15 | 5770 | 1445 | 1774 | 8989 |" in table1
@@ -252,26 +321,42 @@ def test_report_table1_and_figures_logged_on_the_parent(
     for name in ("accuracy.png", "curves.png"):
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logged = {a.path for a in client.list_artifacts(report_dir.name, "report")}
-    assert logged == {f"report/{n}" for n in ("table2.md", "table2.csv", "table1.md",
-                                              "accuracy.png", "curves.png")}
+    assert logged == {
+        f"report/{n}"
+        for n in ("table2.md", "table2.csv", "table1.md", "accuracy.png", "curves.png")
+    }
 
 
+@pytest.mark.slow
 def test_some_rows_without_dash_m(sweep: tuple[MlflowClient, str, Path]) -> None:
     """experiment=table2 switches Hydra to MULTIRUN itself; table2=row2,row4 on the command line
     replaces the sweep's list. (Into the module's store, in an experiment of its own.)"""
     client, uri, cwd = sweep
     data = [] if real_data() else ["data=synthetic"]
-    proc = run_cli(["experiment=table2", "table2=row2,row4",
-                    "trainer.epochs=1", "data.limit_per_class=2", "trainer.progress=false",
-                    "mlflow.log_model=false", "mlflow.figures=false", f"mlflow.tracking_uri={uri}",
-                    "mlflow.experiment=some_rows", *data], cwd=cwd)
+    proc = run_cli(
+        [
+            "experiment=table2",
+            "table2=row2,row4",
+            "trainer.epochs=1",
+            "data.limit_per_class=2",
+            "trainer.progress=false",
+            "mlflow.log_model=false",
+            "mlflow.figures=false",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=some_rows",
+            *data,
+        ],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = client.search_runs([client.get_experiment_by_name("some_rows").experiment_id])
     roles = sorted(r.data.tags.get("fer_sweep.role") for r in runs)
     assert roles == ["job", "job", "parent"]
     jobs = [r for r in runs if r.data.tags["fer_sweep.role"] == "job"]
     prefix = "" if real_data() else "SYNTHETIC-"
-    assert sorted(r.info.run_name for r in jobs) == [f"{prefix}row2-cnn2_fc1000-norm",
-                                                     f"{prefix}row4-cnn3-norm"]
+    assert sorted(r.info.run_name for r in jobs) == [
+        f"{prefix}row2-cnn2_fc1000-norm",
+        f"{prefix}row4-cnn3-norm",
+    ]
     assert all(r.info.status == "FINISHED" for r in jobs)
     assert all(r.data.params["trainer.epochs"] == "1" for r in jobs)

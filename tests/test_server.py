@@ -33,9 +33,10 @@ def runs(server: Server, tmp_path_factory: pytest.TempPathFactory) -> list[dict[
     sweep = sweep_on(server, tmp_path_factory)
     assert sweep.proc.returncode == 0, sweep.proc.stderr[-4000:] + server.log_tail(2000)
     exp = server.get_json("/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)
-    found = server.post_json("/api/2.0/mlflow/runs/search",
-                             {"experiment_ids": [exp["experiment"]["experiment_id"]],
-                              "max_results": 100})
+    found = server.post_json(
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [exp["experiment"]["experiment_id"]], "max_results": 100},
+    )
     return found.get("runs", [])
 
 
@@ -69,15 +70,20 @@ def test_artifacts_are_uploaded_to_the_server(server: Server, runs: list[dict[st
     assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:"), run["info"]
     listing = server.get_json("/api/2.0/mlflow/artifacts/list", run_id=run_id)
     names = {f["path"] for f in listing["files"]}
-    assert {"config.yaml", "model_summary.txt", "curves.png", "confusion_matrix.png",
-            "predictions.npz", "data.json"} <= names, names
+    assert {
+        "config.yaml",
+        "model_summary.txt",
+        "curves.png",
+        "confusion_matrix.png",
+        "predictions.npz",
+        "data.json",
+    } <= names, names
 
     config = server.get("/get-artifact", path="config.yaml", run_uuid=run_id).decode()
     assert "name: cnn2" in config and "epochs: 1" in config
     png = server.get("/get-artifact", path="curves.png", run_uuid=run_id)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    npz = np.load(io.BytesIO(server.get("/get-artifact", path="predictions.npz",
-                                        run_uuid=run_id)))
+    npz = np.load(io.BytesIO(server.get("/get-artifact", path="predictions.npz", run_uuid=run_id)))
     assert npz["test_probs"].shape == (len(npz["test_y"]), 7)
     np.testing.assert_allclose(npz["test_probs"].sum(axis=1), 1.0, atol=1e-4)
 
@@ -114,12 +120,20 @@ def test_ui_names_a_taken_port(server: Server, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
-def test_unreachable_server_fails_before_training(tmp_path: Path, data_overrides: list[str],
-                                                 multirun: bool) -> None:
+def test_unreachable_server_fails_before_training(
+    tmp_path: Path, data_overrides: list[str], multirun: bool
+) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    args = ["model=cnn2", "trainer.epochs=1", "data.limit_per_class=5", "trainer.progress=false",
-            f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            f"hydra.run.dir={tmp_path / 'run'}", *data_overrides]
+    args = [
+        "model=cnn2",
+        "trainer.epochs=1",
+        "data.limit_per_class=5",
+        "trainer.progress=false",
+        f"mlflow.tracking_uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *data_overrides,
+    ]
     proc = run_cli(["-m", *args] if multirun else args, cwd=tmp_path, timeout=60)
     assert proc.returncode != 0
     assert f"cannot reach the MLflow tracking server at {uri}" in proc.stderr, proc.stderr[-3000:]

@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+
 RESNET_PARAMS = 2_982_247
 
 
@@ -20,9 +22,20 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str, 
     cwd = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{cwd / 'm.db'}"
     data = [] if real_data() else ["data=synthetic"]
-    proc = run_cli(["-m", "model=cnn2,cnn3,resnet", "transforms=norm,aug",
-                    "data.limit_per_class=5", "trainer.epochs=1", "trainer.progress=false",
-                    f"mlflow.tracking_uri={uri}", "mlflow.experiment=smoke", *data], cwd=cwd)
+    proc = run_cli(
+        [
+            "-m",
+            "model=cnn2,cnn3,resnet",
+            "transforms=norm,aug",
+            "data.limit_per_class=5",
+            "trainer.epochs=1",
+            "trainer.progress=false",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment=smoke",
+            *data,
+        ],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return MlflowClient(uri), uri, cwd
 
@@ -36,15 +49,24 @@ def test_six_finished_child_runs_under_one_parent(sweep: tuple[MlflowClient, str
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 6
     assert {(r.data.tags["model"], r.data.tags["transforms"]) for r in children} == {
-        (m, t) for m in ("cnn2", "cnn3", "resnet") for t in ("norm", "aug")}
+        (m, t) for m in ("cnn2", "cnn3", "resnet") for t in ("norm", "aug")
+    }
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert "model=" in run.data.tags["overrides"]
         m = run.data.metrics
         assert 0.0 <= m["test_acc"] <= 1.0
-        assert {"test_loss", "best_epoch", "best_val_acc", "macro_f1", "test_acc_angry",
-                "train_loss", "val_acc", "lr"} <= set(m)
+        assert {
+            "test_loss",
+            "best_epoch",
+            "best_val_acc",
+            "macro_f1",
+            "test_acc_angry",
+            "train_loss",
+            "val_acc",
+            "lr",
+        } <= set(m)
         assert run.data.params["trainer.epochs"] == "1"
         if run.data.tags["model"] == "resnet":
             assert m["n_params"] == RESNET_PARAMS
@@ -53,11 +75,18 @@ def test_six_finished_child_runs_under_one_parent(sweep: tuple[MlflowClient, str
 def test_artifacts_and_model_round_trip(sweep: tuple[MlflowClient, str, Path]) -> None:
     client, uri, _ = sweep
     exp = client.get_experiment_by_name("smoke")
-    run = client.search_runs([exp.experiment_id],
-                             "tags.model = 'cnn2' and tags.transforms = 'aug'")[0]
+    run = client.search_runs(
+        [exp.experiment_id], "tags.model = 'cnn2' and tags.transforms = 'aug'"
+    )[0]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "model_summary.txt", "curves.png", "confusion_matrix.png",
-            "predictions.npz", "misclassified"} <= names, names
+    assert {
+        "config.yaml",
+        "model_summary.txt",
+        "curves.png",
+        "confusion_matrix.png",
+        "predictions.npz",
+        "misclassified",
+    } <= names, names
     panels = client.list_artifacts(run.info.run_id, "misclassified")
     assert panels and all(a.path.endswith(".png") for a in panels)
     import mlflow

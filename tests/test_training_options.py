@@ -21,13 +21,21 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic(tmp_path_factory.mktemp("faces"), n_train_per_class=12,
-                          n_test_per_class=4)
+    return make_synthetic(
+        tmp_path_factory.mktemp("faces"), n_train_per_class=12, n_test_per_class=4
+    )
 
 
 def _conf(root: Path, *overrides: str) -> Config:
-    return compose_config([f"data.root='{root}'", "data=synthetic", "trainer.device=cpu",
-                           "trainer.progress=false", *overrides])
+    return compose_config(
+        [
+            f"data.root='{root}'",
+            "data=synthetic",
+            "trainer.device=cpu",
+            "trainer.progress=false",
+            *overrides,
+        ]
+    )
 
 
 def _cpu_flags() -> set[str]:
@@ -43,8 +51,9 @@ def _cpu_flags() -> set[str]:
 
 
 def test_auto_precision_follows_the_cpu_flags() -> None:
-    native = bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) and \
-        torch.backends.mkldnn.is_available()
+    native = (
+        bool({"avx512_bf16", "amx_bf16"} & _cpu_flags()) and torch.backends.mkldnn.is_available()
+    )
     assert cpu_has_fast_bf16() == native
     assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", CPU) == "fp32"
@@ -52,9 +61,17 @@ def test_auto_precision_follows_the_cpu_flags() -> None:
         assert resolve_precision("bf16", CPU) == "bf16"  # asked for: honoured, even emulated
 
 
-@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("bf16", "bf16"),
-                                                 ("fp32", "fp32"), ("true", "bf16"),
-                                                 ("false", "fp32"), ("BF16", "bf16")])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("auto", "auto"),
+        ("bf16", "bf16"),
+        ("fp32", "fp32"),
+        ("true", "bf16"),
+        ("false", "fp32"),
+        ("BF16", "bf16"),
+    ],
+)
 def test_amp_values_and_aliases(tmp_path: Path, value: str, expected: str) -> None:
     assert _conf(tmp_path, f"trainer.amp={value}").trainer.amp == expected
 
@@ -77,10 +94,16 @@ def test_bf16_run_is_deterministic_on_one_cpu(synthetic_root: Path) -> None:
 
 
 def test_early_stopping_stops_after_patience_epochs_without_a_better_val_loss(
-        synthetic_root: Path) -> None:
+    synthetic_root: Path,
+) -> None:
     # lr 1e-9 leaves the weights unchanged: the validation loss never improves after epoch 1.
-    conf = _conf(synthetic_root, "optimizer.lr=1e-9", "trainer.epochs=20",
-                 "trainer.early_stopping.patience=2", "trainer.amp=fp32")
+    conf = _conf(
+        synthetic_root,
+        "optimizer.lr=1e-9",
+        "trainer.epochs=20",
+        "trainer.early_stopping.patience=2",
+        "trainer.amp=fp32",
+    )
     result = fit(conf, load_dataset(conf.data))
     assert result.state.stop_reason == "early_stopping"
     assert result.state.epoch + 1 == 3  # epoch 1 sets the best, 2 and 3 do not beat it
@@ -90,8 +113,14 @@ def test_early_stopping_stops_after_patience_epochs_without_a_better_val_loss(
 def test_stop_at_min_lr_stops_once_the_plateau_scheduler_is_spent(synthetic_root: Path) -> None:
     # patience 0: every epoch without a 1e-4 relative gain cuts the rate 10x; 1e-6 -> 1e-8 is the
     # floor (a further cut would change it by less than the scheduler's eps, 1e-8).
-    conf = _conf(synthetic_root, "optimizer.lr=1e-6", "scheduler.patience=0",
-                 "trainer.epochs=30", "trainer.stop_at_min_lr=true", "trainer.amp=fp32")
+    conf = _conf(
+        synthetic_root,
+        "optimizer.lr=1e-6",
+        "scheduler.patience=0",
+        "trainer.epochs=30",
+        "trainer.stop_at_min_lr=true",
+        "trainer.amp=fp32",
+    )
     result = fit(conf, load_dataset(conf.data))
     lrs = result.state.history["lr"]
     assert result.state.stop_reason == "min_lr"
@@ -116,7 +145,8 @@ def test_stop_at_min_lr_is_off_by_default_and_needs_the_plateau_scheduler(tmp_pa
 
 
 def test_cpu_checkpoint_holds_no_cuda_state_and_never_initialises_cuda(
-        synthetic_root: Path, tmp_path: Path) -> None:
+    synthetic_root: Path, tmp_path: Path
+) -> None:
     conf = _conf(synthetic_root, "trainer.epochs=1")
     ckpt = tmp_path / "run.pt"
     fit(conf, load_dataset(conf.data), checkpoint=ckpt)
