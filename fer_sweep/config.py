@@ -232,6 +232,8 @@ class TrainerConfig:
     progress: bool = True
     checkpoint_dir: str = "checkpoints"
     resume: str | None = None
+    checkpoint_every_s: float = 60.0  # at most one checkpoint per this many s; 0 = every epoch
+    deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs always are
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     stop_at_min_lr: bool = False  # stop once the plateau scheduler cannot lower the rate
 
@@ -258,6 +260,10 @@ class TrainerConfig:
         _require(
             self.channels_last in ("auto", "true", "false", "True", "False"),
             f"trainer.channels_last={self.channels_last!r}: use auto, true or false.",
+        )
+        _require(
+            self.checkpoint_every_s >= 0,
+            f"trainer.checkpoint_every_s={self.checkpoint_every_s} must be >= 0 (0: every epoch).",
         )
         _require(
             self.threads is None or self.threads > 0,

@@ -30,6 +30,7 @@ from fer_sweep.models import describe, summary_text
 from fer_sweep.train import (
     Result,
     State,
+    best_path,
     device_name,
     evaluate,
     fit,
@@ -213,11 +214,14 @@ def run_job(cfg: DictConfig) -> float:
         if not resuming:
             _log_data_info(client, run_id, data)
 
+        logged: set[int] = set()  # epochs an interrupted process logged after its checkpoint
+
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            tracking.log_metrics(client, run_id, metrics, step=epoch)
+            if epoch not in logged:  # redone after a resume: on one CPU, the same values
+                tracking.log_metrics(client, run_id, metrics, step=epoch)
 
         def on_resume(state: State) -> None:
-            _relog_missing_epochs(client, run_id, state)
+            logged.update(_relog_missing_epochs(client, run_id, state))
 
         result = fit(
             conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch, on_resume=on_resume
@@ -229,14 +233,22 @@ def run_job(cfg: DictConfig) -> float:
 
         killed = isinstance(err, (Interrupted, KeyboardInterrupt))
         tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
-        if killed:
+        if killed and ckpt.exists():
             print(
                 f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
                 f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
                 file=sys.stderr,
             )
+        elif killed:
+            print(
+                f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED before its first "
+                f"checkpoint (one per trainer.checkpoint_every_s={conf.trainer.checkpoint_every_s}"
+                " s): run the command again.",
+                file=sys.stderr,
+            )
         raise
     ckpt.unlink(missing_ok=True)
+    best_path(ckpt).unlink(missing_ok=True)
     return result.state.best_val_acc
 
 
@@ -265,15 +277,17 @@ def _log_data_info(client: MlflowClient, run_id: str, data: Dataset) -> None:
     )
 
 
-def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> None:
+def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> set[int]:
     """An interruption between the checkpoint and the metric write leaves a gap: fill it from
-    the checkpoint's history."""
+    the checkpoint's history. Returns the epochs logged after the checkpoint (which the
+    resumed run trains again and must not log twice)."""
     logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
     for epoch in range(state.epoch + 1):
         if epoch not in logged:
             tracking.log_metrics(
                 client, run_id, {k: v[epoch] for k, v in state.history.items()}, step=epoch
             )
+    return {e for e in logged if e > state.epoch}
 
 
 def log_results(

@@ -19,7 +19,7 @@ import math
 import re
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -723,6 +723,191 @@ def _interval(low: float | None, high: float | None, digits: int = 1) -> str:
     return f"[{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
 
 
+Column = tuple[str, bool, Callable[[int, "Group"], Any]]  # title, right-aligned, cell
+
+
+def _group_columns(
+    keys: Sequence[str], extra: Sequence[tuple[str, str]], tta: set[str]
+) -> list[Column]:
+    """The main table's columns: one row per group of replicates."""
+
+    def study(g: Group) -> StudyRow | None:
+        return g.first.study
+
+    def acc(g: Group) -> Summary | None:
+        return g.stats.get("test_acc")
+
+    def diff(g: Group) -> str:
+        s, a = study(g), acc(g)
+        return f"{100 * a.mean - s.acc:+.1f}" if s and a else ""
+
+    def inside(g: Group) -> str:
+        s, a = study(g), acc(g)
+        return (_yes_no(a.contains(s.acc / 100)) or "") if s and a else ""
+
+    def status(g: Group) -> str:
+        other = {m.run.info.status for m in g.rows} - {"FINISHED"}
+        return f" ({'/'.join(sorted(other))})" if other else ""
+
+    def run(g: Group) -> str:
+        r = g.first
+        if g.n == 1:
+            return f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"
+        return f"{g.n} runs: {g.seeds_text() or 'same seeds'}"
+
+    def loss(g: Group) -> str:
+        value = _mean([m.metrics.get("final_train_loss") for m in g.rows])
+        return "" if value is None else f"{value:.6f}"
+
+    def params(g: Group) -> str:
+        n = _int(g.first.metrics.get("n_params"))
+        return "" if n is None else f"{n:,}"
+
+    def metric_column(m: str, title: str) -> Column:
+        if m == "test_acc_tta" and tta:
+            title = f"{title} ({'/'.join(sorted(tta))})"
+        return (title, True, lambda i, g: _mean_sd(g.stats.get(m)))
+
+    def key_column(k: str) -> Column:
+        return (k, False, lambda i, g: g.settings[k])
+
+    return [
+        ("#", True, lambda i, g: i),
+        *[key_column(k) for k in keys],
+        ("Network configuration", False, lambda i, g: g.first.network),
+        ("Transformations", False, lambda i, g: g.first.transforms),
+        ("Epochs", True, lambda i, g: g.first.epochs or ""),
+        ("Training loss", True, lambda i, g: loss(g)),
+        ("n", True, lambda i, g: g.n),
+        ("Test acc.", True, lambda i, g: _mean_sd(acc(g)) + status(g)),
+        ("95 % CI", True, lambda i, g: _interval(acc(g).low, acc(g).high) if acc(g) else ""),
+        (
+            "Study",
+            True,
+            lambda i, g: f"{study(g).acc:.1f}% (row {study(g).row})" if study(g) else "—",
+        ),
+        ("Study in CI", False, lambda i, g: inside(g)),
+        ("Δ (pp)", True, lambda i, g: diff(g)),
+        *[metric_column(m, t) for m, t in extra],
+        ("Params", True, lambda i, g: params(g)),
+        (
+            "Best epoch",
+            True,
+            lambda i, g: ", ".join(str(_int(m.metrics.get("best_epoch")) or "") for m in g.rows),
+        ),
+        ("Wall time", True, lambda i, g: _duration(_mean([m.wall_seconds for m in g.rows]))),
+        (
+            "Data",
+            False,
+            lambda i, g: "**SYNTHETIC**" if any(m.synthetic for m in g.rows) else "fer2013",
+        ),
+        ("Run", False, lambda i, g: run(g)),
+    ]
+
+
+def _table(columns: Sequence[Column], items: Sequence[Any]) -> str:
+    return markdown_table(
+        [c[0] for c in columns],
+        [[c[2](i, item) for c in columns] for i, item in enumerate(items, 1)],
+        [c[1] for c in columns],
+    )
+
+
+GROUPS_NOTE = (
+    "Test acc.: the best-validation-epoch weights on the test split; a row with n > 1 holds "
+    "runs that differ only in their seeds (mean ± sample sd, 95 % CI from Student's t with "
+    "n − 1 degrees of freedom; none for n = 1). Study: the reference study's Table 2 accuracy "
+    "for the same model (matched by model name; other runs have none); Study in CI: whether it "
+    "lies inside our interval; Δ = ours − study, in percentage points. Training loss: the last "
+    "epoch's mean training loss. Wall time: training time per run."
+)
+
+
+def _differences_section(comparisons: Sequence[Comparison]) -> list[str]:
+    def ci(c: Comparison) -> str:
+        if c.diff.low is None or c.diff.high is None:
+            return ""
+        return f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]"
+
+    def real(c: Comparison) -> str:
+        return {True: "yes", False: "not shown"}.get(
+            c.diff.excludes_zero, "needs n ≥ 2 on both sides"
+        )
+
+    columns: list[Column] = [
+        ("Setting", False, lambda i, c: c.key),
+        ("a", False, lambda i, c: c.a.settings[c.key]),
+        ("b", False, lambda i, c: c.b.settings[c.key]),
+        ("n (a, b)", True, lambda i, c: f"{c.a.n}, {c.b.n}"),
+        ("Test acc. a", True, lambda i, c: _pct(c.a.stats["test_acc"].mean)),
+        ("Test acc. b", True, lambda i, c: _pct(c.b.stats["test_acc"].mean)),
+        ("b − a (pp)", True, lambda i, c: f"{100 * c.diff.delta:+.1f}"),
+        ("95 % CI (pp)", True, lambda i, c: ci(c)),
+        ("Real?", False, lambda i, c: real(c)),
+        ("Also differs", False, lambda i, c: " ".join(c.others) or "—"),
+    ]
+    return [
+        "",
+        "## Differences (b − a, mean test accuracy, Welch 95 % CI)",
+        "",
+        _table(columns, comparisons),
+        "",
+        "Real?: yes when the interval excludes 0 (the difference is larger than the "
+        "seed-to-seed spread can explain at the 95 % level).",
+    ]
+
+
+def _runs_section(groups: Sequence[Group]) -> list[str]:
+    runs = [(i, r) for i, g in enumerate(groups, 1) for r in g.rows]
+    columns: list[Column] = [
+        ("Row", True, lambda _, ir: ir[0]),
+        ("Run", False, lambda _, ir: f"`{ir[1].run_id[:8]}` {ir[1].run.info.run_name or ''}"),
+        *[(k, True, lambda _, ir, k=k: ir[1].run.data.params.get(k, "")) for k in SEED_KEYS],
+        ("Test acc.", True, lambda _, ir: _pct(ir[1].test_acc)),
+        ("Best epoch", True, lambda _, ir: _int(ir[1].metrics.get("best_epoch")) or ""),
+        ("Stopped", True, lambda _, ir: _int(ir[1].metrics.get("stopped_epoch")) or ""),
+        ("Status", False, lambda _, ir: ir[1].run.info.status),
+        ("Wall time", True, lambda _, ir: _duration(ir[1].wall_seconds)),
+    ]
+    return ["", "## Runs", "", _table(columns, runs)]
+
+
+def _ensembles_section(ensembles: Sequence[Run]) -> list[str]:
+    def metric(e: Run, key: str) -> float | None:
+        return e.data.metrics.get(key)
+
+    columns: list[Column] = [
+        ("Run", False, lambda i, e: f"`{e.info.run_id[:8]}` {e.info.run_name}"),
+        ("Chosen by", False, lambda i, e: e.data.params.get("ensemble.by", "")),
+        ("Members", True, lambda i, e: _int(metric(e, "n_members")) or ""),
+        ("Test acc.", True, lambda i, e: _pct(metric(e, "test_acc"))),
+        (
+            "Test NLL",
+            True,
+            lambda i, e: "" if metric(e, "test_loss") is None else f"{metric(e, 'test_loss'):.4f}",
+        ),
+        ("Study's ensemble", True, lambda i, e: f"{STUDY_ENSEMBLE_ACC:.1f}%"),
+        (
+            "Δ (pp)",
+            True,
+            lambda i, e: (
+                ""
+                if metric(e, "test_acc") is None
+                else f"{100 * metric(e, 'test_acc') - STUDY_ENSEMBLE_ACC:+.1f}"
+            ),
+        ),
+    ]
+    return [
+        "",
+        "## Ensembles of this sweep (python -m fer_sweep.ensemble)",
+        "",
+        _table(columns, ensembles),
+        "",
+        "The study quotes an ensemble of other authors' networks (its Table 3, [2]) at "
+        "75.8%, not an ensemble of its Table 2.",
+    ]
+
+
 def table2_markdown(
     groups: Sequence[Group],
     keys: Sequence[str],
@@ -732,83 +917,13 @@ def table2_markdown(
     ensembles: Sequence[Run] = (),
     comparisons: Sequence[Comparison] = (),
 ) -> str:
+    """table2.md: the groups' table, then the differences, the runs of replicated groups and
+    the sweep's ensembles, where there are any."""
     rows = [r for g in groups for r in g.rows]
-    extra = _optional_metrics(rows)
     tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
     replicated = any(g.n > 1 for g in groups)
-    header = [
-        "#",
-        *keys,
-        "Network configuration",
-        "Transformations",
-        "Epochs",
-        "Training loss",
-        "n",
-        "Test acc.",
-        "95 % CI",
-        "Study",
-        "Study in CI",
-        "Δ (pp)",
-    ]
-    header += [
-        f"{t} ({'/'.join(sorted(tta))})" if m == "test_acc_tta" and tta else t for m, t in extra
-    ]
-    header += ["Params", "Best epoch", "Wall time", "Data", "Run"]
-    right = [
-        True,
-        *[False] * len(keys),
-        False,
-        False,
-        True,
-        True,
-        True,
-        True,
-        True,
-        True,
-        False,
-        True,
-    ]
-    right += [True] * len(extra) + [True, True, True, False, False]
-    body = []
-    for i, g in enumerate(groups, 1):
-        r, study, acc = g.first, g.first.study, g.stats.get("test_acc")
-        loss = _mean([m.metrics.get("final_train_loss") for m in g.rows])
-        diff = f"{100 * acc.mean - study.acc:+.1f}" if study and acc else ""
-        inside = _yes_no(acc.contains(study.acc / 100)) if study and acc else None
-        n_params = _int(r.metrics.get("n_params"))
-        best = ", ".join(str(_int(m.metrics.get("best_epoch")) or "") for m in g.rows)
-        statuses = {m.run.info.status for m in g.rows} - {"FINISHED"}
-        status = f" ({'/'.join(sorted(statuses))})" if statuses else ""
-        run = (
-            f"`{r.run_id[:8]}` {r.run.info.run_name or ''}"
-            if g.n == 1
-            else f"{g.n} runs: {g.seeds_text() or 'same seeds'}"
-        )
-        body.append(
-            [
-                i,
-                *[g.settings[k] for k in keys],
-                r.network,
-                r.transforms,
-                r.epochs or "",
-                "" if loss is None else f"{loss:.6f}",
-                g.n,
-                _mean_sd(acc) + status,
-                _interval(acc.low, acc.high) if acc else "",
-                f"{study.acc:.1f}% (row {study.row})" if study else "—",
-                inside or "",
-                diff,
-                *[_mean_sd(g.stats.get(m)) for m, _ in extra],
-                "" if n_params is None else f"{n_params:,}",
-                best,
-                _duration(_mean([m.wall_seconds for m in g.rows])),
-                "**SYNTHETIC**" if any(m.synthetic for m in g.rows) else "fer2013",
-                run,
-            ]
-        )
-    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}" + (
-        f" in {len(groups)} groups" if replicated else ""
-    )
+    runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
+    runs += f" in {len(groups)} groups" if replicated else ""
     out = [f"# Table 2: network configurations and their performance ({runs})", ""]
     n_syn = sum(r.synthetic for r in rows)
     if n_syn:
@@ -819,135 +934,21 @@ def table2_markdown(
             "",
         ]
     overrides = parent.data.tags.get("fer_sweep.overrides", "")
+    launched = f", launched with `{overrides}`" if overrides else ""
     out += [
         f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
-        f"`{experiment}` in `{uri}`"
-        + (f", launched with `{overrides}`" if overrides else "")
-        + ".",
+        f"`{experiment}` in `{uri}`{launched}.",
         "",
-        markdown_table(header, body, right),
+        _table(_group_columns(keys, _optional_metrics(rows), tta), groups),
         "",
-        "Test acc.: the best-validation-epoch weights on the test split; a row with n > 1 "
-        "holds runs that differ only in their seeds (mean ± sample sd, 95 % CI from "
-        "Student's t with n − 1 degrees of freedom; none for n = 1). Study: the "
-        "reference study's Table 2 accuracy for the same model (matched by model name; "
-        "other runs have none); Study in CI: whether it lies inside our interval; Δ = "
-        "ours − study, in percentage points. Training loss: the last epoch's mean "
-        "training loss. Wall time: training time per run.",
+        GROUPS_NOTE,
     ]
     if comparisons:
-        out += [
-            "",
-            "## Differences (b − a, mean test accuracy, Welch 95 % CI)",
-            "",
-            markdown_table(
-                [
-                    "Setting",
-                    "a",
-                    "b",
-                    "n (a, b)",
-                    "a",
-                    "b",
-                    "b − a (pp)",
-                    "95 % CI (pp)",
-                    "Real?",
-                    "Also differs",
-                ],
-                [
-                    [
-                        c.key,
-                        c.a.settings[c.key],
-                        c.b.settings[c.key],
-                        f"{c.a.n}, {c.b.n}",
-                        _pct(c.a.stats["test_acc"].mean),
-                        _pct(c.b.stats["test_acc"].mean),
-                        f"{100 * c.diff.delta:+.1f}",
-                        ""
-                        if c.diff.low is None
-                        else f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]",
-                        {True: "yes", False: "not shown"}.get(
-                            c.diff.excludes_zero, "needs n ≥ 2 on both sides"
-                        ),
-                        " ".join(c.others) or "—",
-                    ]
-                    for c in comparisons
-                ],
-                [False, False, False, True, True, True, True, True, False, False],
-            ),
-            "",
-            "Real?: yes when the interval excludes 0 (the difference is larger than the "
-            "seed-to-seed spread can explain at the 95 % level).",
-        ]
+        out += _differences_section(comparisons)
     if replicated:
-        out += [
-            "",
-            "## Runs",
-            "",
-            markdown_table(
-                [
-                    "Row",
-                    "Run",
-                    *SEED_KEYS,
-                    "Test acc.",
-                    "Best epoch",
-                    "Stopped",
-                    "Status",
-                    "Wall time",
-                ],
-                [
-                    [
-                        i,
-                        f"`{r.run_id[:8]}` {r.run.info.run_name or ''}",
-                        *[r.run.data.params.get(k, "") for k in SEED_KEYS],
-                        _pct(r.test_acc),
-                        _int(r.metrics.get("best_epoch")) or "",
-                        _int(r.metrics.get("stopped_epoch")) or "",
-                        r.run.info.status,
-                        _duration(r.wall_seconds),
-                    ]
-                    for i, g in enumerate(groups, 1)
-                    for r in g.rows
-                ],
-                [True, False, True, True, True, True, True, False, True],
-            ),
-        ]
+        out += _runs_section(groups)
     if ensembles:
-        ens_body = []
-        for e in ensembles:
-            m = e.data.metrics
-            acc = m.get("test_acc")
-            ens_body.append(
-                [
-                    f"`{e.info.run_id[:8]}` {e.info.run_name}",
-                    e.data.params.get("ensemble.by", ""),
-                    _int(m.get("n_members")) or "",
-                    _pct(acc),
-                    "" if m.get("test_loss") is None else f"{m['test_loss']:.4f}",
-                    f"{STUDY_ENSEMBLE_ACC:.1f}%",
-                    "" if acc is None else f"{100 * acc - STUDY_ENSEMBLE_ACC:+.1f}",
-                ]
-            )
-        out += [
-            "",
-            "## Ensembles of this sweep (python -m fer_sweep.ensemble)",
-            "",
-            markdown_table(
-                [
-                    "Run",
-                    "Chosen by",
-                    "Members",
-                    "Test acc.",
-                    "Test NLL",
-                    "Study's ensemble",
-                    "Δ (pp)",
-                ],
-                ens_body,
-                [False, False, True, True, True, True, True],
-            ),
-            "",
-            "The study quotes an ensemble of other authors' networks (its Table 3, [2]) "
-            "at 75.8%, not an ensemble of its Table 2.",
-        ]
+        out += _ensembles_section(ensembles)
     return "\n".join(out) + "\n"
 
 

@@ -93,7 +93,12 @@ def use_channels_last(setting: str) -> bool:
     return setting == "auto" or setting.lower() == "true"
 
 
-def make_optimizer(params: Any, oc: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Any, oc: OptimizerConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """The configured optimizer; on CUDA its fused implementation (one kernel for all
+    parameters instead of several per tensor: small models' steps are launch-bound there)."""
+    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if oc.name == "sgd":
         return torch.optim.SGD(
             params,
@@ -101,9 +106,10 @@ def make_optimizer(params: Any, oc: OptimizerConfig) -> torch.optim.Optimizer:
             momentum=oc.momentum,
             weight_decay=oc.weight_decay,
             nesterov=oc.nesterov,
+            **fused,
         )
     cls = torch.optim.Adam if oc.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+    return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, **fused)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int) -> Any:
@@ -230,6 +236,7 @@ class State:
     best_val_acc: float = -1.0
     best_epoch: int = -1
     best_weights: dict[str, torch.Tensor] | None = None
+    best_changed: bool = False  # best_weights not yet in a checkpoint
     best_val_loss: float = math.inf  # early stopping watches the validation loss ...
     bad_epochs: int = 0  # ... and counts the epochs since it last improved
     floor_epochs: int = 0  # epochs spent with the plateau scheduler at its lowest rate
@@ -244,14 +251,18 @@ def save_checkpoint(
     sched: Any,
     device: torch.device,
 ) -> None:
-    """Atomic: write a temporary file beside the target, then rename over it."""
+    """Atomic: write a temporary file beside the target, then rename over it. The best weights
+    go to their own file (``best_path``), rewritten only when they changed since the last
+    checkpoint: most epochs of a long run do not beat the best."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if state.best_changed and state.best_weights is not None:
+        _atomic_save(state.best_weights, best_path(path))
+        state.best_changed = False
     blob = {
         "epoch": state.epoch,
         "history": state.history,
         "best_val_acc": state.best_val_acc,
         "best_epoch": state.best_epoch,
-        "best_weights": state.best_weights,
         "best_val_loss": state.best_val_loss,
         "bad_epochs": state.bad_epochs,
         "floor_epochs": state.floor_epochs,
@@ -264,8 +275,17 @@ def save_checkpoint(
         # resume that sees another number of GPUs, and a CPU job must not initialise CUDA.
         "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
+    _atomic_save(blob, path)
+
+
+def best_path(path: Path) -> Path:
+    """<run id>.best.pt beside <run id>.pt."""
+    return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -275,6 +295,10 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG states; weights_only (no arbitrary pickles)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        best = best_path(path)
+        best_weights = (
+            torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None
+        )
     except Exception as err:
         raise FerSweepError(
             f"checkpoint {path} cannot be read ({err}); delete it and start the "
@@ -292,7 +316,7 @@ def load_checkpoint(
         history=blob["history"],
         best_val_acc=blob["best_val_acc"],
         best_epoch=blob["best_epoch"],
-        best_weights=blob["best_weights"],
+        best_weights=best_weights,
         best_val_loss=blob.get("best_val_loss", math.inf),
         bad_epochs=blob.get("bad_epochs", 0),
         floor_epochs=blob.get("floor_epochs", 0),
@@ -437,6 +461,28 @@ def should_stop(state: State, val_loss: float, sched: Any, tc: TrainerConfig) ->
     return "epochs"
 
 
+def step_scheduler(sched: Any, val_loss: float) -> None:
+    """ReduceLROnPlateau watches the validation loss; the others step once per epoch."""
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(val_loss)
+    elif sched is not None:
+        sched.step()
+
+
+def record_epoch(state: State, epoch: int, metrics: dict[str, float], model: nn.Module) -> None:
+    """Append the epoch to the history; keep a CPU copy of the weights when validation
+    accuracy is the best so far."""
+    for k, value in metrics.items():
+        state.history[k].append(value)
+    state.epoch = epoch
+    if metrics["val_acc"] > state.best_val_acc:
+        state.best_val_acc, state.best_epoch = metrics["val_acc"], epoch
+        state.best_weights = {
+            k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()
+        }
+        state.best_changed = True
+
+
 @dataclass
 class Result:
     model: nn.Module
@@ -463,7 +509,19 @@ def build(
     model = build_model(conf.model)
     model = model.to(device, memory_format=fmt)
     step_model = torch.compile(model) if tc.compile else model
-    return model, step_model, make_optimizer(model.parameters(), conf.optimizer), channels_last
+    opt = make_optimizer(model.parameters(), conf.optimizer, device)
+    return model, step_model, opt, channels_last
+
+
+def use_cuda_kernels(deterministic: bool) -> None:
+    """cuDNN autotuning (cudnn.benchmark: the fastest convolution for each fixed shape; every
+    batch but an epoch's last has the same shape) unless deterministic kernels are asked for,
+    which cost speed (docs/gpu.md). A CUDA run's process setting; CPU runs are deterministic."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
 
 
 def fit(
@@ -499,7 +557,9 @@ def fit(
         if on_resume is not None:
             on_resume(state)
 
-    started = time.perf_counter()
+    if device.type == "cuda":
+        use_cuda_kernels(tc.deterministic)
+    started = saved_at = time.perf_counter()
     with interruptible() as interrupted:
         for epoch in range(state.epoch + 1, tc.epochs):
             if state.stop_reason != "epochs":  # resumed after the run had decided to stop
@@ -526,10 +586,7 @@ def fit(
                 )
             v = evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
             lr = opt.param_groups[0]["lr"]
-            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                sched.step(v["loss"])
-            elif sched is not None:
-                sched.step()
+            step_scheduler(sched, v["loss"])
             metrics = {
                 "train_loss": train_loss,
                 "train_acc": correct.item() / n,
@@ -538,17 +595,13 @@ def fit(
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
             }
-            for k, value in metrics.items():
-                state.history[k].append(value)
-            state.epoch = epoch
-            if v["acc"] > state.best_val_acc:
-                state.best_val_acc, state.best_epoch = v["acc"], epoch
-                state.best_weights = {
-                    k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()
-                }
+            record_epoch(state, epoch, metrics, model)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
-            if checkpoint is not None:
+            last = state.stop_reason != "epochs" or epoch + 1 == tc.epochs
+            due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
+            if checkpoint is not None and (due or last):
                 save_checkpoint(checkpoint, state, model, opt, sched, device)
+                saved_at = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
             if tc.progress:

@@ -121,7 +121,23 @@ say() { echo "== [$(now) s] $*"; }
 record() {  # name status seconds limit rc note
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "${6:-}" >> "$PHASES"
 }
-CHILD=
+CHILD= CURRENT= PHASE_T0=0
+KILL_GRACE=10
+# `timeout` runs its command in a process group of its own (its pid): when the command's main
+# process ends (or is killed), what is left of that group (joblib's worker processes, which go
+# on with the jobs already handed to them) is ended too: SIGTERM, then SIGKILL after 10 s.
+reap() {
+  local pg=$1 i
+  kill -0 -- "-$pg" 2>/dev/null || return 0
+  say "ending the phase's leftover processes (process group $pg)"
+  kill -TERM -- "-$pg" 2>/dev/null
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    sleep 1
+    kill -0 -- "-$pg" 2>/dev/null || return 0
+  done
+  kill -KILL -- "-$pg" 2>/dev/null
+  return 0
+}
 # run_phase NAME CAP RESERVE MIN CMD...: run CMD under `timeout`, for at most CAP seconds and
 # leaving RESERVE seconds of the budget to the phases after it; skipped when that leaves less
 # than MIN seconds. Output to $OUT/logs/NAME.log, its tail on the console when it fails.
@@ -130,16 +146,19 @@ run_phase() {
   shift 4
   limit=$(( $(left) - reserve ))
   [ "$limit" -gt "$cap" ] && limit=$cap
+  [ "$min" -gt $((KILL_GRACE + 5)) ] || min=$((KILL_GRACE + 5))
   if [ "$limit" -lt "$min" ]; then
     say "$name: skipped, ${limit} s of the budget left for it (needs ${min} s)"
     record "$name" skipped 0 "$limit" "" "budget: ${limit} s left for it, needs ${min} s"
     return 1
   fi
   say "$name (limit ${limit} s): $*"
-  t0=$SECONDS
-  timeout -k 15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1 &
+  t0=$SECONDS CURRENT=$name PHASE_T0=$SECONDS
+  # SIGTERM at limit - KILL_GRACE (fer_sweep then marks its runs KILLED), SIGKILL at the limit.
+  timeout -k "$KILL_GRACE" $((limit - KILL_GRACE)) "$@" > "$OUT/logs/$name.log" 2>&1 &
   CHILD=$!
   wait "$CHILD"; rc=$?
+  reap "$CHILD"
   CHILD=
   case $rc in
     0) status=ok ;;
@@ -160,7 +179,12 @@ not_run() {  # not_run GATE PHASE...: the phases that cannot run after the GATE 
 finish() {
   local rc=$? code
   trap - EXIT INT TERM
-  [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null && wait "$CHILD" 2>/dev/null
+  if [ -n "$CHILD" ]; then   # interrupted during a phase: end it and its process group
+    kill -TERM "$CHILD" 2>/dev/null
+    wait "$CHILD" 2>/dev/null
+    reap "$CHILD"
+    record "$CURRENT" interrupted $((SECONDS - PHASE_T0)) 0 "" "the script was interrupted"
+  fi
   cp "$WORK/mlflow.db" "$OUT/mlflow.db" 2>/dev/null
   if [ -d "$WORK/multirun" ]; then   # the Table 2 jobs' own logs
     (cd "$WORK/multirun" && find . -name '*.log' -exec cp --parents {} "$OUT/logs/" \;) 2>/dev/null

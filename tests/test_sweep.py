@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from fer_sweep.train import resolve_precision
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
@@ -68,6 +69,16 @@ def test_six_finished_child_runs_under_one_parent(sweep: tuple[MlflowClient, str
             "lr",
         } <= set(m)
         assert run.data.params["trainer.epochs"] == "1"
+        # Where and how it really ran, on every run: never a silent fall-back to the CPU.
+        expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+        assert run.data.tags["device"].startswith(expected_device)
+        assert run.data.tags["device_name"]
+        assert run.data.tags["precision"] == run.data.params["trainer.precision"]
+        assert run.data.tags["precision"] == resolve_precision(
+            "auto", torch.device(run.data.tags["device"])
+        )
+        assert run.data.tags["fer_sweep.stop_reason"] == "epochs"
+        assert m["stopped_epoch"] == 1
         if run.data.tags["model"] == "resnet":
             assert m["n_params"] == RESNET_PARAMS
 
