@@ -143,6 +143,16 @@ def _resolve_format(root: Path, fmt: str) -> tuple[str, Path]:
     raise _not_found(f"{wanted} in {root}, which contains {present or 'nothing'}")
 
 
+def check_source(cfg: DataConfig) -> None:
+    """The data root exists and holds one of the layouts: checked once per sweep, before its
+    parent run opens, so a missing dataset is one message instead of one per job."""
+    if cfg.synthetic:
+        return
+    if not cfg.root:
+        raise _not_found("data.root is empty (and FER2013_ROOT is unset)")
+    _resolve_format(Path(cfg.root).expanduser(), cfg.format)
+
+
 # ----------------------------------------------------------------------------- cache
 
 

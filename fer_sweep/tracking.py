@@ -231,11 +231,13 @@ class MultirunParentCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
+        from fer_sweep.data import check_source
         from fer_sweep.sweep_validation import validate_jobs
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
             validate_jobs(config)  # ... and what is wrong for one job of the grid
+            check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
             client = store.connect(conf.mlflow.tracking_uri)
             exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
