@@ -28,15 +28,15 @@ def main(cfg: DictConfig) -> float:
     and NaN is returned so that its siblings still run; the sweep then exits non-zero.
     """
     from fer_sweep.job import hydra_job, run_job
-    from fer_sweep.train import Interrupted
+    from fer_sweep.signals import Interrupted, exit_status
 
     multirun, sweep_dir, job_num, overrides = hydra_job()
     try:
         return run_job(cfg)
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt) as err:
         if multirun:  # the whole sweep stops: its parent run is marked KILLED too
-            tracking.end_parent(sweep_dir, "KILLED")
-        sys.exit(130)
+            tracking.interrupted_sweep(sweep_dir, getattr(err, "signum", 2))
+        sys.exit(exit_status(err))
     except Exception as err:
         if not multirun:
             if isinstance(err, FerSweepError):

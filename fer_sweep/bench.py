@@ -48,7 +48,7 @@ from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.synthetic import make_synthetic
-from fer_sweep.train import build, device_name, resolve_precision, train_step
+from fer_sweep.train import build, device_name, resolve_precision, train_step, use_cuda_kernels
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
@@ -196,6 +196,8 @@ class FerSweepLoop(Pipeline):
 
         self.transforms = conf.transforms.name
         self.model, self.step_model, self.opt, self.channels_last = build(conf, device)
+        if device.type == "cuda":  # as fit: cuDNN autotuning unless deterministic kernels
+            use_cuda_kernels(conf.trainer.deterministic)
         self.tfm = make_transform(conf.transforms, data.mean, data.std)
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size

@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fer_sweep import figures, runtime, store, tracking
+from fer_sweep import figures, runtime, signals, store, tracking
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset
 from fer_sweep.errors import FerSweepError
@@ -165,7 +165,15 @@ def open_run(
 
 
 def run_job(cfg: DictConfig) -> float:
-    """Train one configuration and log it; returns the best validation accuracy (for sweepers)."""
+    """Train one configuration and log it; returns the best validation accuracy (for sweepers).
+
+    SIGINT/SIGTERM at any moment of it raises Interrupted (the training loop defers it to the
+    next step): a run that exists by then ends KILLED."""
+    with signals.raising("job"):
+        return _run_job(cfg)
+
+
+def _run_job(cfg: DictConfig) -> float:
     conf = validate(cfg)
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
@@ -229,10 +237,9 @@ def run_job(cfg: DictConfig) -> float:
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
-        from fer_sweep.train import Interrupted
-
-        killed = isinstance(err, (Interrupted, KeyboardInterrupt))
-        tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
+        killed = isinstance(err, (signals.Interrupted, KeyboardInterrupt))
+        with signals.deferred():  # a second signal must not stop the run from being marked
+            tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
         if killed and ckpt.exists():
             print(
                 f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "

@@ -12,6 +12,7 @@ in the sweep folder, which every launcher (basic, joblib, submitit) shares.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep import store
 from fer_sweep.errors import FerSweepError
+from fer_sweep.signals import WORKER_STOPPED, SweepGuard
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +212,35 @@ def end_parent(sweep_dir: str | os.PathLike[str], status: str) -> None:
         close_parent(info["tracking_uri"], info["parent_run_id"], status)
 
 
+def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> None:
+    """Mark the sweep's parent KILLED and say how to finish the sweep. Called in a worker
+    process (joblib, submitit) that got the signal, it passes the signal on to the process that
+    launched the sweep instead, which stops the other workers first (signals.SweepGuard)."""
+    info = parent_info(sweep_dir)
+    if info is None:
+        return
+    launcher = int(info.get("launcher_pid", os.getpid()))
+    if signum and launcher != os.getpid():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(launcher, WORKER_STOPPED)
+        return
+    close_parent(info["tracking_uri"], info["parent_run_id"], "KILLED")
+    print(
+        f"fer_sweep: sweep interrupted; its parent run {info['parent_run_id']} is marked KILLED. "
+        "Finish it with the same command plus sweep.resume=latest (or "
+        f"sweep.resume={info['parent_run_id']}): finished jobs are skipped, interrupted ones "
+        "continue from their checkpoints.",
+        file=sys.stderr,
+    )
+
+
 def _fail_unclosed_parents() -> None:
     """At exit: a sweep that died between on_multirun_start and on_multirun_end (a launcher or
     sweeper crash) must not leave its parent run RUNNING forever."""
     for run_id, uri in list(_open_parents.items()):
         try:
+            if MlflowClient(tracking_uri=uri).get_run(run_id).info.status != "RUNNING":
+                continue  # a job process already ended it (KILLED by a signal)
             close_parent(
                 uri,
                 run_id,
@@ -246,6 +272,9 @@ class MultirunParentCallback(Callback):
             raise SystemExit(2) from None
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        # From here on a signal between jobs (or while workers run them) ends the sweep cleanly.
+        self.guard = SweepGuard(lambda signum: interrupted_sweep(sweep_dir))  # here: no signum
+        self.guard.install()
         overrides = list(config.hydra.overrides.task)
         name = str(config.hydra.get("job", {}).get("name", "sweep"))
         tags = {
@@ -269,6 +298,7 @@ class MultirunParentCallback(Callback):
                     "experiment": conf.mlflow.experiment,
                     "experiment_id": exp_id,
                     "parent_run_id": run.info.run_id,
+                    "launcher_pid": os.getpid(),
                 }
             )
         )
@@ -280,6 +310,8 @@ class MultirunParentCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if getattr(self, "guard", None) is not None:
+            self.guard.uninstall()
         sweep_dir = Path(config.hydra.sweep.dir)
         info = parent_info(sweep_dir)
         failures = sorted(

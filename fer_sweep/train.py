@@ -14,8 +14,6 @@ import math
 import os
 import platform
 import re
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from fer_sweep.config import Config, OptimizerConfig, SchedulerConfig, TrainerCo
 from fer_sweep.data import Dataset, Split
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.models import build_model
+from fer_sweep.signals import Interrupted, deferred
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ CHECK_EVERY = 25  # steps between finiteness checks of the running loss (one hos
 
 class Diverged(FerSweepError):
     """The training loss became NaN or infinite."""
-
-
-class Interrupted(BaseException):
-    """SIGINT/SIGTERM arrived; raised at the next step boundary so state stays consistent."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -324,28 +319,6 @@ def load_checkpoint(
     )
 
 
-@contextlib.contextmanager
-def interruptible() -> Iterator[Callable[[], bool]]:
-    """Turn SIGINT/SIGTERM into a flag the loop polls at step boundaries (a second one is
-    immediate), so an interruption never leaves a half-written epoch behind."""
-    flag = {"set": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag["set"]:
-            raise Interrupted(signal.Signals(signum).name)
-        flag["set"] = True
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: flag["set"]
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -378,7 +351,7 @@ def train_epoch(
     channels_last: bool = False,
     desc: str = "",
     progress: bool = False,
-    interrupted: Callable[[], bool] = lambda: False,
+    interrupted: Callable[[], int] = lambda: 0,
     max_steps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over (x, y) on their device in a random order: gather, augment, step.
@@ -400,8 +373,8 @@ def train_epoch(
         starts, desc=desc, leave=False, disable=not progress, mininterval=1.0, dynamic_ncols=True
     )
     for step, i in enumerate(bar):
-        if interrupted():
-            raise Interrupted(desc)
+        if signum := interrupted():
+            raise Interrupted(signum, desc)
         idx = perm[i : i + batch_size]
         # index_select, not x[idx]: advanced indexing took 120 us per batch on the CPU, this 5.
         xb = tfm(
@@ -560,7 +533,7 @@ def fit(
     if device.type == "cuda":
         use_cuda_kernels(tc.deterministic)
     started = saved_at = time.perf_counter()
-    with interruptible() as interrupted:
+    with deferred() as interrupted:  # a signal stops the loop between two steps
         for epoch in range(state.epoch + 1, tc.epochs):
             if state.stop_reason != "epochs":  # resumed after the run had decided to stop
                 break

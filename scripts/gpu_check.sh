@@ -5,8 +5,8 @@
 #   FER2013_ROOT=/path/to/fer2013 OUT=/some/folder bash scripts/gpu_check.sh
 #
 # Phases, each under its own `timeout` and each recorded (ok / failed / timeout / skipped /
-# not_run) whatever happens; a phase that fails or times out does not stop the later ones
-# (except the first two, without which nothing else can run):
+# not_run / interrupted) with its seconds, whatever happens; a phase that fails or times out
+# does not stop the later ones (except the first two, without which nothing else can run):
 #   env      the environment first: every dependency fer_sweep declares (pyproject.toml) is
 #            installed, at the declared version, and importable, else the missing ones are
 #            listed and the check stops (nothing is installed from the network; only
@@ -15,7 +15,8 @@
 #            torch / CUDA / cuDNN versions, the GPU's name and memory -> $OUT/env.json
 #   prepare  the MLflow store (a sqlite file) and its experiment created by ONE process before
 #            anything runs in parallel, and FER2013 decoded once into the cache every job reads
-#   bench    python -m fer_sweep.bench --quick --json $OUT/bench.json
+#   bench    python -m fer_sweep.bench --quick --models cnn2,resnet --no-compile --json
+#            $OUT/bench.json (fp32 vs bf16 eager ceilings, fer_sweep vs ceiling vs naive)
 #   table2   the whole Table 2 (experiment=table2: seven jobs, each row once) with
 #            trainer.stop_at_min_lr=true (caps rows 2-3's 500 epochs where the learning rate
 #            cannot fall any more), hydra/launcher=joblib with n_jobs=2 (GPU_CHECK_TABLE2_JOBS):
@@ -44,6 +45,9 @@
 #   GPU_CHECK_BENCH_ARGS    the benchmark's arguments (GPU: --quick --models cnn2,resnet
 #                           --no-compile; the torch.compile ceilings cost ~40 s per model and
 #                           precision, too much for the 8 minutes)
+#   GPU_CHECK_BENCH_S, GPU_CHECK_COMPILE_S, GPU_CHECK_REPORT_S   those phases' caps (GPU: 120,
+#                           120, 60 s); Table 2 gets the rest of the budget less 145 s for them
+#   GPU_CHECK_CL_OFF_MIN_S  the last, optional phase runs only with this much time left (60)
 #   GPU_CHECK_KEEP_WORK=1   keep the work folder (Hydra outputs, MLflow artifacts)
 #   FER2013_ROOT            FER2013's image folders (train/, test/); default shared/fer2013 or
 #                           ../shared/fer2013 when present
@@ -330,7 +334,7 @@ try:
     info.update(torch=torch.__version__, torch_cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                 cuda_available=cuda, gpu_count=torch.cuda.device_count() if cuda else 0,
-                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                cudnn_benchmark_default=torch.backends.cudnn.benchmark,
                 float32_matmul_precision=torch.get_float32_matmul_precision(),
                 cpu_count=os.cpu_count(),
                 cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -474,8 +478,10 @@ try:
         for r in sorted(found, key=lambda r: r.info.start_time):
             t, m, p = r.data.tags, r.data.metrics, r.data.params
             name = r.info.run_name or ""
+            bare = name.removeprefix("SYNTHETIC-")  # data=synthetic runs are named so
             row = t.get("fer_sweep.choice.table2") or \
-                (name.split("-")[0] if name.startswith("row") else None)
+                (bare.split("-")[0] if bare.startswith("row") else None)
+            compiled = str(p.get("trainer.compile")).lower() == "true"
             secs = [x.value for x in sorted(client.get_metric_history(r.info.run_id,
                                                                        "epoch_seconds"),
                                             key=lambda x: x.step)]
@@ -484,7 +490,7 @@ try:
             floor = round(study - MARGIN, 1) if study is not None else None
             device = t.get("device", "")
             runs.append({
-                "kind": "table2" if row else ("compile" if name.startswith("compile") else "other"),
+                "kind": "table2" if row else ("compile" if compiled else "other"),
                 "row": row, "name": name, "run_id": r.info.run_id, "model": t.get("model"),
                 "transforms": t.get("transforms"), "status": r.info.status,
                 "device": device, "device_name": t.get("device_name"),

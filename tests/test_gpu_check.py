@@ -19,16 +19,27 @@ PHASES = ["env", "prepare", "bench", "table2", "compile", "report", "bench_chann
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "OUT": str(out),
-           # a loaded CI machine may be slower than the 8 minutes a GPU gets
-           "GPU_CHECK_BUDGET_S": "900", "TMPDIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "GPU_CHECK_SMOKE": "1",
+        "OUT": str(out),
+        # a loaded CI machine may be slower than the 8 minutes a GPU gets
+        "GPU_CHECK_BUDGET_S": "900",
+        "TMPDIR": str(tmp_path),
+    }
     if real_data():
         env.pop("GPU_CHECK_OVERRIDES", None)
     else:
         env.pop("FER2013_ROOT", None)
         env["GPU_CHECK_OVERRIDES"] = "data=synthetic"
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
     summary = json.loads((out / "gpu_check.json").read_text())
@@ -47,7 +58,8 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
         assert r["device"] and r["device_name"] and r["precision"] in ("bf16", "fp32"), r
         assert r["epochs_run"] == 1 and r["epoch_seconds_mean"] is not None, r
         assert r["test_acc"] is not None and r["floor_pct"] == (
-            None if r["kind"] == "compile" else round(r["study_pct"] - 5, 1)), r
+            None if r["kind"] == "compile" else round(r["study_pct"] - 5, 1)
+        ), r
         assert r["pass_floor"] is None  # smoke mode: no accuracy floor
     assert compiled[0]["compile"] == "True"
     assert not summary["failed_checks"], summary["checks"]
@@ -59,8 +71,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
 
 def test_submitit_gpu_preset_gives_each_job_one_gpu() -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=submitit_gpu"],
-                      return_hydra_config=True)
+        cfg = compose("config", overrides=["hydra/launcher=submitit_gpu"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher.gpus_per_node == 1
     assert launcher.tasks_per_node == 1 and launcher.nodes == 1

@@ -1,0 +1,156 @@
+"""SIGINT / SIGTERM at any moment of a run or a sweep: nothing is left RUNNING in MLflow.
+
+Three layers, innermost wins while it is active:
+
+- the training loop turns a signal into a flag it polls between steps (``deferred``), so an
+  epoch is never half-written into a checkpoint; a second signal stops at once;
+- the rest of a job (validation, data loading, evaluation, artifacts) raises ``Interrupted`` at
+  once (``raising``): the job marks its run KILLED;
+- the process that launched a sweep (``SweepGuard``), between jobs or while it waits for worker
+  processes, passes the signal on to its workers, waits for them to mark their runs, marks the
+  parent run KILLED and exits with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A worker process that was interrupted tells the process that launched the sweep with this
+# one: unlike a person's second Ctrl-C it must not cut the launcher's own clean stop short.
+WORKER_STOPPED = getattr(signal, "SIGUSR1", signal.SIGTERM)
+
+
+class Interrupted(BaseException):  # noqa: N818 (a BaseException, like KeyboardInterrupt)
+    """SIGINT/SIGTERM arrived; ``signum`` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int = signal.SIGINT, where: str = "") -> None:
+        self.signum = int(signum)
+        super().__init__(f"{signal.Signals(self.signum).name}" + (f" ({where})" if where else ""))
+
+
+def exit_status(err: BaseException) -> int:
+    """130 for SIGINT (and Ctrl-C's KeyboardInterrupt), 143 for SIGTERM."""
+    return 128 + getattr(err, "signum", signal.SIGINT)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _handlers(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    if not _main_thread():  # signals reach the main thread only (joblib's threading backend)
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def raising(where: str = "") -> Iterator[None]:
+    """A signal raises Interrupted at once (Ctrl-C's default, for SIGTERM too)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, where)
+
+    with _handlers(handler):
+        yield
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[Callable[[], int]]:
+    """A signal becomes a flag (the signal number, 0 while none came) for a loop to poll at a
+    safe point; a second one raises Interrupted at once."""
+    got = {"signum": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        if got["signum"]:
+            raise Interrupted(signum, "second signal")
+        got["signum"] = signum
+
+    with _handlers(handler):
+        yield lambda: got["signum"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = entry.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+class SweepGuard:
+    """In the process that launched a multirun: on SIGINT/SIGTERM outside a job, pass the
+    signal on to the worker processes, give them ``grace`` seconds to mark their runs KILLED,
+    call ``on_signal(signum)`` (which marks the parent KILLED and says how to continue) and
+    exit with 128 + signum. A second signal exits at once."""
+
+    def __init__(self, on_signal: Callable[[int], None], grace: float = 30.0) -> None:
+        self.on_signal = on_signal
+        self.grace = grace
+        self.old: dict[int, Any] = {}
+        self.fired = False
+
+    def install(self) -> None:
+        if _main_thread() and not self.old:
+            self.old = {s: signal.signal(s, self._handle) for s in {*SIGNALS, WORKER_STOPPED}}
+
+    def uninstall(self) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        self.old = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == WORKER_STOPPED and signum not in SIGNALS:
+            if self.fired:
+                return  # the echo of our own stop, from a worker that got it
+            signum = signal.SIGTERM  # a worker was preempted: stop the sweep as for SIGTERM
+        elif self.fired:
+            os._exit(128 + signum)  # a second Ctrl-C: at once
+        self.fired = True
+        workers = descendants(os.getpid())
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        try:
+            self.on_signal(signum)
+        finally:
+            sys.stderr.flush()
+            self.uninstall()
+            raise SystemExit(128 + signum)
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an exited child its parent has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

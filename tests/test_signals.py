@@ -1,0 +1,158 @@
+"""SIGTERM at any moment of a run or a sweep leaves nothing RUNNING in MLflow (issue: a
+preempted job, a closed laptop, a Ctrl-C between jobs). Each test starts the real CLI, waits
+for a moment of its life that the store or the log shows, and sends the signal then."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow  # every test here starts the CLI
+
+TINY = [
+    "trainer.progress=false",
+    "mlflow.log_model=false",
+    "data=synthetic",
+    "data.limit_per_class=20",
+]
+
+
+def _start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    uri = f"sqlite:///{cwd / 'm.db'}"
+    MlflowClient(uri).search_experiments()  # the store exists before we poll it
+    return subprocess.Popen(
+        [sys.executable, "-m", "fer_sweep", *args, f"mlflow.tracking_uri={uri}"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _runs(cwd: Path) -> list:
+    client = MlflowClient(f"sqlite:///{cwd / 'm.db'}")
+    exp = client.get_experiment_by_name("fer_sweep")
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def _wait(cond: Callable[[], bool], proc: subprocess.Popen, what: str, limit: float = 300) -> None:
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended before {what}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail(f"never reached {what}")
+
+
+def _finish(proc: subprocess.Popen, cwd: Path) -> tuple[int, str, list]:
+    out, _ = proc.communicate(timeout=120)
+    runs = _runs(cwd)
+    assert not [r for r in runs if r.info.status == "RUNNING"], out[-3000:]
+    return proc.returncode, out, runs
+
+
+def _job_runs(runs: list) -> list:
+    return [r for r in runs if r.data.tags.get("fer_sweep.role") == "job"]
+
+
+def _parent(runs: list):
+    (parent,) = [r for r in runs if r.data.tags.get("fer_sweep.role") == "parent"]
+    return parent
+
+
+def test_during_data_loading(tmp_path: Path) -> None:
+    # A fresh cache: the synthetic faces are drawn and decoded first (about a second).
+    env = {"FER_SWEEP_CACHE": str(tmp_path / "cache")}
+    proc = _start(["-m", "trainer.seed=0,1", "trainer.epochs=1", *TINY], tmp_path, env)
+    lines: list[str] = []
+
+    def loading() -> bool:
+        line = proc.stdout.readline()
+        lines.append(line)
+        return "precision" in line  # logged right before the data are loaded
+
+    _wait(loading, proc, "data loading")
+    proc.send_signal(signal.SIGTERM)
+    code, out, runs = _finish(proc, tmp_path)
+    assert code == 143, "".join(lines) + out
+    assert _parent(runs).info.status == "KILLED"
+    assert "sweep.resume=" in out
+
+
+def test_between_two_jobs(tmp_path: Path) -> None:
+    proc = _start(
+        ["-m", "trainer.seed=0,1,2,3", "trainer.epochs=1", *TINY, "mlflow.figures=false"], tmp_path
+    )
+    _wait(
+        lambda: any(r.info.status == "FINISHED" for r in _job_runs(_runs(tmp_path))),
+        proc,
+        "the first finished job",
+    )
+    proc.send_signal(signal.SIGTERM)
+    code, out, runs = _finish(proc, tmp_path)
+    assert code == 143, out[-3000:]
+    assert _parent(runs).info.status == "KILLED"
+    assert len(_job_runs(runs)) < 4  # the sweep stopped
+
+
+def test_during_the_artifact_upload(tmp_path: Path) -> None:
+    proc = _start(["trainer.epochs=1", *TINY], tmp_path)  # figures on: a second or two
+    _wait(
+        lambda: any("test_acc" in r.data.metrics for r in _runs(tmp_path)),
+        proc,
+        "the test metrics (logged right before the artifacts)",
+    )
+    proc.send_signal(signal.SIGTERM)
+    code, out, runs = _finish(proc, tmp_path)
+    (run,) = runs
+    # Either the signal came while artifacts were written (KILLED, 143), or the run had just
+    # finished them (FINISHED, 0): never RUNNING.
+    assert (code, run.info.status) in ((143, "KILLED"), (0, "FINISHED")), out[-3000:]
+
+
+def test_inside_a_joblib_worker(tmp_path: Path) -> None:
+    proc = _start(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "trainer.threads=1",
+            "trainer.seed=0,1",
+            "trainer.epochs=50",
+            *TINY,
+            "mlflow.figures=false",
+        ],
+        tmp_path,
+    )
+
+    def training() -> bool:
+        client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+        return any(
+            client.get_metric_history(r.info.run_id, "val_acc") for r in _job_runs(_runs(tmp_path))
+        )
+
+    _wait(training, proc, "a worker's first epoch")
+    worker = next(
+        r
+        for r in _job_runs(_runs(tmp_path))
+        if MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").get_metric_history(
+            r.info.run_id, "val_acc"
+        )
+    )
+    os.kill(int(worker.data.tags["fer_sweep.pid"]), signal.SIGTERM)
+    code, out, runs = _finish(proc, tmp_path)
+    assert code != 0, out[-3000:]
+    statuses = {r.info.run_id: r.info.status for r in runs}
+    assert statuses[worker.info.run_id] == "KILLED"
+    assert _parent(runs).info.status == "KILLED"
