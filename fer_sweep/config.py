@@ -304,6 +304,12 @@ class MlflowConfig:
 
 
 @dataclass
+class SweepConfig:
+    # null | latest | <parent run id>: finish that multirun under the same parent run
+    resume: str | None = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -313,6 +319,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def _did_you_mean(full_key: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 # Settings that do not change what a run computes: excluded from the resume key.
 _VOLATILE = {
     "trainer.resume",
+    "trainer.checkpoint_every_s",
+    "sweep.resume",
     "trainer.progress",
     "trainer.threads",
     "trainer.checkpoint_dir",
@@ -164,6 +167,30 @@ def open_run(
     return run_id, False
 
 
+def earlier_run(
+    client: MlflowClient, exp_id: str, parent_id: str, cfg: DictConfig, conf: Config
+) -> str | None:
+    """In a resumed sweep: the id of this job's FINISHED run under the parent, if any; else
+    point trainer.resume at its interrupted run that left a checkpoint, if any (it then
+    continues in that run), and return None."""
+    runs = client.search_runs(
+        [exp_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and "
+        f"tags.`fer_sweep.config_hash` = '{config_hash(cfg)}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    for run in runs:
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+    ckpt_dir = Path(conf.trainer.checkpoint_dir)
+    for run in runs:
+        if (ckpt_dir / f"{run.info.run_id}.pt").exists():
+            conf.trainer.resume = run.info.run_id
+            break
+    return None
+
+
 def run_job(cfg: DictConfig) -> float:
     """Train one configuration and log it; returns the best validation accuracy (for sweepers).
 
@@ -203,6 +230,11 @@ def _run_job(cfg: DictConfig) -> float:
         exp_id, parent_id = parent["experiment_id"], parent["parent_run_id"]
     else:
         exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
+    if parent_id and parent.get("resumed"):  # sweep.resume: this job may be done already
+        done = earlier_run(client, exp_id, parent_id, cfg, conf)
+        if done is not None:
+            log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
+            return float(client.get_run(done).data.metrics.get("best_val_acc", math.nan))
 
     data = load_dataset(conf.data)
     log.info(

@@ -137,8 +137,9 @@ STUDY_ENSEMBLE_ACC = 75.8
 
 # Params that differ between runs without being a setting of the experiment.
 _NOT_SWEPT = re.compile(
-    r"^(mlflow\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
-    r"trainer\.(resume|progress|threads|checkpoint_dir|device)$)"
+    r"^(mlflow\.|sweep\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
+    r"trainer\.(resume|progress|threads|checkpoint_dir|checkpoint_every_s|device|device_used"
+    r"|precision)$)"
 )
 _GROUPS = ("model", "transforms", "optimizer", "scheduler", "data")
 

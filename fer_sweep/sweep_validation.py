@@ -38,6 +38,24 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*choices)]
 
 
+def grid_key(config: DictConfig) -> str | None:
+    """A fingerprint of a grid sweep's jobs (without sweep.resume itself), to tell whether a
+    resumed sweep is the same grid; None for other sweepers."""
+    import hashlib
+    import json
+
+    from hydra.errors import HydraException
+
+    try:
+        jobs = sweep_jobs(config)
+    except HydraException:  # a syntax the basic sweeper rejects: it says so itself
+        return None
+    if jobs is None:
+        return None
+    jobs = [[o for o in job if not o.startswith("sweep.resume=")] for job in jobs]
+    return hashlib.sha1(json.dumps(jobs).encode()).hexdigest()[:16]
+
+
 def _groups(loader: object) -> set[str]:
     """Every config group of the search path (model, table2, hydra/launcher, ...)."""
     found: set[str] = set()

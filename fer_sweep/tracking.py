@@ -258,7 +258,7 @@ class MultirunParentCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
         from fer_sweep.data import check_source
-        from fer_sweep.sweep_validation import validate_jobs
+        from fer_sweep.sweep_validation import grid_key, validate_jobs
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
@@ -267,6 +267,12 @@ class MultirunParentCallback(Callback):
             _check_launcher(config)
             client = store.connect(conf.mlflow.tracking_uri)
             exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
+            grid = grid_key(config)
+            resumed = (
+                find_resumable(client, exp_id, conf.sweep.resume, grid)
+                if conf.sweep.resume
+                else None
+            )
         except FerSweepError as err:
             print(f"fer_sweep: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -284,10 +290,18 @@ class MultirunParentCallback(Callback):
             f"{TAG_PREFIX}sweeper": str(config.hydra.sweeper.get("_target_", "")),
             f"{TAG_PREFIX}launcher": str(config.hydra.launcher.get("_target_", "")),
         }
+        if grid:
+            tags[f"{TAG_PREFIX}grid"] = grid
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}-{name}", tags=tags)
+        if resumed is not None:  # the same parent run, RUNNING again
+            run = resumed
+            retry(client.update_run, run.info.run_id, status="RUNNING")
+            set_tags(client, run.info.run_id, {f"{TAG_PREFIX}resumed_in": str(sweep_dir)})
+            log.info("sweep.resume: continuing the sweep of parent run %s", run.info.run_id)
+        else:
+            run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}-{name}", tags=tags)
         if not _open_parents:
             atexit.register(_fail_unclosed_parents)
         _open_parents[run.info.run_id] = conf.mlflow.tracking_uri
@@ -299,6 +313,8 @@ class MultirunParentCallback(Callback):
                     "experiment_id": exp_id,
                     "parent_run_id": run.info.run_id,
                     "launcher_pid": os.getpid(),
+                    "resumed": resumed is not None,
+                    "grid_size": grid_size(config),
                 }
             )
         )
@@ -324,7 +340,8 @@ class MultirunParentCallback(Callback):
             children = client.search_runs(
                 [info["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000
             )
-            log_metrics(client, parent, {"jobs": len(children), "jobs_failed": len(failures)})
+            jobs = info.get("grid_size") or len(children)  # a resumed sweep has old runs too
+            log_metrics(client, parent, {"jobs": jobs, "jobs_failed": len(failures)})
             if failures:
                 client.log_text(parent, json.dumps(failures, indent=2), "failures.json")
             if (sweep_dir / OPTUNA_RESULTS).exists():
@@ -335,6 +352,48 @@ class MultirunParentCallback(Callback):
             lines += [f"  #{f['job']} {' '.join(f['overrides'])}: {f['error']}" for f in failures]
             print("\n".join(lines), file=sys.stderr)
             raise SystemExit(1)
+
+
+def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | None) -> Any:
+    """The parent run that sweep.resume names ('latest': the experiment's newest), checked to
+    be a sweep of the same grid."""
+    if grid is None:
+        raise FerSweepError(
+            "sweep.resume works for grid sweeps (Hydra's basic sweeper); an Optuna search "
+            "cannot be resumed (optuna 2.10's study storage does not work with MLflow 3's "
+            "SQLAlchemy 2): run it again."
+        )
+    if which == "latest":
+        runs = client.search_runs(
+            [exp_id],
+            f"tags.`{TAG_PREFIX}role` = 'parent'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            raise FerSweepError("sweep.resume=latest: this experiment has no sweep to resume.")
+        parent = runs[0]
+    else:
+        try:
+            parent = client.get_run(which)
+        except Exception:
+            raise FerSweepError(f"sweep.resume={which}: no such run in this store.") from None
+        if parent.data.tags.get(f"{TAG_PREFIX}role") != "parent":
+            raise FerSweepError(f"sweep.resume={which}: that run is not a sweep's parent run.")
+    if parent.data.tags.get(f"{TAG_PREFIX}grid") != grid:
+        raise FerSweepError(
+            f"sweep.resume: parent run {parent.info.run_id} swept another grid (it ran with "
+            f"`{parent.data.tags.get(f'{TAG_PREFIX}overrides', '?')}`); resume it with the "
+            "same overrides plus sweep.resume."
+        )
+    return parent
+
+
+def grid_size(config: DictConfig) -> int | None:
+    from fer_sweep.sweep_validation import sweep_jobs
+
+    jobs = sweep_jobs(config)
+    return None if jobs is None else len(jobs)
 
 
 def _check_launcher(config: DictConfig) -> None:

@@ -1,0 +1,110 @@
+"""sweep.resume: an interrupted sweep is finished under the same parent run, skipping what is
+done and continuing what was cut off, without re-running the grid."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # every test here starts the CLI
+
+GRID = [
+    "-m",
+    "trainer.seed=0,1,2,3,4,5",
+    "trainer.epochs=6",
+    "data=synthetic",
+    "data.limit_per_class=40",
+    "trainer.progress=false",
+    "mlflow.log_model=false",
+    "mlflow.figures=false",
+    "trainer.checkpoint_every_s=0",
+]
+
+
+def _runs(uri: str, role: str = "job") -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("fer_sweep")
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+        if r.data.tags.get("fer_sweep.role") == role
+    ]
+
+
+def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).search_experiments()  # the store exists before we poll it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fer_sweep", *GRID, f"mlflow.tracking_uri={uri}"],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    client = MlflowClient(uri)
+
+    def cut_off() -> bool:  # two jobs done, the third one has a checkpoint
+        runs = _runs(uri) if client.get_experiment_by_name("fer_sweep") else []
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING"]
+        return len(done) >= 2 and any(
+            len(client.get_metric_history(r.info.run_id, "val_acc")) >= 2 for r in running
+        )
+
+    deadline = time.time() + 600
+    while not cut_off():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "sweep.resume=latest" in out
+    before = {r.info.run_id: r for r in _runs(uri)}
+    (parent,) = _runs(uri, "parent")
+    assert parent.info.status == "KILLED"
+    finished = {k for k, r in before.items() if r.info.status == "FINISHED"}
+    killed = {k for k, r in before.items() if r.info.status == "KILLED"}
+    assert len(finished) >= 2 and len(killed) == 1
+
+    # A different grid is refused, before anything runs.
+    other = run_cli(
+        [
+            *GRID[:1],
+            "trainer.seed=0,1",
+            *GRID[2:],
+            f"mlflow.tracking_uri={uri}",
+            "sweep.resume=latest",
+        ],
+        cwd=tmp_path,
+    )
+    assert other.returncode == 2 and "swept another grid" in other.stderr
+
+    resumed = run_cli([*GRID, f"mlflow.tracking_uri={uri}", "sweep.resume=latest"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (resumed.stdout + resumed.stderr).count("already FINISHED") == len(finished)
+    after = _runs(uri)
+    (parent_after,) = _runs(uri, "parent")
+    assert parent_after.info.run_id == parent.info.run_id  # the SAME parent ...
+    assert parent_after.info.status == "FINISHED"  # ... finished now
+    assert parent_after.data.metrics["jobs"] == 6 and parent_after.data.metrics["jobs_failed"] == 0
+    by_seed: dict[str, list] = {}
+    for r in after:
+        if r.info.status == "FINISHED":
+            by_seed.setdefault(r.data.params["trainer.seed"], []).append(r)
+    assert sorted(by_seed) == [str(s) for s in range(6)]
+    assert all(len(v) == 1 for v in by_seed.values())  # exactly one FINISHED run per job
+    now = {r.info.run_id: r for r in after}
+    for run_id in finished:  # not re-run
+        assert now[run_id].info.end_time == before[run_id].info.end_time
+    (cut,) = killed  # continued in its own run, from its checkpoint
+    assert now[cut].info.status == "FINISHED"
+    history = client.get_metric_history(cut, "val_acc")
+    assert sorted(m.step for m in history) == list(range(6))
