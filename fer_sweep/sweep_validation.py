@@ -18,13 +18,16 @@ from omegaconf.errors import OmegaConfBaseException
 from fer_sweep.errors import FerSweepError
 
 
+GRID_SWEEPERS = (".BasicSweeper", ".FerSweepSweeper")  # sweepers that expand a grid up front
+
+
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     """Each job's overrides as Hydra's basic sweeper expands them (the cartesian product of the
     sweep's params and the command line, in order); None for other sweepers (Optuna draws its
     values while it runs, so they cannot be listed up front)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
         return None
     params = config.hydra.sweeper.get("params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
