@@ -509,6 +509,162 @@ def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return round(_median([x / y for x, y in zip(a, b, strict=True)]), 3)
 
 
+@dataclass
+class Pipelines:
+    """Everything timed, per model: (ceiling, fer_sweep) per transforms, the ceiling variants,
+    the naive pipelines; and the naive DataLoaders they share."""
+
+    pairs: dict[str, list[tuple[Ceiling, FerSweepLoop]]]
+    variants: dict[str, list[VariantCeiling]]
+    naives: dict[str, list[Naive]]
+    loaders: dict[bool, SharedLoader]
+
+
+def build_pipelines(
+    plan: Plan,
+    confs: dict[tuple[str, str], Config],
+    data: Dataset,
+    root: Path,
+    device: torch.device,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+) -> Pipelines:
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    pipes = Pipelines({}, {}, {}, {})
+    precisions = available_precisions(device)
+    modes = ", ".join("compile" if c else "eager" for c in plan.compile_modes)
+    slow = " (torch.compile: ~40 s per model and precision)" if True in plan.compile_modes else ""
+    log(f"ceiling variants: {', '.join(precisions)} x {modes}{slow}")
+    for m in plan.models:
+        pipes.pairs[m], pipes.naives[m] = [], []
+        for t in plan.transforms:
+            conf = confs[(m, t)]
+            augment = _augments(conf, data)
+            if augment not in pipes.loaders:
+                sl = make_shared_loader(
+                    root / "train", data, augment, args.batch_size, device, args.workers
+                )
+                pipes.loaders[augment] = sl
+                log(
+                    f"naive DataLoader ({'aug' if augment else 'norm'}): "
+                    f"{sl.loader.num_workers} workers, first batch after "
+                    f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch"
+                )
+            ours = FerSweepLoop(conf, data, device, x_train, y_train)
+            pipes.pairs[m].append((Ceiling(ours, conf, data), ours))
+            pipes.naives[m].append(Naive(conf, pipes.loaders[augment], device))
+        ceiling, ours = pipes.pairs[m][0]
+        conf = confs[(m, plan.transforms[0])]
+        pipes.variants[m] = [
+            VariantCeiling(conf, ours, ceiling.xb, ceiling.yb, precision, compiled)
+            for compiled in plan.compile_modes
+            for precision in precisions
+        ]
+    return pipes
+
+
+def time_repeats(
+    plan: Plan, pipes: Pipelines, device: torch.device, log: Callable[[str], None]
+) -> dict[tuple[str, str, str], list[float]]:
+    """img/s per (model, transforms, pipeline) and repeat, after a warm-up of every pipeline.
+
+    Per transforms, the ceiling and fer_sweep segments are cut into short chunks that
+    alternate (ABBA...), so the pair sees the same moments of the machine; then the variants
+    and the naive segments. Odd repeats take everything in reverse order."""
+    started = time.perf_counter()
+    for m in plan.models:  # warm-up: allocations, kernels, compilation, workers
+        for p in [
+            *(p for pair in pipes.pairs[m] for p in pair),
+            *pipes.variants[m],
+            *pipes.naives[m],
+        ]:
+            p.before()
+            p.run(plan.warmup[m])
+            p.after()
+    synchronize(device)
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for rep in range(max(plan.repeats.values())):
+        order = (lambda xs: xs[::-1]) if rep % 2 else (lambda xs: xs)
+        for m in plan.models:
+            if rep >= plan.repeats[m]:
+                continue
+            for ceiling, ours in order(pipes.pairs[m]):
+                totals = {ceiling: [0.0, 0.0], ours: [0.0, 0.0]}
+                for j, steps in enumerate(_chunks(plan.steps[m], plan.chunks[m])):
+                    for p in (ceiling, ours) if (j + rep) % 2 == 0 else (ours, ceiling):
+                        settle = plan.settle[m] if j == 0 else 0
+                        images, seconds = _time_segment(p, steps, settle, device)
+                        totals[p][0] += images
+                        totals[p][1] += seconds
+                for p, (images, seconds) in totals.items():
+                    samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
+            for p in [*order(pipes.variants[m]), *order(pipes.naives[m])]:
+                images, seconds = _time_segment(p, plan.steps[m], plan.settle[m], device)
+                samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
+        log(
+            f"repeat {rep + 1}/{max(plan.repeats.values())} done "
+            f"({time.perf_counter() - started:.0f} s)"
+        )
+    return samples
+
+
+def summarize(
+    plan: Plan,
+    pipes: Pipelines,
+    samples: dict[tuple[str, str, str], list[float]],
+    batch_size: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(records per pipeline, ratios per model and transforms, ceiling variants): medians, and
+    ratios as medians of the per-repeat ratios."""
+    records, ratios, ceilings = [], [], []
+    for m in plan.models:
+        best: list[float] = []
+        best_name = ""
+        for v in pipes.variants[m]:
+            values = samples[(m, v.transforms, v.name)]
+            ceilings.append(
+                {
+                    "model": m,
+                    "variant": v.name.removeprefix("ceiling_"),
+                    "precision": v.name.split("_")[1],
+                    "compile": v.name.endswith("compile"),
+                    "images_per_second": round(_median(values), 1),
+                    "samples": [round(x, 1) for x in values],
+                }
+            )
+            if not best or _median(values) > _median(best):
+                best, best_name = values, ceilings[-1]["variant"]
+        fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
+        for t in plan.transforms:
+            series = {name: samples[(m, t, name)] for name in PIPELINES}
+            records += [
+                {
+                    "model": m,
+                    "transforms": t,
+                    "pipeline": name,
+                    "images_per_second": round(_median(values), 1),
+                    "samples": [round(v, 1) for v in values],
+                    "steps": plan.steps[m],
+                    "batch_size": batch_size,
+                }
+                for name, values in series.items()
+            ]
+            ours = series["fer_sweep"]
+            ratios.append(
+                {
+                    "model": m,
+                    "transforms": t,
+                    "fer_sweep_over_ceiling": _paired_ratio(ours, series["ceiling"]),
+                    "fer_sweep_over_naive": _paired_ratio(ours, series["naive"]),
+                    "fer_sweep_precision": pipes.pairs[m][0][1].amp,
+                    "best_ceiling": best_name,
+                    "fer_sweep_over_best_ceiling": _paired_ratio(ours, best),
+                    "fer_sweep_over_fp32_eager": _paired_ratio(ours, fp32_eager),
+                }
+            )
+    return records, ratios, ceilings
+
+
 def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     from fer_sweep.train import pick_device
 
@@ -517,7 +673,6 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
     if args.threads:
         torch.set_num_threads(args.threads)
     loadavg_start = os.getloadavg()
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fer_sweep_bench_") as tmp_name:
         tmp = Path(tmp_name)
         root, data_overrides = resolve_root(args, tmp)
@@ -545,151 +700,19 @@ def run_benchmark(args: argparse.Namespace, log: Callable[[str], None] = print) 
         t0 = time.perf_counter()
         data = load_dataset(next(iter(confs.values())).data)
         load["dataset_seconds"] = round(time.perf_counter() - t0, 3)
-        x_train, y_train = data.train.x.to(device), data.train.y.to(device)
-
-        loaders: dict[bool, SharedLoader] = {}
-        # model -> per transforms: (ceiling, fer_sweep), and the naive pipelines
-        pairs: dict[str, list[tuple[Pipeline, Pipeline]]] = {}
-        naives: dict[str, list[Pipeline]] = {}
-        # model -> the ceiling in every precision x compile mode this device offers
-        variants: dict[str, list[Pipeline]] = {}
-        precisions = available_precisions(device)
-        log(
-            f"ceiling variants: {', '.join(precisions)} x "
-            f"{', '.join('compile' if c else 'eager' for c in plan.compile_modes)}"
-            + (
-                " (torch.compile: ~40 s per model and precision to compile)"
-                if True in plan.compile_modes
-                else ""
-            )
-        )
-        for m in plan.models:
-            pairs[m], naives[m] = [], []
-            for t in plan.transforms:
-                conf = confs[(m, t)]
-                augment = _augments(conf, data)
-                if augment not in loaders:
-                    loaders[augment] = make_shared_loader(
-                        root / "train", data, augment, args.batch_size, device, args.workers
-                    )
-                    sl = loaders[augment]
-                    log(
-                        f"naive DataLoader ({'aug' if augment else 'norm'}): "
-                        f"{sl.loader.num_workers} workers, first batch after "
-                        f"{sl.startup_seconds:.2f} s, then {sl.batch_seconds * 1e3:.0f} ms/batch"
-                    )
-                ours = FerSweepLoop(conf, data, device, x_train, y_train)
-                pairs[m].append((Ceiling(ours, conf, data), ours))
-                naives[m].append(Naive(conf, loaders[augment], device))
-            ceiling, ours = pairs[m][0]
-            variants[m] = [
-                VariantCeiling(
-                    confs[(m, plan.transforms[0])],
-                    ours,
-                    ceiling.xb,
-                    ceiling.yb,
-                    precision,
-                    compiled,
-                )
-                for compiled in plan.compile_modes
-                for precision in precisions
-            ]
-
+        pipes = build_pipelines(plan, confs, data, root, device, args, log)
         log(
             f"timing {_per_model(plan.repeats)} repeats of {_per_model(plan.steps)} batches "
             f"per pipeline, after {_per_model(plan.warmup)} warm-up batches"
         )
-        for m in plan.models:  # warm-up: allocations, kernels, workers
-            for p in [*(p for pair in pairs[m] for p in pair), *variants[m], *naives[m]]:
-                p.before()
-                p.run(plan.warmup[m])
-                p.after()
-        synchronize(device)
-
-        samples: dict[tuple[str, str, str], list[float]] = {}
-        for rep in range(max(plan.repeats.values())):
-            for m in plan.models:
-                if rep >= plan.repeats[m]:
-                    continue
-                # Per transforms, the ceiling and fer_sweep segments are cut into short chunks
-                # that alternate (ABBA...), so the pair sees the same moments of the machine;
-                # then the naive segments. Odd repeats take the transforms in reverse order.
-                for ceiling, ours in pairs[m][::-1] if rep % 2 else pairs[m]:
-                    totals = {ceiling: [0.0, 0.0], ours: [0.0, 0.0]}
-                    for j, steps in enumerate(_chunks(plan.steps[m], plan.chunks[m])):
-                        for p in (ceiling, ours) if (j + rep) % 2 == 0 else (ours, ceiling):
-                            images, seconds = _time_segment(
-                                p, steps, plan.settle[m] if j == 0 else 0, device
-                            )
-                            totals[p][0] += images
-                            totals[p][1] += seconds
-                    for p, (images, seconds) in totals.items():
-                        samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-                for p in [
-                    *(variants[m][::-1] if rep % 2 else variants[m]),
-                    *(naives[m][::-1] if rep % 2 else naives[m]),
-                ]:
-                    images, seconds = _time_segment(p, plan.steps[m], plan.settle[m], device)
-                    samples.setdefault((m, p.transforms, p.name), []).append(images / seconds)
-            log(
-                f"repeat {rep + 1}/{max(plan.repeats.values())} done "
-                f"({time.perf_counter() - started:.0f} s)"
-            )
-        for sl in loaders.values():
+        samples = time_repeats(plan, pipes, device, log)
+        for sl in pipes.loaders.values():
             sl.it = None  # the iterator owns the workers: they shut down
         threads = torch.get_num_threads()
-
-    records, ratios, ceilings = [], [], []
-    for m in plan.models:
-        best: list[float] = []
-        for v in variants[m]:
-            values = samples[(m, v.transforms, v.name)]
-            ceilings.append(
-                {
-                    "model": m,
-                    "variant": v.name.removeprefix("ceiling_"),
-                    "precision": v.name.split("_")[1],
-                    "compile": v.name.endswith("compile"),
-                    "images_per_second": round(_median(values), 1),
-                    "samples": [round(x, 1) for x in values],
-                }
-            )
-            if not best or _median(values) > _median(best):
-                best, best_name = values, ceilings[-1]["variant"]
-        fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
-        for t in plan.transforms:
-            ceiling = samples[(m, t, "ceiling")]
-            series = {
-                "ceiling": ceiling,
-                "fer_sweep": samples[(m, t, "fer_sweep")],
-                "naive": samples[(m, t, "naive")],
-            }
-            for name, values in series.items():
-                records.append(
-                    {
-                        "model": m,
-                        "transforms": t,
-                        "pipeline": name,
-                        "images_per_second": round(_median(values), 1),
-                        "samples": [round(v, 1) for v in values],
-                        "steps": plan.steps[m],
-                        "batch_size": args.batch_size,
-                    }
-                )
-            ratios.append(
-                {
-                    "model": m,
-                    "transforms": t,
-                    "fer_sweep_over_ceiling": _paired_ratio(series["fer_sweep"], ceiling),
-                    "fer_sweep_over_naive": _paired_ratio(series["fer_sweep"], series["naive"]),
-                    "fer_sweep_precision": pairs[m][0][1].amp,
-                    "best_ceiling": best_name,
-                    "fer_sweep_over_best_ceiling": _paired_ratio(series["fer_sweep"], best),
-                    "fer_sweep_over_fp32_eager": _paired_ratio(series["fer_sweep"], fp32_eager),
-                }
-            )
+    records, ratios, ceilings = summarize(plan, pipes, samples, args.batch_size)
     import torchvision
 
+    loaders = pipes.loaders
     return {
         "records": records,
         "ratios": ratios,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fer_sweep import store
 from fer_sweep.errors import FerSweepError
@@ -30,6 +30,16 @@ def add_store_args(
         help=f"{experiment_help} (default: $MLFLOW_EXPERIMENT_NAME, else "
         f"{store.DEFAULT_EXPERIMENT}; now %(default)s)",
     )
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse (argparse exits 2 on bad arguments), then run with user_errors."""
+    args = parser.parse_args(argv)
+    return user_errors(lambda: run(args))
 
 
 def user_errors(run: Callable[[], int]) -> int:

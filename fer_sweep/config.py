@@ -25,6 +25,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _one_of(key: str, value: object, options: tuple[str, ...]) -> None:
+    _require(value in options, f"{key}={value!r} is not one of {', '.join(options)}.")
+
+
 @dataclass
 class DataConfig:
     name: str = "fer2013"
@@ -40,10 +44,7 @@ class DataConfig:
     skip_bad_images: bool = False
 
     def __post_init__(self) -> None:
-        _require(
-            self.format in ("auto", "folder", "csv"),
-            f"data.format={self.format!r} is not one of auto, folder, csv.",
-        )
+        _one_of("data.format", self.format, ("auto", "folder", "csv"))
         _require(
             0.0 < self.val_fraction < 1.0,
             f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1 "
@@ -80,10 +81,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(
-            self.builder in ("cnn", "resnet"),
-            f"model.builder={self.builder!r} is not one of cnn, resnet.",
-        )
+        _one_of("model.builder", self.builder, ("cnn", "resnet"))
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must lie in [0, 1).")
         _require(all(h > 0 for h in self.hidden), f"model.hidden={self.hidden} must be positive.")
         if self.builder == "cnn":
@@ -167,10 +165,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
     def __post_init__(self) -> None:
-        _require(
-            self.name in ("sgd", "adam", "adamw"),
-            f"optimizer.name={self.name!r} is not one of sgd, adam, adamw.",
-        )
+        _one_of("optimizer.name", self.name, ("sgd", "adam", "adamw"))
         _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (the study uses 0.01).")
         _require(
             self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0."
@@ -180,16 +175,13 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = "plateau"
-    factor: float = 0.1
+    name: str = "plateau"  # plateau: ReduceLROnPlateau on the validation loss (the study's)
+    factor: float = 0.1  # plateau: lr *= factor after `patience` epochs without improvement
     patience: int = 10
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # plateau's floor; cosine's final rate
 
     def __post_init__(self) -> None:
-        _require(
-            self.name in ("plateau", "cosine", "none"),
-            f"scheduler.name={self.name!r} is not one of plateau, cosine, none.",
-        )
+        _one_of("scheduler.name", self.name, ("plateau", "cosine", "none"))
         _require(0.0 < self.factor < 1.0, f"scheduler.factor={self.factor} must be in (0, 1).")
         _require(self.patience >= 0, f"scheduler.patience={self.patience} must be >= 0.")
 
@@ -276,10 +268,7 @@ class EvalConfig:
     tta: str = "none"
 
     def __post_init__(self) -> None:
-        _require(
-            self.tta in ("none", "flip", "shift", "flip_shift"),
-            f"eval.tta={self.tta!r} is not one of none, flip, shift, flip_shift.",
-        )
+        _one_of("eval.tta", self.tta, ("none", "flip", "shift", "flip_shift"))
 
 
 @dataclass

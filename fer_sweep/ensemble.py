@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep import figures, store, tracking
-from fer_sweep.cli import add_store_args, user_errors
+from fer_sweep.cli import add_store_args, run_command
 from fer_sweep.errors import FerSweepError
 from fer_sweep.report import ROLE, STUDY_ENSEMBLE_ACC, download, find_parent, markdown_table
 
@@ -280,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return user_errors(lambda: _ensemble(args))
+    return run_command(build_parser(), _ensemble, argv)
 
 
 def _ensemble(args: argparse.Namespace) -> int:

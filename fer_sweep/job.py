@@ -95,11 +95,10 @@ def open_run(
     key = config_hash(cfg)
     resume = conf.trainer.resume
     if resume == "auto":
-        runs = client.search_runs(
-            [exp_id],
+        runs = tracking.newest_runs(
+            client,
+            exp_id,
             f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
         )
         for run in runs:
             if (ckpt_dir / f"{run.info.run_id}.pt").exists():
@@ -173,12 +172,12 @@ def earlier_run(
     """In a resumed sweep: the id of this job's FINISHED run under the parent, if any; else
     point trainer.resume at its interrupted run that left a checkpoint, if any (it then
     continues in that run), and return None."""
-    runs = client.search_runs(
-        [exp_id],
+    runs = tracking.newest_runs(
+        client,
+        exp_id,
         f"tags.mlflow.parentRunId = '{parent_id}' and "
         f"tags.`fer_sweep.config_hash` = '{config_hash(cfg)}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
+        limit=100,
     )
     for run in runs:
         if run.info.status == "FINISHED":

@@ -29,10 +29,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep import store
-from fer_sweep.cli import add_store_args, user_errors
+from fer_sweep.cli import add_store_args, run_command
 from fer_sweep.errors import FerSweepError
 from fer_sweep.replicates import SEED_KEYS, Difference, Summary, summarize, welch
 from fer_sweep.replicates import group as replicate_groups
+from fer_sweep.tracking import newest_runs
 
 ROLE = "fer_sweep.role"
 
@@ -168,12 +169,7 @@ def find_parent(client: MlflowClient, exp_id: str, parent: str | None) -> Run:
                 f"{run.info.experiment_id}); pass its --experiment."
             )
         return run
-    runs = client.search_runs(
-        [exp_id],
-        f"tags.`{ROLE}` = 'parent'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    runs = newest_runs(client, exp_id, f"tags.`{ROLE}` = 'parent'", limit=1)
     if not runs:
         raise FerSweepError(
             "no sweep parent run in this experiment: run a multirun first "
@@ -1159,11 +1155,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return user_errors(lambda: _report(args))
-
-
 def _report(args: argparse.Namespace) -> int:
     client = store.open_existing(args.tracking_uri)
     store.use_store(args.tracking_uri)
@@ -1187,6 +1178,10 @@ def _report(args: argparse.Namespace) -> int:
         f"table1.md, accuracy.png, curves.png){where}"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _report, argv)
 
 
 if __name__ == "__main__":

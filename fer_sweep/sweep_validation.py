@@ -17,7 +17,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fer_sweep.errors import FerSweepError
 
-
 GRID_SWEEPERS = (".BasicSweeper", ".FerSweepSweeper")  # sweepers that expand a grid up front
 
 

@@ -354,6 +354,15 @@ class MultirunParentCallback(Callback):
             raise SystemExit(1)
 
 
+def newest_runs(client: MlflowClient, exp_id: str, where: str, limit: int = 50) -> list[Any]:
+    """Runs of the experiment matching an MLflow filter, newest first."""
+    return list(
+        client.search_runs(
+            [exp_id], where, order_by=["attributes.start_time DESC"], max_results=limit
+        )
+    )
+
+
 def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | None) -> Any:
     """The parent run that sweep.resume names ('latest': the experiment's newest), checked to
     be a sweep of the same grid."""
@@ -364,12 +373,7 @@ def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | No
             "SQLAlchemy 2): run it again."
         )
     if which == "latest":
-        runs = client.search_runs(
-            [exp_id],
-            f"tags.`{TAG_PREFIX}role` = 'parent'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        runs = newest_runs(client, exp_id, f"tags.`{TAG_PREFIX}role` = 'parent'", limit=1)
         if not runs:
             raise FerSweepError("sweep.resume=latest: this experiment has no sweep to resume.")
         parent = runs[0]

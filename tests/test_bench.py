@@ -16,7 +16,9 @@ from itertools import product
 from pathlib import Path
 
 import pytest
+import torch
 
+from fer_sweep.train import resolve_precision
 from tests.conftest import real_data, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
@@ -39,6 +41,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
         str(REPEATS),
         "--warmup",
         "1",
+        "--no-compile",  # compiling costs ~40 s per model and precision
         "--json",
         str(tmp / "b.json"),
     ]
@@ -79,19 +82,47 @@ def test_ratios_are_medians_of_paired_repeats(bench) -> None:
             assert r[key] == pytest.approx(statistics.median(paired), rel=2e-3), (m, t, key)
 
 
+def test_ceiling_variants_and_the_best_of_them(bench) -> None:
+    """Every precision the device offers, eager (compile left out here); fer_sweep is compared
+    with the fastest, pairwise per repeat."""
+    result, _ = bench
+    s = {(r["model"], r["transforms"], r["pipeline"]): r["samples"] for r in result["records"]}
+    variants = {(c["model"], c["variant"]): c for c in result["ceilings"]}
+    precisions = {"fp32", resolve_precision("bf16", torch.device("cpu"))}
+    assert set(variants) == {(m, f"{p}_eager") for m in MODELS for p in precisions}
+    for c in result["ceilings"]:
+        assert len(c["samples"]) == REPEATS and c["compile"] is False
+        assert c["images_per_second"] == pytest.approx(statistics.median(c["samples"]), abs=0.1)
+    for r in result["ratios"]:
+        m, t = r["model"], r["transforms"]
+        best = max(
+            (c for c in result["ceilings"] if c["model"] == m),
+            key=lambda c: statistics.median(c["samples"]),
+        )
+        assert r["best_ceiling"] == best["variant"]
+        paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], best["samples"], strict=True)]
+        assert r["fer_sweep_over_best_ceiling"] == pytest.approx(
+            statistics.median(paired), rel=2e-3
+        )
+        assert r["fer_sweep_precision"] == resolve_precision("auto", torch.device("cpu"))
+
+
 def test_load_times_and_markdown_table(bench) -> None:
     result, stdout = bench
     load = result["load"]
     assert load["images"] == 35_887 if real_data() else load["images"] > 0
     assert load["cold_seconds"] > 0 and load["warm_seconds"] > 0 and load["dataset_seconds"] > 0
     assert result["synthetic"] is (not real_data())
-    rows = [line for line in stdout.splitlines() if line.startswith("| cnn")]
+    table = stdout.split("Ceiling variants")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| cnn")]
     assert len(rows) == len(MODELS) * len(TRANSFORMS)
     for r, line in zip(result["ratios"], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:2] == [r["model"], r["transforms"]]
-        assert cells[5:] == [
+        assert cells[:3] == [r["model"], r["transforms"], r["fer_sweep_precision"]]
+        assert cells[7:] == [
             f"{r['fer_sweep_over_ceiling']:.2f}",
+            f"{r['fer_sweep_over_best_ceiling']:.2f}",
+            f"{r['fer_sweep_over_fp32_eager']:.2f}",
             f"{r['fer_sweep_over_naive']:.2f}",
         ]
     assert f"Data loading ({load['images']:,} images)" in stdout
