@@ -487,20 +487,34 @@ def accuracy_bars(
     ):
         ok = np.isfinite(values)
         bars = ax.barh(y[ok] + offset, values[ok], height=h, color=color, label=label)
-        ax.bar_label(bars, fmt="%.1f%%", padding=2 if label == "reference" else 14, fontsize=8)
+        spans = [None] * len(values)
         if label == "ours" and intervals is not None:
-            for yi, value, iv in zip(y, values, intervals, strict=True):
-                if iv is not None and np.isfinite(value):
-                    lo, hi = _as_percent(_floats(iv))
-                    ax.errorbar(
-                        value,
-                        yi + offset,
-                        xerr=[[value - lo], [hi - value]],
-                        fmt="none",
-                        ecolor="black",
-                        capsize=3,
-                        lw=1,
-                    )
+            spans = [None if iv is None else _as_percent(_floats(iv)) for iv in intervals]
+        any_span = any(sp is not None for sp in spans)
+        if not any_span:
+            ax.bar_label(bars, fmt="%.1f%%", padding=2, fontsize=8)
+        for yi, value, span in zip(y, values, spans, strict=True):
+            if span is None or not np.isfinite(value):
+                if any_span and np.isfinite(value):
+                    ax.text(value + 0.5, yi + offset, f"{value:.1f}%", va="center", fontsize=8)
+                continue
+            lo, hi = span
+            ax.errorbar(
+                value,
+                yi + offset,
+                xerr=[[value - lo], [hi - value]],
+                fmt="none",
+                ecolor="black",
+                capsize=3,
+                lw=1,
+            )
+            ax.text(
+                max(value, hi) + 0.5,
+                yi + offset,
+                f"{value:.1f}% [{lo:.1f}, {hi:.1f}]",
+                va="center",
+                fontsize=8,
+            )
         for yi in y[~ok]:
             ax.text(0.5, yi + offset, "n/a", va="center", fontsize=7, color="0.4")
     ax.set_yticks(y, wrapped, fontsize=8)
