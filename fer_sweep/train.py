@@ -81,13 +81,6 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def use_channels_last(setting: str) -> bool:
-    """auto = on: channels_last made every model's CPU step faster here (measured with
-    ``python -m fer_sweep.bench``: the small CNNs 1.7x, the reference ResNet 2.4x), and it is
-    the layout cuDNN's bf16 kernels want on GPUs. ``false`` keeps plain contiguous tensors."""
-    return setting == "auto" or setting.lower() == "true"
-
-
 def make_optimizer(
     params: Any, oc: OptimizerConfig, device: torch.device | None = None
 ) -> torch.optim.Optimizer:
@@ -477,7 +470,7 @@ def build(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    channels_last = use_channels_last(tc.channels_last)
+    channels_last = tc.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(conf.model)
     model = model.to(device, memory_format=fmt)
