@@ -6,6 +6,7 @@ import logging
 import math
 import sys
 import traceback
+import warnings
 
 from fer_sweep import runtime
 
@@ -18,6 +19,10 @@ from fer_sweep import tracking  # noqa: E402
 from fer_sweep.errors import FerSweepError  # noqa: E402
 
 log = logging.getLogger("fer_sweep")
+
+# conf/hydra/sweeper/basic.yaml shadows Hydra's basic sweeper on purpose (fer_sweep's grid
+# sweeper, scoped to this config folder); Hydra 1.3 warns that it matches its schema by name.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -212,22 +212,25 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 100
+    epochs: int = 100  # the study's recipe: 100 epochs, batch 100, cross-entropy
     batch_size: int = 100
-    eval_batch_size: int = 1000
-    device: str = "auto"
+    eval_batch_size: int = 1000  # evaluation runs without autograd, in large batches
+    device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0
-    amp: str = "auto"
+    # auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX-512-BF16/AMX), else fp32
+    amp: str = "auto"  # auto | bf16 | fp32
     # channels_last memory format: every model's CPU step was faster in it (small CNNs 1.7x, the
     # ResNet 2.4x, docs/performance.md), and cuDNN's bf16 kernels want it on GPUs
     channels_last: bool = True
-    compile: bool = False
-    threads: int | None = None
-    progress: bool = True
+    compile: bool = False  # torch.compile the model
+    threads: int | None = None  # torch intra-op threads; null = torch's default
+    progress: bool = True  # a progress bar per epoch
+    # <run id>.pt (the run's state) and <run id>.best.pt (its best weights), deleted at the end
     checkpoint_dir: str = "checkpoints"
-    resume: str | None = None
+    resume: str | None = None  # null | auto | <mlflow run id>: continue an interrupted run
     checkpoint_every_s: float = 60.0  # at most one checkpoint per this many s; 0 = every epoch
     deterministic: bool = False  # CUDA: deterministic kernels (slower); CPU runs always are
+    # stop after N epochs without a better validation loss (null = off)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     stop_at_min_lr: bool = False  # stop once the plateau scheduler cannot lower the rate
 
@@ -263,7 +266,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    tta: str = "none"
+    tta: str = "none"  # none | flip | shift | flip_shift: test-time augmentation (extra metrics)
 
     def __post_init__(self) -> None:
         _one_of("eval.tta", self.tta, ("none", "flip", "shift", "flip_shift"))
@@ -273,9 +276,9 @@ class EvalConfig:
 class MlflowConfig:
     tracking_uri: str = DEFAULT_URI  # conf/mlflow/default.yaml: $MLFLOW_TRACKING_URI first
     experiment: str = DEFAULT_EXPERIMENT  # ... and $MLFLOW_EXPERIMENT_NAME
-    run_name: str | None = None
-    log_model: bool = True
-    figures: bool = True
+    run_name: str | None = None  # null: "<model>-<transforms>"
+    log_model: bool = True  # the best weights as an MLflow PyTorch model
+    figures: bool = True  # learning curves, confusion matrix, misclassification panels
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment), "mlflow.experiment must not be empty.")
@@ -307,6 +310,26 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+# The config groups whose options start from the schema's defaults: conf/<group>/<option>.yaml
+# lists only what the option changes (defaults: [schema, _self_]); Hydra's plugin
+# hydra_plugins/fer_sweep_plugin registers each group's "schema" option from these dataclasses.
+SCHEMA_GROUPS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "transforms": TransformsConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+    "mlflow": MlflowConfig,
+}
+
+
+def schema_defaults(group: str) -> dict[str, Any]:
+    """Every setting of a config group with its default: the one place defaults are written."""
+    return asdict(SCHEMA_GROUPS[group]())
 
 
 def _did_you_mean(full_key: str) -> str:

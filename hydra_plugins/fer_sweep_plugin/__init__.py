@@ -1,4 +1,13 @@
-"""fer_sweep's grid sweeper: Hydra's basic sweeper without its per-job re-composition.
+"""fer_sweep's Hydra plugin: the config schema's defaults, and the grid sweeper.
+
+Schema: every config group (data, model, ..., mlflow) gets an option ``schema`` holding all its
+settings with their defaults, made from fer_sweep.config's dataclasses, so the defaults are
+written in one place; each option file in conf/ starts from it (``defaults: [schema, _self_]``)
+and lists only what it changes. Hydra imports this package in every process that composes a
+config (the command, joblib and submitit workers, tests), before composing: registering here is
+Hydra's own convention for plugins.
+
+Sweeper: Hydra's basic sweeper without its per-job re-composition.
 
 Hydra's BasicSweeper composes every job of a batch once more before launching it
 (``validate_batch_is_legal``, ~0.15 s a job: 45 s before the first job of a 300-job grid, the
@@ -13,6 +22,9 @@ Hydra finds it as a plugin in this namespace package; it is the default grid swe
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+
+from fer_sweep.config import SCHEMA_GROUPS, schema_defaults
 
 
 class FerSweepSweeper(BasicSweeper):
@@ -20,3 +32,9 @@ class FerSweepSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Done once for the whole grid in MultirunParentCallback.on_multirun_start."""
+
+
+for _group in SCHEMA_GROUPS:
+    ConfigStore.instance().store(
+        group=_group, name="schema", node=schema_defaults(_group), provider="fer_sweep"
+    )
