@@ -475,9 +475,9 @@ class Comparison:
 def compare_groups(
     groups: Sequence[Group], keys: Sequence[str], key: str | None = None
 ) -> list[Comparison]:
-    """Differences of mean test accuracy between pairs of groups: with ``key``, every pair that
-    differs in that setting; without, only when the sweep varies exactly one setting besides
-    the seeds and has replicates (e.g. transforms=norm,aug trainer.seed=0,1,2)."""
+    """Differences of mean test accuracy between pairs of groups that differ in exactly one
+    setting: ``key`` when given; without it, only when the sweep varies exactly one setting
+    besides the seeds and has replicates (e.g. transforms=norm,aug trainer.seed=0,1,2)."""
     if key is not None and key not in keys:
         raise FerSweepError(
             f"--compare {key}: this sweep does not vary {key}; it varies "
@@ -488,23 +488,20 @@ def compare_groups(
     out = []
     for i, a in enumerate(groups):
         for b in groups[i + 1 :]:
-            differ = [k for k in keys if a.settings[k] != b.settings[k]]
-            if key is None and len(differ) != 1:
-                continue
-            if key is not None and key not in differ:
+            # A setting one side never logged (runs older than the setting) is not a difference
+            # of the experiment; it is listed under "Also differs" instead.
+            unknown = [
+                k
+                for k in keys
+                if a.settings[k] != b.settings[k] and "" in (a.settings[k], b.settings[k])
+            ]
+            differ = [k for k in keys if a.settings[k] != b.settings[k] and k not in unknown]
+            if len(differ) != 1 or (key is not None and differ[0] != key):
                 continue
             if "test_acc" not in a.stats or "test_acc" not in b.stats:
                 continue
-            k = key or differ[0]
-            out.append(
-                Comparison(
-                    a,
-                    b,
-                    k,
-                    tuple(d for d in differ if d != k),
-                    welch(a.stats["test_acc"], b.stats["test_acc"]),
-                )
-            )
+            diff = welch(a.stats["test_acc"], b.stats["test_acc"])
+            out.append(Comparison(a, b, differ[0], tuple(f"{k} (unlogged)" for k in unknown), diff))
     return out
 
 
@@ -1042,15 +1039,19 @@ def write_report(
     out: Path,
     log: bool = True,
     compare: str | None = None,
+    more_parents: Sequence[Run] = (),
 ) -> list[Group]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
     accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
-    (files under report/)."""
+    (files under report/). ``more_parents``: further sweeps whose jobs join the report (e.g. the
+    same rows trained in another precision), which is then logged on the first parent only."""
     from fer_sweep import figures
 
     exp_id = parent.info.experiment_id
     parent_id = parent.info.run_id
     runs = children(client, exp_id, parent_id)
+    for other in more_parents:
+        runs += children(client, other.info.experiment_id, other.info.run_id)
     if not runs:
         raise FerSweepError(
             f"parent run {parent_id} has no child job runs (yet); pick another "
@@ -1135,7 +1136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--parent",
         metavar="RUN_ID",
-        help="the sweep's parent run (default: the latest parent in the experiment)",
+        action="append",
+        help="the sweep's parent run (default: the latest parent in the experiment); "
+        "repeat it to report several sweeps' jobs together (logged on the first)",
     )
     p.add_argument(
         "--out", metavar="DIR", type=Path, help="output folder (default: reports/<parent run id>)"
@@ -1159,7 +1162,8 @@ def _report(args: argparse.Namespace) -> int:
     client = store.open_existing(args.tracking_uri)
     store.use_store(args.tracking_uri)
     exp_id = store.require_experiment(client, args.experiment)
-    parent = find_parent(client, exp_id, args.parent)
+    parents = [find_parent(client, exp_id, p) for p in args.parent or [None]]
+    parent = parents[0]
     out = args.out or Path("reports") / parent.info.run_id
     groups = write_report(
         client,
@@ -1169,6 +1173,7 @@ def _report(args: argparse.Namespace) -> int:
         out,
         log=not args.no_log,
         compare=args.compare,
+        more_parents=parents[1:],
     )
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
