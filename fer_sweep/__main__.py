@@ -6,7 +6,6 @@ import logging
 import math
 import sys
 import traceback
-import warnings
 
 from fer_sweep import runtime
 
@@ -16,13 +15,12 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fer_sweep import tracking  # noqa: E402
+from fer_sweep.config import quiet_schema_warning  # noqa: E402
 from fer_sweep.errors import FerSweepError  # noqa: E402
 
 log = logging.getLogger("fer_sweep")
 
-# conf/hydra/sweeper/basic.yaml shadows Hydra's basic sweeper on purpose (fer_sweep's grid
-# sweeper, scoped to this config folder); Hydra 1.3 warns that it matches its schema by name.
-warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against")
+quiet_schema_warning()  # our grid sweeper shadows Hydra's basic one on purpose
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

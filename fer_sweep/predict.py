@@ -300,7 +300,6 @@ def load_model(run: Any, uri: str, device: torch.device) -> torch.nn.Module:
     return model.to(device).float().eval()
 
 
-@torch.inference_mode()
 def run_precision(run: Any, device: torch.device) -> str:
     """The precision the run trained in, where this device can run it; fp32 otherwise (and
     for runs logged before trainer.precision existed)."""
@@ -310,6 +309,7 @@ def run_precision(run: Any, device: torch.device) -> str:
         return "fp32"
 
 
+@torch.inference_mode()
 def predict_probs(
     model: torch.nn.Module,
     x: np.ndarray,

@@ -36,8 +36,15 @@ def run_cli(
     module: str = "fer_sweep",
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m <module> args`` the way a user does, in ``cwd``."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    """Run ``python -m <module> args`` the way a user does, in ``cwd``; MLflow's variables only
+    when the test passes them (a developer's own, or one an in-process test set, would send
+    the runs elsewhere)."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_EXPERIMENT_NAME"
+    }
+    full_env = {**inherited, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
