@@ -18,6 +18,7 @@ from PIL import Image
 from fer_sweep.augment import make_transform
 from fer_sweep.data import CLASSES, load_source
 from fer_sweep.predict import decode_image, main
+from fer_sweep.train import autocast
 from tests.conftest import real_data, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
@@ -122,7 +123,8 @@ def test_cli_table_predicts_files_and_folders(store: dict) -> None:
 
 def _reference(store: dict, run_id: str) -> dict[str, np.ndarray]:
     """Probabilities via the training path: the images as a folder dataset read by
-    load_source, normalised with make_transform, through the logged model."""
+    load_source, normalised with make_transform, through the logged model in the run's
+    precision."""
     import mlflow
     import mlflow.pytorch
 
@@ -146,8 +148,11 @@ def _reference(store: dict, run_id: str) -> dict[str, np.ndarray]:
     mean, std = float(params["data.mean_used"]), float(params["data.std_used"])
     mlflow.set_tracking_uri(store["uri"])
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model").eval()
-    with torch.inference_mode():
-        probs = model(make_transform(None, mean, std)(x, train=False)).softmax(1).numpy()
+    # In the precision the run trained (and was validated and tested) in.
+    precision = params.get("trainer.precision", "fp32")
+    with torch.inference_mode(), autocast(torch.device("cpu"), precision):
+        logits = model(make_transform(None, mean, std)(x, train=False))
+    probs = logits.float().softmax(1).numpy()
     return dict(zip(("faces/gray.png", "faces/sub/rgb.jpg", "single.jpg"), probs, strict=True))
 
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from fer_sweep import report
+from fer_sweep.config import validate
 from fer_sweep.models import build_model, describe
 from tests.conftest import REPO, real_data, run_cli
 
@@ -296,7 +297,7 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
         assert row["synthetic"] == str(not real_data()).lower()
     # The network column is read off the model each run's config builds.
     cfg = _compose("table2=row1")
-    assert rows[0]["network"] == describe(build_model(cfg.model))
+    assert rows[0]["network"] == describe(build_model(validate(cfg).model))
     assert rows[0]["network"].endswith("Linear-150-7")
     assert "Dropout" in rows[6]["network"] and "Dropout" not in rows[5]["network"]
     assert rows[0]["transformations"] == "Normalize"
@@ -323,7 +324,7 @@ def test_report_table1_and_figures_logged_on_the_parent(
     logged = {a.path for a in client.list_artifacts(report_dir.name, "report")}
     assert logged == {
         f"report/{n}"
-        for n in ("table2.md", "table2.csv", "table1.md", "accuracy.png", "curves.png")
+        for n in ("table2.md", "table2.csv", "runs.csv", "table1.md", "accuracy.png", "curves.png")
     }
 
 
