@@ -59,27 +59,25 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
-def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[str]) -> None:
+def _sweep_and_report(tmp_path: Path, sweep: list[str], log: bool) -> tuple[str, Path]:
+    """A tiny multirun of ``sweep`` x trainer.seed=0,1,2, then its report in tmp_path/rep."""
     uri = f"sqlite:///{tmp_path / 'r.db'}"
     proc = run_cli(
-        [
-            "-m",
-            "experiment=table2",
-            "table2=row1,row4",
-            "trainer.seed=0,1,2",
-            *TINY,
-            f"mlflow.tracking_uri={uri}",
-            *data_overrides,
-        ],
-        cwd=tmp_path,
+        ["-m", *sweep, "trainer.seed=0,1,2", *TINY, f"mlflow.tracking_uri={uri}"], cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "rep"
-    proc = run_cli(
-        ["--tracking-uri", uri, "--out", str(out)], cwd=tmp_path, module="fer_sweep.report"
-    )
+    report = ["--tracking-uri", uri, "--out", str(out)] + ([] if log else ["--no-log"])
+    proc = run_cli(report, cwd=tmp_path, module="fer_sweep.report")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri, out
+
+
+@pytest.mark.slow
+def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[str]) -> None:
+    uri, out = _sweep_and_report(
+        tmp_path, ["experiment=table2", "table2=row1,row4", *data_overrides], log=True
+    )
     rows = _read_csv(out / "table2.csv")
     assert [r["model"] for r in rows] == ["cnn2", "cnn3"]
     runs = _read_csv(out / "runs.csv")
@@ -109,26 +107,7 @@ def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[
 
 @pytest.mark.slow
 def test_compare_section_for_one_varied_setting(tmp_path: Path, data_overrides: list[str]) -> None:
-    uri = f"sqlite:///{tmp_path / 'c.db'}"
-    proc = run_cli(
-        [
-            "-m",
-            "transforms=norm,aug",
-            "trainer.seed=0,1,2",
-            *TINY,
-            f"mlflow.tracking_uri={uri}",
-            *data_overrides,
-        ],
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "rep"
-    proc = run_cli(
-        ["--tracking-uri", uri, "--out", str(out), "--no-log"],
-        cwd=tmp_path,
-        module="fer_sweep.report",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri, out = _sweep_and_report(tmp_path, ["transforms=norm,aug", *data_overrides], log=False)
     (cmp,) = _read_csv(out / "compare.csv")
     assert (cmp["setting"], cmp["a_value"], cmp["b_value"]) == ("transforms", "norm", "aug")
     assert (cmp["n_a"], cmp["n_b"]) == ("3", "3")
