@@ -13,7 +13,8 @@ test-fast:  ## the fast lane: the suite without the slow end-to-end runs
 	$(PY) -m pytest -q -m "not slow"
 
 lint:
-	ruff check fer_sweep tests
+	ruff format --check fer_sweep hydra_plugins tests scripts
+	ruff check fer_sweep hydra_plugins tests scripts
 
 smoke:  ## every model of the main sweep for one epoch on a tiny subset
 	$(PY) -m fer_sweep -m model=cnn2,cnn3,resnet transforms=norm,aug data.limit_per_class=10 trainer.epochs=1
