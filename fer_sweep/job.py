@@ -166,12 +166,11 @@ def open_run(
     return run_id, False
 
 
-def earlier_run(
-    client: MlflowClient, exp_id: str, parent_id: str, cfg: DictConfig, conf: Config
-) -> str | None:
-    """In a resumed sweep: the id of this job's FINISHED run under the parent, if any; else
-    point trainer.resume at its interrupted run that left a checkpoint, if any (it then
-    continues in that run), and return None."""
+def earlier_runs(
+    client: MlflowClient, exp_id: str, parent_id: str, cfg: DictConfig, ckpt_dir: Path
+) -> tuple[str | None, str | None]:
+    """In a resumed sweep, this job's earlier runs under the parent: (its FINISHED run, its
+    newest interrupted run that left a checkpoint), each None when there is none."""
     runs = tracking.newest_runs(
         client,
         exp_id,
@@ -179,15 +178,11 @@ def earlier_run(
         f"tags.`fer_sweep.config_hash` = '{config_hash(cfg)}'",
         limit=100,
     )
-    for run in runs:
-        if run.info.status == "FINISHED":
-            return run.info.run_id
-    ckpt_dir = Path(conf.trainer.checkpoint_dir)
-    for run in runs:
-        if (ckpt_dir / f"{run.info.run_id}.pt").exists():
-            conf.trainer.resume = run.info.run_id
-            break
-    return None
+    finished = next((r.info.run_id for r in runs if r.info.status == "FINISHED"), None)
+    resumable = next(
+        (r.info.run_id for r in runs if (ckpt_dir / f"{r.info.run_id}.pt").exists()), None
+    )
+    return finished, resumable
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -230,10 +225,13 @@ def _run_job(cfg: DictConfig) -> float:
     else:
         exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
     if parent_id and parent.get("resumed"):  # sweep.resume: this job may be done already
-        done = earlier_run(client, exp_id, parent_id, cfg, conf)
+        ckpt_dir = Path(conf.trainer.checkpoint_dir)
+        done, interrupted = earlier_runs(client, exp_id, parent_id, cfg, ckpt_dir)
         if done is not None:
             log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
             return float(client.get_run(done).data.metrics.get("best_val_acc", math.nan))
+        if interrupted is not None:  # it continues in its own run (trainer.resume semantics)
+            conf.trainer.resume = interrupted
 
     data = load_dataset(conf.data)
     log.info(
