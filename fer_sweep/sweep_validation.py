@@ -40,18 +40,23 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def grid_key(config: DictConfig) -> str | None:
+def grid_jobs(config: DictConfig) -> list[list[str]] | None:
+    """sweep_jobs, or None where the grid cannot be listed up front (another sweeper, or a
+    syntax the basic sweeper rejects: it then says so itself)."""
+    from hydra.errors import HydraException
+
+    try:
+        return sweep_jobs(config)
+    except HydraException:
+        return None
+
+
+def grid_key(jobs: list[list[str]] | None) -> str | None:
     """A fingerprint of a grid sweep's jobs (without sweep.resume itself), to tell whether a
     resumed sweep is the same grid; None for other sweepers."""
     import hashlib
     import json
 
-    from hydra.errors import HydraException
-
-    try:
-        jobs = sweep_jobs(config)
-    except HydraException:  # a syntax the basic sweeper rejects: it says so itself
-        return None
     if jobs is None:
         return None
     jobs = [[o for o in job if not o.startswith("sweep.resume=")] for job in jobs]
@@ -91,19 +96,15 @@ def _split(overrides: list, groups: set[str]) -> tuple[tuple[str, ...], list]:
     return tuple(compose), values
 
 
-def validate_jobs(config: DictConfig) -> None:
-    """Compose and validate every job of a grid sweep; the first bad one is a FerSweepError
-    naming the job and its own overrides."""
+def validate_jobs(config: DictConfig, jobs: list[list[str]] | None) -> None:
+    """Compose and validate every job of a grid sweep (``jobs``: grid_jobs(config)); the first
+    bad one is a FerSweepError naming the job and its own overrides."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     from fer_sweep.config import Config, validate, with_values
 
-    try:
-        jobs = sweep_jobs(config)
-    except HydraException:  # a sweep syntax the basic sweeper rejects; it says so itself
-        return
     if not jobs or not GlobalHydra.instance().is_initialized():
         return
     loader = GlobalHydra.instance().config_loader()

@@ -258,16 +258,17 @@ class MultirunParentCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
         from fer_sweep.data import check_source
-        from fer_sweep.sweep_validation import grid_key, validate_jobs
+        from fer_sweep.sweep_validation import grid_jobs, grid_key, validate_jobs
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
-            validate_jobs(config)  # ... and what is wrong for one job of the grid
+            jobs = grid_jobs(config)  # the grid, expanded once
+            validate_jobs(config, jobs)  # ... and what is wrong for one job of the grid
             check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
             client = store.connect(conf.mlflow.tracking_uri)
             exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
-            grid = grid_key(config)
+            grid = grid_key(jobs)
             resumed = (
                 find_resumable(client, exp_id, conf.sweep.resume, grid)
                 if conf.sweep.resume
@@ -314,7 +315,7 @@ class MultirunParentCallback(Callback):
                     "parent_run_id": run.info.run_id,
                     "launcher_pid": os.getpid(),
                     "resumed": resumed is not None,
-                    "grid_size": grid_size(config),
+                    "grid_size": None if jobs is None else len(jobs),
                 }
             )
         )
@@ -391,13 +392,6 @@ def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | No
             "same overrides plus sweep.resume."
         )
     return parent
-
-
-def grid_size(config: DictConfig) -> int | None:
-    from fer_sweep.sweep_validation import sweep_jobs
-
-    jobs = sweep_jobs(config)
-    return None if jobs is None else len(jobs)
 
 
 def _check_launcher(config: DictConfig) -> None:
