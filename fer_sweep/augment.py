@@ -22,7 +22,14 @@ import torch.nn.functional as F
 
 from fer_sweep.config import TransformsConfig
 
-__all__ = ["BatchTransform", "affine_batch", "affine_theta", "make_transform", "warp"]
+__all__ = [
+    "BatchTransform",
+    "affine_batch",
+    "affine_theta",
+    "make_transform",
+    "random_erase",
+    "warp",
+]
 
 
 def affine_batch(
@@ -139,6 +146,8 @@ class BatchTransform:
         rotation: float | Sequence[float] = 0.0,
         translate: float | Sequence[float] = 0.0,
         hflip: bool = False,
+        erase: float = 0.0,
+        erase_scale: Sequence[float] = (0.02, 0.33),
     ) -> None:
         self.mean = float(mean)
         self.std = float(std)
@@ -158,10 +167,19 @@ class BatchTransform:
         if not all(0.0 <= t <= 1.0 for t in self.translate):
             raise ValueError(f"translate must be in [0, 1], got {translate!r}")
         self.hflip = bool(hflip)
+        self.erase = float(erase)
+        self.erase_scale = _pair(erase_scale, "erase_scale")
+        if not 0.0 <= self.erase <= 1.0:
+            raise ValueError(f"erase is a probability, got {erase}")
 
     @property
     def is_random(self) -> bool:
         """False for pure normalization: then train and eval outputs are identical."""
+        return self.warps_images or self.erase > 0
+
+    @property
+    def warps_images(self) -> bool:
+        """Rotation, shift or flip: the per-image warps that ``draw`` prepares."""
         return self.rotation != (0.0, 0.0) or self.translate != (0.0, 0.0) or self.hflip
 
     @property
@@ -171,7 +189,8 @@ class BatchTransform:
     def __repr__(self) -> str:
         return (
             f"BatchTransform(mean={self.mean}, std={self.std}, rotation={self.rotation}, "
-            f"translate={self.translate}, hflip={self.hflip})"
+            f"translate={self.translate}, hflip={self.hflip}, erase={self.erase}, "
+            f"erase_scale={self.erase_scale})"
         )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,13 +230,47 @@ class BatchTransform:
         out = self.normalize(x)
         if not (train and self.is_random):
             return out
-        if warps is None:
-            warps = self.draw(len(out), out.shape[-2:], out.device)
-        elif len(warps) != len(out):
-            raise ValueError(f"{len(warps)} warps for {len(out)} images")
-        if warps.dtype == torch.bool:  # flip only: exact and cheaper than resampling
-            return torch.where(warps.view(-1, 1, 1, 1), out.flip(-1), out)
-        return warp(out, warps)
+        if self.warps_images:
+            if warps is None:
+                warps = self.draw(len(out), out.shape[-2:], out.device)
+            elif len(warps) != len(out):
+                raise ValueError(f"{len(warps)} warps for {len(out)} images")
+            if warps.dtype == torch.bool:  # flip only: exact and cheaper than resampling
+                out = torch.where(warps.view(-1, 1, 1, 1), out.flip(-1), out)
+            else:
+                out = warp(out, warps)
+        if self.erase > 0:
+            out = random_erase(out, self.erase, self.erase_scale)
+        return out
+
+
+def random_erase(
+    x: torch.Tensor,
+    p: float,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """torchvision's RandomErasing(p, scale, ratio, value=0) for a whole (B, C, H, W) batch, each
+    image its own box: one (B, H, W) mask from two broadcast comparisons, one masked_fill.
+
+    Area ~ U(scale) of the image, log aspect ratio ~ U(log ratio); a box that would not fit is
+    clipped to the image (torchvision redraws up to ten times instead). 0 is the mean grey of
+    the normalized images."""
+    n, _, h, w = x.shape
+    u = torch.rand(n, 5, device=x.device)
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * u[:, 1])
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)
+    top = torch.floor(u[:, 2] * (h - eh + 1))
+    left = torch.floor(u[:, 3] * (w - ew + 1))
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, H)
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & (u[:, 4] < p)[:, None, None]
+    return x.masked_fill(mask[:, None], 0.0)
 
 
 def make_transform(tc: TransformsConfig | None, mean: float, std: float) -> BatchTransform:
@@ -225,4 +278,12 @@ def make_transform(tc: TransformsConfig | None, mean: float, std: float) -> Batc
     only (prediction)."""
     if tc is None:
         return BatchTransform(mean, std)
-    return BatchTransform(mean, std, rotation=tc.rotation, translate=tc.translate, hflip=tc.hflip)
+    return BatchTransform(
+        mean,
+        std,
+        rotation=tc.rotation,
+        translate=tc.translate,
+        hflip=tc.hflip,
+        erase=tc.erase,
+        erase_scale=tc.erase_scale,
+    )

@@ -774,7 +774,7 @@ def _augments(conf: Config, data: Dataset) -> bool:
     from fer_sweep.augment import make_transform
 
     tfm = make_transform(conf.transforms, data.mean, data.std)
-    if tfm.hflip:
+    if tfm.hflip or tfm.erase:
         raise ConfigError(
             f"transforms={conf.transforms.name}: the naive pipeline mirrors only "
             "the study's rotation + translation; benchmark norm or aug."

@@ -74,6 +74,7 @@ class ModelConfig:
     batchnorm: bool = False
     # resnet
     stem_channels: int = 64
+    stem_stride: int = 1  # 2: the stem halves 48x48 to 24x24 (4x fewer operations after it)
     stages: list[dict[str, int]] = field(default_factory=list)
     pool_size: int = 6
     # head
@@ -97,9 +98,9 @@ class ModelConfig:
             )
         else:
             _require(
-                self.stem_channels >= 1 and self.pool_size >= 1,
-                f"model: stem_channels and pool_size must be positive, got "
-                f"{self.stem_channels}, {self.pool_size}.",
+                self.stem_channels >= 1 and self.stem_stride >= 1 and self.pool_size >= 1,
+                f"model: stem_channels, stem_stride and pool_size must be positive, got "
+                f"{self.stem_channels}, {self.stem_stride}, {self.pool_size}.",
             )
             _require(
                 bool(self.stages),
@@ -131,6 +132,7 @@ class ModelConfig:
             }
         return {
             "stem_channels": self.stem_channels,
+            "stem_stride": self.stem_stride,
             "stages": [dict(s) for s in self.stages],
             "pool_size": self.pool_size,
             **head,
@@ -143,8 +145,21 @@ class TransformsConfig:
     rotation: float = 0.0
     translate: float = 0.0
     hflip: bool = False
+    # RandomErasing(p=erase, scale=erase_scale, ratio=(0.3, 3.3), value=0): a random box of
+    # each chosen training image set to the mean grey (0 after normalization)
+    erase: float = 0.0
+    erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])
 
     def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.erase <= 1.0,
+            f"transforms.erase={self.erase} is a probability per image, 0..1.",
+        )
+        _require(
+            len(self.erase_scale) == 2 and 0.0 < self.erase_scale[0] <= self.erase_scale[1] <= 1.0,
+            f"transforms.erase_scale={self.erase_scale} must be [min, max] fractions of the "
+            "image area with 0 < min <= max <= 1 (torchvision's default: [0.02, 0.33]).",
+        )
         _require(
             0.0 <= self.rotation <= 180.0,
             f"transforms.rotation={self.rotation} must be in degrees, 0..180.",
@@ -179,9 +194,23 @@ class SchedulerConfig:
     factor: float = 0.1  # plateau: lr *= factor after `patience` epochs without improvement
     patience: int = 10
     min_lr: float = 0.0  # plateau's floor; cosine's final rate
+    # onecycle: per step, warm up from lr/div_factor to optimizer.lr over warmup of the steps,
+    # then cosine down to lr/(div_factor*final_div_factor) (torch's OneCycleLR, no momentum cycle)
+    warmup: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
 
     def __post_init__(self) -> None:
-        _one_of("scheduler.name", self.name, ("plateau", "cosine", "none"))
+        _one_of("scheduler.name", self.name, ("plateau", "cosine", "onecycle", "none"))
+        _require(
+            0.0 < self.warmup < 1.0,
+            f"scheduler.warmup={self.warmup} is the fraction of steps spent warming up, in (0, 1).",
+        )
+        _require(
+            self.div_factor >= 1.0 and self.final_div_factor >= 1.0,
+            f"scheduler.div_factor={self.div_factor} and final_div_factor="
+            f"{self.final_div_factor} must be >= 1.",
+        )
         _require(0.0 < self.factor < 1.0, f"scheduler.factor={self.factor} must be in (0, 1).")
         _require(self.patience >= 0, f"scheduler.patience={self.patience} must be >= 0.")
 
@@ -214,6 +243,7 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     epochs: int = 100  # the study's recipe: 100 epochs, batch 100, cross-entropy
     batch_size: int = 100
+    label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e uniform targets
     eval_batch_size: int = 1000  # evaluation runs without autograd, in large batches
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0
@@ -238,6 +268,10 @@ class TrainerConfig:
         _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
         _require(
             self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be a positive integer."
+        )
+        _require(
+            0.0 <= self.label_smoothing < 1.0,
+            f"trainer.label_smoothing={self.label_smoothing} must lie in [0, 1) (0: off).",
         )
         _require(
             self.eval_batch_size > 0,

@@ -185,6 +185,7 @@ def conv_net(
 
 def resnet(
     stem_channels: int = 64,
+    stem_stride: int = 1,
     stages: Sequence[Mapping[str, int]] = _DEFAULT_STAGES,
     pool_size: int = 6,
     hidden: Sequence[int] = (500,),
@@ -195,13 +196,14 @@ def resnet(
 ) -> nn.Module:
     """Stem Conv3x3(no bias)+BN+ReLU, stages of basic ResBlocks, avg-pool to pool_size, MLP head.
 
-    The first block of a stage carries the stride. Pooling to a fixed ``pool_size`` (as §5.1.2's
+    The first block of a stage carries the stride; ``stem_stride`` 2 makes the stem work at half
+    the resolution (every later layer then costs a quarter). Pooling to a fixed ``pool_size`` (as §5.1.2's
     Linear-25, 2,304,500 = 128*6*6*500 + 500, implies) makes the head independent of
     ``image_size``, which is only checked for being large enough.
     """
     hidden_sizes = list(hidden)
     blocks: list[nn.Module] = []
-    width, size = stem_channels, int(image_size)
+    width, size = stem_channels, (int(image_size) - 1) // stem_stride + 1
     for stage in stages:
         channels, n_blocks, stride = stage["channels"], stage["blocks"], stage.get("stride", 1)
         for b in range(n_blocks):
@@ -212,7 +214,7 @@ def resnet(
         raise ConfigError(f"model: image_size {image_size} is too small for the strides")
     head = _mlp_head(width * pool_size * pool_size, hidden_sizes, dropout, int(num_classes))
     return ResNet(
-        nn.Conv2d(int(in_channels), stem_channels, 3, padding=1, bias=False),
+        nn.Conv2d(int(in_channels), stem_channels, 3, stride=stem_stride, padding=1, bias=False),
         nn.BatchNorm2d(stem_channels),
         nn.Sequential(*blocks),
         pool_size,

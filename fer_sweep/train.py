@@ -100,7 +100,21 @@ def make_optimizer(
     return cls(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay, **fused)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int) -> Any:
+def make_scheduler(
+    opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int, steps_per_epoch: int = 1
+) -> Any:
+    """The configured schedule: plateau and cosine step once per epoch, onecycle once per
+    optimizer step (``steps_per_epoch`` of them per epoch; ``per_step`` tells which)."""
+    if sc.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=epochs * steps_per_epoch,
+            pct_start=sc.warmup,
+            div_factor=sc.div_factor,
+            final_div_factor=sc.final_div_factor,
+            cycle_momentum=False,
+        )
     if sc.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=sc.factor, patience=sc.patience, min_lr=sc.min_lr
@@ -108,6 +122,11 @@ def make_scheduler(opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int)
     if sc.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=sc.min_lr)
     return None
+
+
+def per_step(sched: Any) -> bool:
+    """Schedules that move the rate every optimizer step (one-cycle's warm-up and decay)."""
+    return isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -321,12 +340,13 @@ def train_step(
     xb: torch.Tensor,
     yb: torch.Tensor,
     precision: str = "fp32",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, cross-entropy, backward, optimizer step; (loss, logits), detached, on the
     device. The benchmark's ceiling times exactly this on a fixed batch."""
     with autocast(xb.device, precision):
         logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -346,11 +366,14 @@ def train_epoch(
     progress: bool = False,
     interrupted: Callable[[], int] = lambda: 0,
     max_steps: int | None = None,
+    sched: Any = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over (x, y) on their device in a random order: gather, augment, step.
 
     Returns the summed loss and the number of correct predictions as device tensors (read them
-    once, after the epoch). ``max_steps`` cuts the epoch short (the benchmark uses it).
+    once, after the epoch). ``max_steps`` cuts the epoch short (the benchmark uses it); a
+    ``per_step`` scheduler steps after every optimizer step.
     """
     device = x.device
     model.train()
@@ -359,7 +382,7 @@ def train_epoch(
     starts = range(0, n, batch_size)[:max_steps]
     # Every image's random warp for the epoch in one draw: a step only slices its batch's.
     used = min(n, len(starts) * batch_size)
-    warps = tfm.draw(used, x.shape[-2:], device) if tfm.is_random else None
+    warps = tfm.draw(used, x.shape[-2:], device) if tfm.warps_images else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     bar = tqdm(
@@ -378,7 +401,9 @@ def train_epoch(
         yb = y.index_select(0, idx)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        loss, logits = train_step(model, opt, xb, yb, precision)
+        loss, logits = train_step(model, opt, xb, yb, precision, label_smoothing)
+        if per_step(sched):
+            sched.step()
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         if step % CHECK_EVERY == CHECK_EVERY - 1 and not torch.isfinite(loss_sum):
@@ -428,10 +453,11 @@ def should_stop(state: State, val_loss: float, sched: Any, tc: TrainerConfig) ->
 
 
 def step_scheduler(sched: Any, val_loss: float) -> None:
-    """ReduceLROnPlateau watches the validation loss; the others step once per epoch."""
+    """ReduceLROnPlateau watches the validation loss; cosine steps once per epoch (one-cycle
+    has stepped inside the epoch)."""
     if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
         sched.step(val_loss)
-    elif sched is not None:
+    elif sched is not None and not per_step(sched):
         sched.step()
 
 
@@ -508,7 +534,6 @@ def fit(
     device = pick_device(tc.device)
     model, step_model, opt, channels_last = build(conf, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sched = make_scheduler(opt, conf.scheduler, tc.epochs)
     tfm = make_transform(conf.transforms, data.mean, data.std)
     precision = resolve_precision(tc.amp, device)
 
@@ -516,6 +541,7 @@ def fit(
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     val = (data.val.x.to(device), data.val.y.to(device))
     n, bs = len(y_train), tc.batch_size
+    sched = make_scheduler(opt, conf.scheduler, tc.epochs, steps_per_epoch=math.ceil(n / bs))
 
     state = State()
     if resume and checkpoint is not None and checkpoint.exists():
@@ -543,6 +569,8 @@ def fit(
                 desc=f"epoch {epoch + 1}/{tc.epochs}",
                 progress=tc.progress,
                 interrupted=interrupted,
+                sched=sched,
+                label_smoothing=tc.label_smoothing,
             )
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):
