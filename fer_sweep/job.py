@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep import figures, runtime, signals, store, tracking
 from fer_sweep.config import Config, validate
-from fer_sweep.data import CLASSES, Dataset, load_dataset
+from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
 from fer_sweep.errors import FerSweepError
 from fer_sweep.models import describe, summary_text
 from fer_sweep.train import (
@@ -333,10 +333,10 @@ def log_results(
     model, state, dev = result.model, result.state, result.device
     tc = conf.trainer
 
-    def test(tta: str = "none") -> dict[str, Any]:
+    def test(tta: str = "none", split: Split | None = None) -> dict[str, Any]:
         return evaluate(
             model,
-            data.test,
+            data.test if split is None else split,
             result.tfm,
             tc.eval_batch_size,
             dev,
@@ -373,6 +373,8 @@ def log_results(
             if mask.any():
                 metrics[f"test_acc_{name}"] = (pred[mask] == y[mask]).float().mean().item()
     if conf.eval.tta != "none":
+        # on the validation split too: whether test-time augmentation pays is decided there
+        metrics["val_acc_tta"] = test(conf.eval.tta, data.val)["acc"]
         tta = test(conf.eval.tta)
         metrics["test_acc_tta"], metrics["test_loss_tta"] = tta["acc"], tta["loss"]
     tracking.log_metrics(client, run_id, metrics, step=state.epoch)
