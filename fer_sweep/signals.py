@@ -6,6 +6,10 @@ Three layers, innermost wins while it is active:
   epoch is never half-written into a checkpoint; a second signal stops at once;
 - the rest of a job (validation, data loading, evaluation, artifacts) raises ``Interrupted`` at
   once (``raising``): the job marks its run KILLED;
+- in a job that submitit started on a SLURM cluster, submitit's preemption / time-limit signal
+  (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) is handled like SIGTERM, so a job the
+  scheduler stops also ends at a safe step; whether it then comes back is ``fer_sweep.slurm``'s
+  decision;
 - the process that launched a sweep (``SweepGuard``), between jobs or while it waits for worker
   processes, passes the signal on to its workers, waits for them to mark their runs, marks the
   parent run KILLED and exits with 128 + the signal number.
@@ -30,7 +34,8 @@ WORKER_STOPPED = getattr(signal, "SIGUSR1", signal.SIGTERM)
 
 
 class Interrupted(BaseException):  # noqa: N818 (a BaseException, like KeyboardInterrupt)
-    """SIGINT/SIGTERM arrived; ``signum`` says which (exit status 128 + signum)."""
+    """SIGINT/SIGTERM (or a SLURM job's preemption signal) arrived; ``signum`` says which
+    (exit status 128 + signum)."""
 
     def __init__(self, signum: int = signal.SIGINT, where: str = "") -> None:
         self.signum = int(signum)
@@ -42,6 +47,16 @@ def exit_status(err: BaseException) -> int:
     return 128 + getattr(err, "signum", signal.SIGINT)
 
 
+def job_signals() -> tuple[int, ...]:
+    """The signals that stop a job: SIGINT, SIGTERM and, in a SLURM job started by submitit,
+    its preemption signal (else submitit's own handler would exit in the middle of a step)."""
+    from fer_sweep import slurm  # local: the common case needs no SLURM module
+
+    if slurm.in_submitit_job():
+        return (*SIGNALS, slurm.preemption_signal())
+    return SIGNALS
+
+
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -51,7 +66,7 @@ def _handlers(handler: Callable[[int, Any], None]) -> Iterator[None]:
     if not _main_thread():  # signals reach the main thread only (joblib's threading backend)
         yield
         return
-    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    old = {s: signal.signal(s, handler) for s in job_signals()}
     try:
         yield
     finally:

@@ -219,7 +219,13 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
     info = parent_info(sweep_dir)
     if info is None:
         return
+    from fer_sweep import slurm  # local: the common case needs no SLURM module
+
+    if slurm.in_submitit_job():
+        return  # the scheduler stopped one job: fer_sweep.slurm decides if it comes back
     launcher = int(info.get("launcher_pid", os.getpid()))
+    if info.get("launcher_host", socket.gethostname()) != socket.gethostname():
+        return  # that pid is another machine's: the launcher learns it from the job's end
     if signum and launcher != os.getpid():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(launcher, WORKER_STOPPED)
@@ -314,6 +320,7 @@ class MultirunParentCallback(Callback):
                     "experiment_id": exp_id,
                     "parent_run_id": run.info.run_id,
                     "launcher_pid": os.getpid(),
+                    "launcher_host": socket.gethostname(),
                     "resumed": resumed is not None,
                     "grid_size": None if jobs is None else len(jobs),
                 }
@@ -395,15 +402,21 @@ def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | No
 
 
 def _check_launcher(config: DictConfig) -> None:
-    """hydra/launcher=slurm off a cluster: say so before a parent run is opened."""
+    """hydra/launcher=slurm off a cluster, or with jobs this cluster could never start (no such
+    partition, GPUs it does not have, ...): say so before a parent run is opened."""
     target = str(config.hydra.launcher.get("_target_", ""))
-    if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+    if not target.endswith("SlurmLauncher"):
+        return
+    if shutil.which("srun") is None:
         raise FerSweepError(
             "hydra/launcher=slurm needs SLURM (no `srun` on PATH): run the sweep "
             "from a cluster's login node, or on this machine with "
             "hydra/launcher=submitit_local (same code path) or "
             "hydra/launcher=joblib."
         )
+    from fer_sweep.slurm import check_cluster  # local: keep Hydra's plugin discovery light
+
+    check_cluster(OmegaConf.to_container(config.hydra.launcher, resolve=False))
 
 
 def log_optimization_results(client: MlflowClient, run_id: str, path: Path) -> None:
@@ -418,5 +431,12 @@ def log_optimization_results(client: MlflowClient, run_id: str, path: Path) -> N
 
 
 def process_tags() -> dict[str, str]:
-    """Where a job ran: tells parallel launchers' jobs apart (and finds a stuck node)."""
-    return {f"{TAG_PREFIX}host": socket.gethostname(), f"{TAG_PREFIX}pid": str(os.getpid())}
+    """Where a job ran: tells parallel launchers' jobs apart (and finds a stuck node); under
+    SLURM, its job id (``squeue``/``sacct`` and the job's log files go by it)."""
+    from fer_sweep.slurm import job_id  # local: keep Hydra's plugin discovery light
+
+    tags = {f"{TAG_PREFIX}host": socket.gethostname(), f"{TAG_PREFIX}pid": str(os.getpid())}
+    slurm_job = job_id()
+    if slurm_job:
+        tags[f"{TAG_PREFIX}slurm_job_id"] = slurm_job
+    return tags
