@@ -85,16 +85,40 @@ class Split:
         )
 
 
+class SealedSplit:
+    """The test split while a model is being trained and chosen: its size is known, any read
+    of its images or labels is an error. Every choice (epochs, weights, test-time augmentation)
+    is made on the validation split; the test split is for the final numbers only."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getattr__(self, name: str) -> Any:
+        raise DataError(
+            f"the test split was read (.{name}) before the final evaluation: training and "
+            "model selection must use data.train and data.val only."
+        )
+
+
 @dataclass
 class Dataset:
     """Train/val/test splits plus the normalisation the model should use."""
 
     train: Split
     val: Split
-    test: Split
+    test: Split | SealedSplit
     mean: float
     std: float
     info: dict = field(default_factory=dict)
+
+    def sealed(self) -> Dataset:
+        """This dataset with the test split sealed (``SealedSplit``): what training sees."""
+        return Dataset(
+            self.train, self.val, SealedSplit(len(self.test)), self.mean, self.std, self.info
+        )
 
 
 def default_cache_dir() -> Path:

@@ -260,8 +260,14 @@ def _run_job(cfg: DictConfig) -> float:
         def on_resume(state: State) -> None:
             logged.update(_relog_missing_epochs(client, run_id, state))
 
+        # The test split is sealed while the model is trained and its epoch chosen.
         result = fit(
-            conf, data, checkpoint=ckpt, resume=resuming, on_epoch=on_epoch, on_resume=on_resume
+            conf,
+            data.sealed(),
+            checkpoint=ckpt,
+            resume=resuming,
+            on_epoch=on_epoch,
+            on_resume=on_resume,
         )
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")

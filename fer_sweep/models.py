@@ -197,8 +197,8 @@ def resnet(
     """Stem Conv3x3(no bias)+BN+ReLU, stages of basic ResBlocks, avg-pool to pool_size, MLP head.
 
     The first block of a stage carries the stride; ``stem_stride`` 2 makes the stem work at half
-    the resolution (every later layer then costs a quarter). Pooling to a fixed ``pool_size`` (as §5.1.2's
-    Linear-25, 2,304,500 = 128*6*6*500 + 500, implies) makes the head independent of
+    the resolution (every later layer then costs a quarter). Pooling to a fixed ``pool_size``
+    (as §5.1.2's Linear-25, 2,304,500 = 128*6*6*500 + 500, implies) makes the head independent of
     ``image_size``, which is only checked for being large enough.
     """
     hidden_sizes = list(hidden)

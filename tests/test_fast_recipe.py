@@ -1,0 +1,292 @@
+"""experiment=fast and the generic pieces it is made of: the stride-2 stem, label smoothing, the
+per-step one-cycle schedule, batched random erasing, and the sealed test split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from fer_sweep import job
+from fer_sweep.augment import BatchTransform, make_transform, random_erase
+from fer_sweep.bench import CONF_DIR, compose_config
+from fer_sweep.config import Config, quiet_schema_warning
+from fer_sweep.data import DataError, SealedSplit, load_dataset
+from fer_sweep.errors import ConfigError
+from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
+from fer_sweep.synthetic import make_synthetic
+from fer_sweep.train import fit, make_scheduler, per_step, train_step
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic(
+        tmp_path_factory.mktemp("faces"), n_train_per_class=12, n_test_per_class=4
+    )
+
+
+def _conf(root: Path, *overrides: str) -> Config:
+    return compose_config(
+        [
+            "experiment=fast",
+            f"data.root='{root}'",
+            "data=synthetic",
+            "trainer.device=cpu",
+            "trainer.progress=false",
+            *overrides,
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_stride_two_stem_halves_the_resolution() -> None:
+    net = resnet(
+        stem_channels=8,
+        stem_stride=2,
+        stages=[{"channels": 8, "blocks": 1, "stride": 1}, {"channels": 16, "blocks": 1}],
+        pool_size=1,
+        hidden=[],
+    )
+    rows = summary(net)
+    assert rows[0][1] == [-1, 8, 24, 24]  # the stem's Conv2d
+    assert rows[-1][1] == [-1, 7]
+    plain = resnet(stem_channels=8, stages=[{"channels": 8, "blocks": 1}], pool_size=1, hidden=[])
+    assert summary(plain)[0][1] == [-1, 8, 48, 48]
+
+
+def test_resnet_fast_is_the_documented_net(tmp_path: Path) -> None:
+    model = build_model(_conf(tmp_path).model)
+    # stem 1*32*9 + BN 64; stages 32-64-128-256 of one block; Linear-256-7 (2,3+1)
+    assert count_parameters(model) == 1_227_623
+    assert describe(model) == (
+        "Conv2d-32-3x3, BatchNorm2d-32, ResBlock-32, ResBlock-64, ResBlock-128, ResBlock-256, "
+        "Linear-256-7"
+    )
+    assert summary(model)[-2][1] == [-1, 256, 3, 3]  # the last block works on 3x3 maps
+
+
+def test_stem_stride_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stem_stride"):
+        _conf(tmp_path, "model.stem_stride=0")
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def test_label_smoothing_reaches_the_loss() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 1, 48, 48), torch.randint(0, 7, (16,))
+    losses = {}
+    for eps in (0.0, 0.2):
+        torch.manual_seed(1)
+        net = resnet(stem_channels=4, stages=[{"channels": 4, "blocks": 1}], pool_size=1, hidden=[])
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        with torch.no_grad():
+            expected = F.cross_entropy(net(x), y, label_smoothing=eps)
+        losses[eps], _ = train_step(net, opt, x, y, "fp32", eps)
+        assert losses[eps].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses[0.2].item() != pytest.approx(losses[0.0].item(), rel=1e-3)
+
+
+def test_label_smoothing_out_of_range_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.label_smoothing=1.0 must lie in \[0, 1\)"):
+        _conf(tmp_path, "trainer.label_smoothing=1.0")
+
+
+# --------------------------------------------------------------------------- one-cycle
+
+
+def test_onecycle_warms_up_peaks_and_anneals_per_step(tmp_path: Path) -> None:
+    conf = _conf(tmp_path, "optimizer.lr=0.1", "scheduler.warmup=0.25")
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=conf.optimizer.lr, momentum=0.9)
+    sched = make_scheduler(opt, conf.scheduler, epochs=4, steps_per_epoch=10)
+    assert per_step(sched)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(40):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(0.1 / 25)
+    peak = max(range(40), key=lambda i: lrs[i])
+    assert lrs[peak] == pytest.approx(0.1) and 9 <= peak <= 10  # 25 % of 40 steps
+    assert lrs[39] == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
+    assert opt.param_groups[0]["momentum"] == 0.9  # no momentum cycle
+
+
+def test_fit_steps_onecycle_once_per_optimizer_step(synthetic_root: Path) -> None:
+    """The schedule spans exactly the run: OneCycleLR raises if stepped past its total."""
+    conf = _conf(synthetic_root, "trainer.epochs=3", "trainer.batch_size=16")
+    data = load_dataset(conf.data)
+    result = fit(conf, data)
+    steps = math.ceil(len(data.train) / 16)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=conf.optimizer.lr)
+    sched = make_scheduler(opt, conf.scheduler, epochs=3, steps_per_epoch=steps)
+    expected = []
+    for _ in range(3):
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+        expected.append(opt.param_groups[0]["lr"])  # the rate after each epoch's last step
+    assert result.state.history["lr"] == pytest.approx(expected)
+
+
+def test_onecycle_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scheduler.warmup=1.5"):
+        _conf(tmp_path, "scheduler.warmup=1.5")
+    with pytest.raises(ConfigError, match="div_factor"):
+        _conf(tmp_path, "scheduler.div_factor=0.5")
+
+
+# --------------------------------------------------------------------------- random erasing
+
+
+def test_random_erase_sets_one_box_per_chosen_image_to_zero() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(400, 1, 48, 48) + 10.0  # no pixel is 0 before erasing
+    out = random_erase(x, p=1.0, scale=(0.02, 0.33))
+    zero = out[:, 0] == 0
+    areas = zero.flatten(1).sum(1).float() / (48 * 48)
+    assert bool((areas > 0).all())
+    assert 0.015 <= areas.min().item() and areas.max().item() <= 0.36
+    for img in zero[:50]:  # one axis-aligned box: its bounding box is full
+        rows, cols = img.any(1).nonzero(), img.any(0).nonzero()
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert img.sum() == h * w
+    assert len({tuple(a.nonzero()[0].tolist()) for a in zero}) > 300  # each image its own box
+    assert torch.equal(out[~zero.unsqueeze(1)], x[~zero.unsqueeze(1)])  # the rest untouched
+
+
+def test_random_erase_probability() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(4000, 1, 48, 48)
+    erased = (random_erase(x, p=0.5) == 0).flatten(1).any(1).float().mean().item()
+    assert 0.46 < erased < 0.54
+    assert torch.equal(random_erase(x[:10], p=0.0), x[:10])
+
+
+def test_erasing_transform_is_train_only_and_seeded(tmp_path: Path) -> None:
+    tfm = make_transform(_conf(tmp_path, "transforms=aug_erase").transforms, 0.5, 0.25)
+    assert tfm.is_random and tfm.erase == 0.5 and tfm.hflip
+    imgs = torch.randint(1, 255, (64, 48, 48), dtype=torch.uint8)
+    assert torch.equal(tfm(imgs, train=False), tfm.normalize(imgs))
+    torch.manual_seed(3)
+    a = tfm(imgs)
+    torch.manual_seed(3)
+    assert torch.equal(a, tfm(imgs))
+    only_erase = BatchTransform(0.5, 0.25, erase=1.0)
+    assert only_erase.is_random and not only_erase.warps_images
+    assert (only_erase(imgs) == 0).flatten(1).any(1).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("transforms.erase=1.5", "transforms.erase=1.5 is a probability"),
+        ("transforms.erase_scale=[0.5,0.1]", "transforms.erase_scale"),
+    ],
+)
+def test_erasing_settings_are_checked(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _conf(tmp_path, override)
+
+
+# --------------------------------------------------------------------------- the test split
+
+
+def test_sealed_test_split_knows_its_size_but_refuses_reads(synthetic_root: Path) -> None:
+    conf = _conf(synthetic_root)
+    data = load_dataset(conf.data)
+    sealed = data.sealed()
+    assert isinstance(sealed.test, SealedSplit) and len(sealed.test) == len(data.test)
+    for name in ("x", "y", "usage"):
+        with pytest.raises(DataError, match="test split was read"):
+            getattr(sealed.test, name)
+    assert sealed.train is data.train and sealed.val is data.val
+    fit(_conf(synthetic_root, "trainer.epochs=1"), sealed)  # training never needs it
+
+
+def test_a_job_trains_on_sealed_data_and_tests_after(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The code path of `python -m fer_sweep`: fit gets the sealed dataset; the test split is
+    read only by log_results, after fit has returned."""
+    events: list[str] = []
+    real_fit, real_log = job.fit, job.log_results
+
+    def spy_fit(conf, data, **kw):  # type: ignore[no-untyped-def]
+        with pytest.raises(DataError):
+            getattr(data.test, "x")  # noqa: B009 (the read that must fail)
+        events.append("fit")
+        return real_fit(conf, data, **kw)
+
+    def spy_log(client, run_id, conf, cfg, data, result):  # type: ignore[no-untyped-def]
+        events.append("test")
+        return real_log(client, run_id, conf, cfg, data, result)
+
+    monkeypatch.setattr(job, "fit", spy_fit)
+    monkeypatch.setattr(job, "log_results", spy_log)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quiet_schema_warning()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "experiment=fast",
+                "data=synthetic",
+                f"data.root='{synthetic_root}'",
+                "trainer.epochs=1",
+                "trainer.progress=false",
+                f"trainer.checkpoint_dir='{tmp_path / 'ckpt'}'",
+                f"mlflow.tracking_uri={uri}",
+                "mlflow.figures=false",
+                "mlflow.log_model=false",
+            ],
+        )
+    job.run_job(cfg)
+    assert events == ["fit", "test"]
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("fer_sweep").experiment_id]
+    )
+    assert run.info.status == "FINISHED"
+    for key in ("test_acc", "test_acc_tta", "val_acc_tta", "best_val_acc"):
+        assert math.isfinite(run.data.metrics[key])
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@pytest.mark.slow
+def test_experiment_fast_runs_one_epoch_from_the_cli(
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
+    """`python -m fer_sweep experiment=fast` as a user runs it, one epoch on a tiny subset
+    (real FER2013 when FER2013_ROOT is set)."""
+    proc = run_cli(
+        [
+            "experiment=fast",
+            *data_overrides,
+            "data.limit_per_class=10",
+            "trainer.epochs=1",
+            "mlflow.log_model=false",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fer_sweep").experiment_id])
+    assert run.info.status == "FINISHED"
+    p, m = run.data.params, run.data.metrics
+    assert p["model.name"] == "resnet_fast" and p["scheduler.name"] == "onecycle"
+    assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip"
+    assert run.data.tags["mlflow.runName"].endswith("fast")  # SYNTHETIC-fast on fakes
+    assert {"test_acc", "test_acc_tta", "val_acc_tta"} <= set(m)
