@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,19 @@ def restarts() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
+def _ignore_term() -> None:
+    """In scontrol's process: a requeue signals every process of the job, scontrol too; let
+    it answer first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _scontrol_job(jid: str) -> dict[str, str]:
     out = subprocess.run(
-        ["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=60
+        ["scontrol", "show", "job", "-o", jid],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_ignore_term,
     ).stdout
     return dict(w.split("=", 1) for w in out.split() if "=" in w)
 
@@ -93,15 +104,34 @@ def after_interruption(max_requeues: int) -> str | None:
             f"SLURM job {jid} was stopped by a signal after {restarts()} requeue(s), "
             f"hydra.launcher.max_num_timeout={max_requeues}"
         )
-    done = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        return f"SLURM job {jid} could not be requeued: {done.stderr.strip()}"
+    said = _requeue(jid)
+    if said:
+        return f"SLURM job {jid} could not be requeued ({said})"
     print(
         f"fer_sweep: SLURM job {jid} requeued ({restarts() + 1} of "
         f"hydra.launcher.max_num_timeout={max_requeues}): it continues where it stopped.",
         flush=True,
     )
     return None
+
+
+def _requeue(jid: str) -> str | None:
+    """``scontrol requeue`` this job; None once SLURM has it, else scontrol's complaint."""
+
+    said = ""
+    for attempt in range(3):
+        done = subprocess.run(
+            ["scontrol", "requeue", jid],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=_ignore_term,
+        )
+        if done.returncode == 0 or int(_scontrol_job(jid).get("Restarts", "0") or 0) > restarts():
+            return None
+        said = (done.stderr or done.stdout).strip() or f"exit status {done.returncode}"
+        time.sleep(1 + attempt)
+    return said
 
 
 def requeued_run(info: Mapping[str, Any] | None) -> str | None:

@@ -126,7 +126,7 @@ def test_sweep_lands_finished_runs_tagged_with_their_slurm_jobs(
     assert ids == [f"{array}_0", f"{array}_1"]
     for run in jobs:
         jid = run.data.tags["fer_sweep.slurm_job_id"]
-        state = cluster.run("scontrol", "show", "job", "-o", jid).stdout
+        state = _ended(cluster, jid)
         assert "JobState=COMPLETED" in state, state
         log = sweep / ".submitit" / jid / f"{jid}_0_log.out"  # the job's own log, in the sweep
         assert log.exists() and "Job completed successfully" in log.read_text(errors="replace")
@@ -213,7 +213,7 @@ def test_preempted_jobs_continue_their_run_with_exactly_the_uninterrupted_metric
 
     # each came back once, said why, and continued its own run
     for jid, why in ((requeued, "SLURM requeued job"), (signalled, "requeued (1 of")):
-        state = cluster.run("scontrol", "show", "job", "-o", jid).stdout
+        state = _ended(cluster, jid)
         assert "Restarts=1" in state and "JobState=COMPLETED" in state, state
         log = (sweep / ".submitit" / jid / f"{jid}_0_log.out").read_text(errors="replace")
         run_id = next(r.info.run_id for r in runs if r.data.tags["fer_sweep.slurm_job_id"] == jid)
@@ -348,3 +348,16 @@ def _wait_for_epochs(uri: str, n: int, proc: subprocess.Popen[str], limit: float
             return jobs
         time.sleep(0.1)
     pytest.fail(f"the jobs never logged {n} epochs")
+
+
+def _ended(cluster: Cluster, jid: str, limit: float = 60) -> str:
+    """The job as slurmctld shows it once it has ended (its result is written a moment before
+    its process exits)."""
+    deadline = time.monotonic() + limit
+    while True:
+        state = cluster.run("scontrol", "show", "job", "-o", jid).stdout
+        if "JobState=RUNNING" not in state and "JobState=COMPLETING" not in state:
+            return state
+        if time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
