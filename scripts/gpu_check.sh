@@ -22,6 +22,8 @@
 #            cannot fall any more), hydra/launcher=joblib with n_jobs=2 (GPU_CHECK_TABLE2_JOBS):
 #            two processes share the GPU, not seven
 #   compile  one trainer.compile=true run (cnn2 + norm, 3 epochs): torch.compile on CUDA
+#   fast     the 30-minute CPU recipe unchanged (`python -m fer_sweep experiment=fast`): the
+#            same command runs on the GPU, with its test accuracy and seconds per epoch
 #   report   python -m fer_sweep.report --out $OUT/report --no-log (Table 2 from MLflow)
 #   bench_channels_last_off   the benchmark again with trainer.channels_last=false, only when
 #            at least GPU_CHECK_CL_OFF_MIN_S (60) seconds of the budget are left (else
@@ -45,8 +47,9 @@
 #   GPU_CHECK_BENCH_ARGS    the benchmark's arguments (GPU: --quick --models cnn2,resnet
 #                           --no-compile; the torch.compile ceilings cost ~40 s per model and
 #                           precision, too much for the 8 minutes)
-#   GPU_CHECK_BENCH_S, GPU_CHECK_COMPILE_S, GPU_CHECK_REPORT_S   those phases' caps (GPU: 120,
-#                           120, 60 s); Table 2 gets the rest of the budget less 145 s for them
+#   GPU_CHECK_BENCH_S, GPU_CHECK_COMPILE_S, GPU_CHECK_FAST_S, GPU_CHECK_REPORT_S   those
+#                           phases' caps (GPU: 120, 120, 150, 60 s); Table 2 gets the rest of
+#                           the budget less 257 s for them
 #   GPU_CHECK_CL_OFF_MIN_S  the last, optional phase runs only with this much time left (60)
 #   GPU_CHECK_KEEP_WORK=1   keep the work folder (Hydra outputs, MLflow artifacts)
 #   FER2013_ROOT            FER2013's image folders (train/, test/); default shared/fer2013 or
@@ -87,16 +90,17 @@ if [ "$SMOKE" = 1 ]; then
   COMPILE_ARGS=()
   DEVICE_ARGS=()
   read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---quick --models cnn2 --transforms norm --steps 2 --repeats 1 --warmup 1 --no-compile}"
-  BENCH_CAP=150; COMPILE_CAP=180; REPORT_CAP=90; CL_OFF_MIN=20
+  BENCH_CAP=150; COMPILE_CAP=180; FAST_CAP=120; REPORT_CAP=90; CL_OFF_MIN=20
 else
   TRAIN_ARGS=()
   COMPILE_ARGS=(trainer.epochs=3)
   DEVICE_ARGS=(trainer.device=cuda)   # fail, never fall back to the CPU
   read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:---quick --models cnn2,resnet --no-compile}"
-  BENCH_CAP=120; COMPILE_CAP=120; REPORT_CAP=60; CL_OFF_MIN=${GPU_CHECK_CL_OFF_MIN_S:-60}
+  BENCH_CAP=120; COMPILE_CAP=120; FAST_CAP=150; REPORT_CAP=60; CL_OFF_MIN=${GPU_CHECK_CL_OFF_MIN_S:-60}
 fi
 BENCH_CAP=${GPU_CHECK_BENCH_S:-$BENCH_CAP}
 COMPILE_CAP=${GPU_CHECK_COMPILE_S:-$COMPILE_CAP}
+FAST_CAP=${GPU_CHECK_FAST_S:-$FAST_CAP}
 REPORT_CAP=${GPU_CHECK_REPORT_S:-$REPORT_CAP}
 FINAL_RESERVE=10   # the summary at the end
 [ "$SYNTHETIC" = 1 ] && BENCH_ARGS+=(--synthetic)
@@ -439,7 +443,7 @@ STUDY = {"row1": ("cnn2", 52.6), "row2": ("cnn2_fc1000", 51.3), "row3": ("cnn2_f
          "row4": ("cnn3", 50.4), "row5": ("resnet_small", 60.4), "row6": ("resnet", 65.9),
          "row7": ("resnet_dropout", 63.3)}
 MARGIN = 5.0
-REQUIRED = ["env", "prepare", "bench", "table2", "compile", "report"]
+REQUIRED = ["env", "prepare", "bench", "table2", "compile", "fast", "report"]
 OPTIONAL = ["bench_channels_last_off"]  # skipped for lack of budget is not a failure
 
 
@@ -490,7 +494,8 @@ try:
             floor = round(study - MARGIN, 1) if study is not None else None
             device = t.get("device", "")
             runs.append({
-                "kind": "table2" if row else ("compile" if compiled else "other"),
+                "kind": "table2" if row else ("compile" if compiled
+                                              else "fast" if bare == "fast" else "other"),
                 "row": row, "name": name, "run_id": r.info.run_id, "model": t.get("model"),
                 "transforms": t.get("transforms"), "status": r.info.status,
                 "device": device, "device_name": t.get("device_name"),
@@ -578,6 +583,9 @@ check("Table 2: all seven rows FINISHED, each once", rows_done == sorted(STUDY)
       and len(t2) == len(STUDY), f"finished {rows_done}; {len(t2)} Table 2 runs")
 check("compile run FINISHED", comp is not None and comp["status"] == "FINISHED",
       "no compile run" if comp is None else comp["status"])
+fast = next((r for r in runs if r["kind"] == "fast"), None)
+check("experiment=fast FINISHED", fast is not None and fast["status"] == "FINISHED",
+      "no experiment=fast run" if fast is None else fast["status"])
 for r in runs:
     if not r["device"] or not r["precision"]:
         check(f"{r['name']}: device and precision tags", False, f"{r['device']!r} {r['precision']!r}")
@@ -656,13 +664,13 @@ say "gpu_check: budget ${BUDGET} s, smoke=${SMOKE}, OUT=$OUT, work folder $WORK"
 say "FER2013_ROOT=${FER2013_ROOT:-} FER_SWEEP_CACHE=$FER_SWEEP_CACHE overrides: ${EXTRA[*]:-none}"
 
 if ! run_phase env 150 0 10 "$PY" "$WORK/env_check.py"; then
-  not_run env prepare bench table2 compile report bench_channels_last_off
+  not_run env prepare bench table2 compile fast report bench_channels_last_off
   exit 2
 fi
 sed 's/^/    /' "$OUT/logs/env.log"
 
 if ! run_phase prepare 120 0 10 "$PY" "$WORK/prepare.py" "${TRAIN_ARGS[@]}" "${EXTRA[@]}"; then
-  not_run prepare bench table2 compile report bench_channels_last_off
+  not_run prepare bench table2 compile fast report bench_channels_last_off
   exit 1
 fi
 sed 's/^/    /' "$OUT/logs/prepare.log"
@@ -674,18 +682,22 @@ run_phase bench "$BENCH_CAP" 0 20 \
 
 # (b) Table 2: one multirun, each row once, two jobs at a time on the GPU.
 cd "$WORK" || exit 1
-run_phase table2 100000 $((COMPILE_CAP * 3 / 4 + REPORT_CAP * 3 / 4 + FINAL_RESERVE)) 60 \
+run_phase table2 100000 $(((COMPILE_CAP + FAST_CAP + REPORT_CAP) * 3 / 4 + FINAL_RESERVE)) 60 \
   "$PY" -m fer_sweep experiment=table2 trainer.stop_at_min_lr=true \
   hydra/launcher=joblib "hydra.launcher.n_jobs=${GPU_CHECK_TABLE2_JOBS:-2}" \
   "hydra.sweep.dir=$WORK/multirun/table2" "${COMMON[@]}"
 
 # (c) torch.compile on the device: one small model, a few epochs.
-run_phase compile "$COMPILE_CAP" $((REPORT_CAP / 2 + FINAL_RESERVE)) 30 \
+run_phase compile "$COMPILE_CAP" $(((FAST_CAP + REPORT_CAP) / 2 + FINAL_RESERVE)) 30 \
   "$PY" -m fer_sweep model=cnn2 transforms=norm trainer.compile=true \
   mlflow.run_name=compile-cnn2-norm "hydra.run.dir=$WORK/outputs/compile" "${COMMON[@]}" \
   "${COMPILE_ARGS[@]}"
 
-# (d) Table 2 rebuilt from the store.
+# (d) the 30-minute CPU recipe, unchanged, on the device.
+run_phase fast "$FAST_CAP" $((REPORT_CAP / 2 + FINAL_RESERVE)) 30 \
+  "$PY" -m fer_sweep experiment=fast "hydra.run.dir=$WORK/outputs/fast" "${COMMON[@]}"
+
+# (e) Table 2 rebuilt from the store.
 run_phase report "$REPORT_CAP" "$FINAL_RESERVE" 15 \
   "$PY" -m fer_sweep.report --tracking-uri "$URI" --experiment "$EXPERIMENT" \
   --out "$OUT/report" --no-log
