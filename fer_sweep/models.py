@@ -185,7 +185,6 @@ def conv_net(
 
 def resnet(
     stem_channels: int = 64,
-    stem_stride: int = 1,
     stages: Sequence[Mapping[str, int]] = _DEFAULT_STAGES,
     pool_size: int = 6,
     hidden: Sequence[int] = (500,),
@@ -193,6 +192,8 @@ def resnet(
     num_classes: int = 7,
     in_channels: int = 1,
     image_size: int = 48,
+    *,
+    stem_stride: int = 1,
 ) -> nn.Module:
     """Stem Conv3x3(no bias)+BN+ReLU, stages of basic ResBlocks, avg-pool to pool_size, MLP head.
 

@@ -62,15 +62,33 @@ def test_stride_two_stem_halves_the_resolution() -> None:
     assert summary(plain)[0][1] == [-1, 8, 48, 48]
 
 
-def test_resnet_fast_is_the_documented_net(tmp_path: Path) -> None:
-    model = build_model(_conf(tmp_path).model)
-    # stem 1*32*9 + BN 64; stages 32-64-128-256 of one block; Linear-256-7 (2,3+1)
-    assert count_parameters(model) == 1_227_623
+@pytest.mark.parametrize(
+    ("option", "widths", "params"),
+    [
+        ("resnet_fast", (32, 64, 128, 256), 1_227_623),
+        ("resnet_fast_wide", (48, 96, 192, 384), 2_758_423),
+    ],
+)
+def test_the_fast_nets_are_the_documented_ones(
+    tmp_path: Path, option: str, widths: tuple[int, ...], params: int
+) -> None:
+    model = build_model(_conf(tmp_path, f"model={option}").model)
+    assert count_parameters(model) == params
+    blocks = ", ".join(f"ResBlock-{w}" for w in widths)
     assert describe(model) == (
-        "Conv2d-32-3x3, BatchNorm2d-32, ResBlock-32, ResBlock-64, ResBlock-128, ResBlock-256, "
-        "Linear-256-7"
+        f"Conv2d-{widths[0]}-3x3, BatchNorm2d-{widths[0]}, {blocks}, Linear-{widths[-1]}-7"
     )
-    assert summary(model)[-2][1] == [-1, 256, 3, 3]  # the last block works on 3x3 maps
+    assert summary(model)[-2][1] == [-1, widths[-1], 3, 3]  # the last block works on 3x3 maps
+
+
+def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
+    conf = _conf(tmp_path)
+    assert (conf.model.name, conf.transforms.name, conf.scheduler.name) == (
+        "resnet_fast_wide",
+        "aug_erase",
+        "onecycle",
+    )
+    assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip"
 
 
 def test_stem_stride_is_checked(tmp_path: Path) -> None:
