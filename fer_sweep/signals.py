@@ -121,14 +121,20 @@ def descendants(pid: int) -> list[int]:
 class SweepGuard:
     """In the process that launched a multirun: on SIGINT/SIGTERM outside a job, pass the
     signal on to the worker processes, give them ``grace`` seconds to mark their runs KILLED,
-    call ``on_signal(signum)`` (which marks the parent KILLED and says how to continue) and
-    exit with 128 + signum. A second signal exits at once."""
+    call ``on_signal(signum)`` (which marks the parent KILLED and says how to continue), end
+    the workers that are left and exit with 128 + signum.
+
+    A second signal cuts the wait short but still marks the parent (a `pkill` or a terminal's
+    Ctrl-C reaches every process of the sweep, and impatient users press twice); only a third
+    exits at once. Pool workers (joblib's loky) outlive their jobs, so whatever is left of them
+    after the wait is killed: none may go on training for a sweep that has ended."""
 
     def __init__(self, on_signal: Callable[[int], None], grace: float = 30.0) -> None:
         self.on_signal = on_signal
         self.grace = grace
         self.old: dict[int, Any] = {}
         self.fired = False
+        self.hurry = False
 
     def install(self) -> None:
         if _main_thread() and not self.old:
@@ -145,15 +151,21 @@ class SweepGuard:
                 return  # the echo of our own stop, from a worker that got it
             signum = signal.SIGTERM  # a worker was preempted: stop the sweep as for SIGTERM
         elif self.fired:
-            os._exit(128 + signum)  # a second Ctrl-C: at once
+            if self.hurry:
+                os._exit(128 + signum)  # a third signal: at once
+            self.hurry = True  # a second: stop waiting for the workers, still mark the parent
+            return
         self.fired = True
         workers = descendants(os.getpid())
         for pid in workers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        while time.monotonic() < deadline and not self.hurry and any(alive(p) for p in workers):
             time.sleep(0.2)
+        for pid in workers:  # before on_signal, which marks the runs they left RUNNING
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         try:
             self.on_signal(signum)
         finally:
@@ -162,7 +174,7 @@ class SweepGuard:
             raise SystemExit(128 + signum)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running and not a zombie (an exited child its parent has not reaped yet)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

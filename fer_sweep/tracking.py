@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep import store
 from fer_sweep.errors import FerSweepError
-from fer_sweep.signals import WORKER_STOPPED, SweepGuard
+from fer_sweep.signals import WORKER_STOPPED, SweepGuard, alive
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
             os.kill(launcher, WORKER_STOPPED)
         return
     close_parent(info["tracking_uri"], info["parent_run_id"], "KILLED")
+    _kill_orphaned_jobs(info["tracking_uri"], info["parent_run_id"])
     print(
         f"fer_sweep: sweep interrupted; its parent run {info['parent_run_id']} is marked KILLED. "
         "Finish it with the same command plus sweep.resume=latest (or "
@@ -238,6 +239,24 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
         "continue from their checkpoints.",
         file=sys.stderr,
     )
+
+
+def _kill_orphaned_jobs(uri: str, parent_id: str) -> None:
+    """Mark KILLED the sweep's job runs still RUNNING whose process, on this machine, is gone
+    (a worker ended before it could mark its run). Jobs on other machines (a cluster's) are left
+    to themselves: they may well be running."""
+    client = MlflowClient(tracking_uri=uri)
+    host = socket.gethostname()
+    running = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get(f"{TAG_PREFIX}pid")
+        if tags.get(f"{TAG_PREFIX}host") == host and pid and not alive(int(pid)):
+            retry(client.set_terminated, run.info.run_id, status="KILLED")
 
 
 def _fail_unclosed_parents() -> None:

@@ -25,7 +25,10 @@ TINY = [
 ]
 
 
-def _start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _start(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, group: bool = False
+) -> subprocess.Popen:
+    """The CLI; ``group``: in a process group of its own, as a terminal's job is."""
     uri = f"sqlite:///{cwd / 'm.db'}"
     MlflowClient(uri).search_experiments()  # the store exists before we poll it
     return subprocess.Popen(
@@ -35,6 +38,7 @@ def _start(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> sub
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=group,
     )
 
 
@@ -156,3 +160,57 @@ def test_inside_a_joblib_worker(tmp_path: Path) -> None:
     statuses = {r.info.run_id: r.info.status for r in runs}
     assert statuses[worker.info.run_id] == "KILLED"
     assert _parent(runs).info.status == "KILLED"
+
+
+def test_two_signals_to_the_whole_sweep_still_mark_everything_and_leave_no_worker(
+    tmp_path: Path,
+) -> None:
+    """`pkill -f` / a terminal's Ctrl-C reach the launcher AND its joblib workers, and people
+    press twice: the parent and every job end KILLED, and no pool worker trains on."""
+    proc = _start(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "trainer.threads=1",
+            "trainer.seed=0,1",
+            "trainer.epochs=200",
+            *TINY,
+            "mlflow.figures=false",
+        ],
+        tmp_path,
+        group=True,
+    )
+
+    def both_training() -> bool:
+        client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+        jobs = _job_runs(_runs(tmp_path))
+        return len(jobs) == 2 and all(
+            client.get_metric_history(r.info.run_id, "val_acc") for r in jobs
+        )
+
+    _wait(both_training, proc, "both workers' first epochs")
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out, runs = _finish(proc, tmp_path)  # nothing RUNNING
+    assert code == 143, out[-3000:]
+    assert _parent(runs).info.status == "KILLED"
+    assert {r.info.status for r in _job_runs(runs)} == {"KILLED"}
+    time.sleep(1.0)
+    assert _group_members(proc.pid) == [], "a worker of the ended sweep lives on"
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Processes of a process group that are not zombies (an exited worker waits for pid 1 to
+    reap it), as "pid state command"."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+            out.append(f"{stat.parent.name} {fields[0]} {cmd}")
+    return out
