@@ -19,16 +19,8 @@ from fer_sweep.config import Config, quiet_schema_warning
 from fer_sweep.data import DataError, SealedSplit, load_dataset
 from fer_sweep.errors import ConfigError
 from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
-from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import fit, make_scheduler, per_step, train_step
 from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic(
-        tmp_path_factory.mktemp("faces"), n_train_per_class=12, n_test_per_class=4
-    )
 
 
 def _conf(root: Path, *overrides: str) -> Config:

@@ -24,6 +24,17 @@ TINY = [
     "data.limit_per_class=20",
 ]
 
+# Two jobs at once in joblib worker processes (a pool that outlives its jobs).
+JOBLIB_PAIR = [
+    "-m",
+    "hydra/launcher=joblib",
+    "hydra.launcher.n_jobs=2",
+    "trainer.threads=1",
+    "trainer.seed=0,1",
+    *TINY,
+    "mlflow.figures=false",
+]
+
 
 def _start(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, group: bool = False
@@ -127,16 +138,7 @@ def test_during_the_artifact_upload(tmp_path: Path) -> None:
 
 def test_inside_a_joblib_worker(tmp_path: Path) -> None:
     proc = _start(
-        [
-            "-m",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            "trainer.threads=1",
-            "trainer.seed=0,1",
-            "trainer.epochs=50",
-            *TINY,
-            "mlflow.figures=false",
-        ],
+        [*JOBLIB_PAIR, "trainer.epochs=50"],
         tmp_path,
     )
 
@@ -168,16 +170,7 @@ def test_two_signals_to_the_whole_sweep_still_mark_everything_and_leave_no_worke
     """`pkill -f` / a terminal's Ctrl-C reach the launcher AND its joblib workers, and people
     press twice: the parent and every job end KILLED, and no pool worker trains on."""
     proc = _start(
-        [
-            "-m",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            "trainer.threads=1",
-            "trainer.seed=0,1",
-            "trainer.epochs=200",
-            *TINY,
-            "mlflow.figures=false",
-        ],
+        [*JOBLIB_PAIR, "trainer.epochs=200"],
         tmp_path,
         group=True,
     )

@@ -229,28 +229,10 @@ def test_the_presets_gpu_on_a_partition_without_gpus_is_refused_before_submittin
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     name = f"refused-{tmp_path.name}"
     started = time.monotonic()
-    proc = run_cli(
-        [
-            "-m",
-            "hydra/launcher=slurm",
-            f"hydra.launcher.name={name}",
-            "model=cnn2,cnn3",
-            "trainer.epochs=1",
-            *TINY,
-            f"mlflow.tracking_uri={uri}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=tmp_path,
-        timeout=120,
-        env=_env(cluster),
-    )
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    assert f"partition '{PARTITION}'" in errors[0] and "wait in the queue forever" in errors[0]
-    assert "1 GPU(s)" in errors[0] and "no GPUs" in errors[0], errors[0]
-    assert "hydra.launcher.gpus_per_node=0" in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr
+    error = _refused(cluster, tmp_path, uri, "hydra/launcher=slurm", f"hydra.launcher.name={name}")
+    assert f"partition '{PARTITION}'" in error and "wait in the queue forever" in error
+    assert "1 GPU(s)" in error and "no GPUs" in error, error
+    assert "hydra.launcher.gpus_per_node=0" in error, error
     assert time.monotonic() - started < 60
     assert not _runs(uri)  # refused before the parent run opened
     assert not [j for j in cluster.jobs() if j["name"] == name]  # nothing submitted
@@ -295,11 +277,27 @@ def test_sbatch_refusal_is_one_clear_error(cluster: Cluster, tmp_path: Path) -> 
     """What only sbatch can judge (here a node that does not exist) is its own error, shown
     once, with the sweep's parent run marked FAILED with it."""
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    error = _refused(
+        cluster,
+        tmp_path,
+        uri,
+        *CPU_JOBS,
+        "+hydra.launcher.additional_parameters.nodelist=nosuchnode",
+    )
+    assert "sbatch refused" in error, error
+    assert "nosuchnode" in error or "node" in error.lower(), error
+    (parent,) = _runs(uri)
+    assert parent.info.status == "FAILED"
+    assert "sbatch refused" in parent.data.tags["fer_sweep.error"]
+
+
+def _refused(cluster: Cluster, tmp_path: Path, uri: str, *launcher: str) -> str:
+    """A 2-job sweep with these launcher settings, which must stop with exit status 2 and
+    exactly one `fer_sweep: error:` line (returned), no traceback."""
     proc = run_cli(
         [
             "-m",
-            *CPU_JOBS,
-            "+hydra.launcher.additional_parameters.nodelist=nosuchnode",
+            *launcher,
             "model=cnn2,cnn3",
             "trainer.epochs=1",
             *TINY,
@@ -312,12 +310,9 @@ def test_sbatch_refusal_is_one_clear_error(cluster: Cluster, tmp_path: Path) -> 
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: error:")]
-    assert len(errors) == 1 and "sbatch refused" in errors[0], proc.stderr[-3000:]
-    assert "nosuchnode" in errors[0] or "node" in errors[0].lower(), errors[0]
+    assert len(errors) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    (parent,) = _runs(uri)
-    assert parent.info.status == "FAILED"
-    assert "sbatch refused" in parent.data.tags["fer_sweep.error"]
+    return errors[0]
 
 
 def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:

@@ -13,17 +13,9 @@ from fer_sweep.bench import compose_config
 from fer_sweep.config import Config
 from fer_sweep.data import load_dataset
 from fer_sweep.errors import ConfigError
-from fer_sweep.synthetic import make_synthetic
 from fer_sweep.train import at_lr_floor, cpu_has_fast_bf16, fit, make_scheduler, resolve_precision
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic(
-        tmp_path_factory.mktemp("faces"), n_train_per_class=12, n_test_per_class=4
-    )
 
 
 def _conf(root: Path, *overrides: str) -> Config:
