@@ -13,7 +13,16 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO, real_data
 
-PHASES = ["env", "prepare", "bench", "table2", "compile", "report", "bench_channels_last_off"]
+PHASES = [
+    "env",
+    "prepare",
+    "bench",
+    "table2",
+    "compile",
+    "fast",
+    "report",
+    "bench_channels_last_off",
+]
 
 
 @pytest.mark.slow
@@ -51,7 +60,9 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     runs = summary["runs"]
     table2 = [r for r in runs if r["kind"] == "table2"]
     compiled = [r for r in runs if r["kind"] == "compile"]
+    fast = [r for r in runs if r["kind"] == "fast"]
     assert len(table2) >= 7 and len(compiled) == 1, [r["name"] for r in runs]
+    assert len(fast) == 1 and fast[0]["status"] == "FINISHED", fast  # experiment=fast, unchanged
     assert sorted(r["row"] for r in table2) == [f"row{i}" for i in range(1, 8)]
     for r in [*table2, *compiled]:
         assert r["status"] == "FINISHED", r
