@@ -76,10 +76,11 @@ def test_the_fast_nets_are_the_documented_ones(
 def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
     conf = _conf(tmp_path)
     assert (conf.model.name, conf.transforms.name, conf.scheduler.name) == (
-        "resnet_fast_wide",
-        "aug_erase",
+        "resnet_fast",
+        "aug_flip",
         "onecycle",
     )
+    assert conf.trainer.epochs == 50 and conf.trainer.batch_size == 128
     assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip"
 
 
