@@ -385,6 +385,7 @@ def train_epoch(
     warps = tfm.draw(used, x.shape[-2:], device) if tfm.warps_images else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    step_sched = sched if per_step(sched) else None  # decided once, not in every step
     bar = tqdm(
         starts, desc=desc, leave=False, disable=not progress, mininterval=1.0, dynamic_ncols=True
     )
@@ -402,8 +403,8 @@ def train_epoch(
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         loss, logits = train_step(model, opt, xb, yb, precision, label_smoothing)
-        if per_step(sched):
-            sched.step()
+        if step_sched is not None:
+            step_sched.step()
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         if step % CHECK_EVERY == CHECK_EVERY - 1 and not torch.isfinite(loss_sum):
