@@ -4,6 +4,7 @@ per-step one-cycle schedule, batched random erasing, and the sealed test split."
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -55,22 +56,26 @@ def test_stride_two_stem_halves_the_resolution() -> None:
 
 
 @pytest.mark.parametrize(
-    ("option", "widths", "params"),
+    ("option", "blocks", "params"),
     [
-        ("resnet_fast", (32, 64, 128, 256), 1_227_623),
-        ("resnet_fast_wide", (48, 96, 192, 384), 2_758_423),
+        ("resnet_fast", "ResBlock-32, ResBlock-64, ResBlock-128, ResBlock-256", 1_227_623),
+        ("resnet_fast_wide", "ResBlock-48, ResBlock-96, ResBlock-192, ResBlock-384", 2_758_423),
+        (
+            "resnet_fast_deep",
+            "ResBlock-32, ResBlock-64, ResBlock-128 (x2), ResBlock-256 (x2)",
+            2_703_719,
+        ),
     ],
 )
 def test_the_fast_nets_are_the_documented_ones(
-    tmp_path: Path, option: str, widths: tuple[int, ...], params: int
+    tmp_path: Path, option: str, blocks: str, params: int
 ) -> None:
     model = build_model(_conf(tmp_path, f"model={option}").model)
     assert count_parameters(model) == params
-    blocks = ", ".join(f"ResBlock-{w}" for w in widths)
-    assert describe(model) == (
-        f"Conv2d-{widths[0]}-3x3, BatchNorm2d-{widths[0]}, {blocks}, Linear-{widths[-1]}-7"
-    )
-    assert summary(model)[-2][1] == [-1, widths[-1], 3, 3]  # the last block works on 3x3 maps
+    widths = re.findall(r"ResBlock-(\d+)", blocks)
+    stem, last = widths[0], widths[-1]  # the stem is as wide as the first stage
+    assert describe(model) == f"Conv2d-{stem}-3x3, BatchNorm2d-{stem}, {blocks}, Linear-{last}-7"
+    assert summary(model)[-2][1] == [-1, int(last), 3, 3]  # the last block works on 3x3 maps
 
 
 def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
