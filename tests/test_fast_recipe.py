@@ -81,12 +81,13 @@ def test_the_fast_nets_are_the_documented_ones(
 def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
     conf = _conf(tmp_path)
     assert (conf.model.name, conf.transforms.name, conf.scheduler.name) == (
-        "resnet_fast",
+        "resnet_fast_deep",
         "aug_flip",
         "onecycle",
     )
-    assert conf.trainer.epochs == 50 and conf.trainer.batch_size == 128
-    assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip"
+    assert conf.trainer.epochs == 45 and conf.trainer.batch_size == 256
+    assert conf.optimizer.lr == 0.2 and conf.data.val_fraction == 0.1
+    assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip_shift"
 
 
 def test_stem_stride_is_checked(tmp_path: Path) -> None:
@@ -303,6 +304,6 @@ def test_experiment_fast_runs_one_epoch_from_the_cli(
     assert run.info.status == "FINISHED"
     p, m = run.data.params, run.data.metrics
     assert p["model.name"].startswith("resnet_fast") and p["scheduler.name"] == "onecycle"
-    assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip"
+    assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip_shift"
     assert run.data.tags["mlflow.runName"].endswith("fast")  # SYNTHETIC-fast on fakes
     assert {"test_acc", "test_acc_tta", "val_acc_tta"} <= set(m)
