@@ -85,7 +85,7 @@ def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
         "aug_flip",
         "onecycle",
     )
-    assert conf.trainer.epochs == 45 and conf.trainer.batch_size == 256
+    assert conf.trainer.epochs == 40 and conf.trainer.batch_size == 256
     assert conf.optimizer.lr == 0.2 and conf.data.val_fraction == 0.1
     assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip_shift"
 
