@@ -272,7 +272,8 @@ def _run_job(cfg: DictConfig) -> float:
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
-        killed = isinstance(err, (signals.Interrupted, KeyboardInterrupt))
+        signal_err = signals.interruption(err)
+        killed = signal_err is not None
         with signals.deferred():  # a second signal must not stop the run from being marked
             tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
         if killed and ckpt.exists():
@@ -288,6 +289,8 @@ def _run_job(cfg: DictConfig) -> float:
                 " s): run the command again.",
                 file=sys.stderr,
             )
+        if signal_err is not None and signal_err is not err:
+            raise signal_err from err  # exit 128 + signum, not a library's error
         raise
     ckpt.unlink(missing_ok=True)
     best_path(ckpt).unlink(missing_ok=True)

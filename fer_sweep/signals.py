@@ -42,6 +42,20 @@ class Interrupted(BaseException):  # noqa: N818 (a BaseException, like KeyboardI
         super().__init__(f"{signal.Signals(self.signum).name}" + (f" ({where})" if where else ""))
 
 
+def interruption(err: BaseException) -> BaseException | None:
+    """The signal behind ``err``: itself, or the Interrupted / KeyboardInterrupt that a library
+    turned into its own error while cleaning up (a SIGTERM inside an MLflow sqlite write comes
+    back as "This transaction is closed", raised from the interrupted rollback)."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def exit_status(err: BaseException) -> int:
     """130 for SIGINT (and Ctrl-C's KeyboardInterrupt), 143 for SIGTERM."""
     return 128 + getattr(err, "signum", signal.SIGINT)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from fer_sweep import signals
+
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
 TINY = [
@@ -207,3 +209,25 @@ def _group_members(pgid: int) -> list[str]:
             cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
             out.append(f"{stat.parent.name} {fields[0]} {cmd}")
     return out
+
+
+def test_a_signal_that_a_library_turned_into_its_own_error_is_still_a_signal() -> None:
+    """SIGTERM inside an MLflow sqlite write comes back as MlflowException("This transaction
+    is closed"), raised from the rollback the signal interrupted: the job must still see the
+    signal (run KILLED, exit 143), not a failure (the CI saw FAILED, exit 1, under load)."""
+
+    def write_interrupted_by_sigterm() -> None:
+        try:
+            raise signals.Interrupted(signal.SIGTERM, "artifacts")
+        except BaseException:
+            raise RuntimeError("This transaction is closed")  # noqa: B904 (as SQLAlchemy does)
+
+    with pytest.raises(ValueError) as caught:
+        try:
+            write_interrupted_by_sigterm()
+        except RuntimeError as err:
+            raise ValueError("MlflowException: This transaction is closed") from err
+    found = signals.interruption(caught.value)
+    assert isinstance(found, signals.Interrupted) and signals.exit_status(found) == 143
+    assert signals.interruption(ValueError("a plain failure")) is None
+    assert signals.interruption(KeyboardInterrupt()) is not None
