@@ -300,10 +300,18 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    tta: str = "none"  # none | flip | shift | flip_shift: test-time augmentation (extra metrics)
+    # test-time augmentation (extra metrics): none | flip | shift | flip_shift (identity, mirror,
+    # 4 shifts) | flip_x_shift (identity and 4 shifts, each also mirrored: 10 views)
+    tta: str = "none"
+    tta_shift: int = 2  # pixels of the shifted views
 
     def __post_init__(self) -> None:
-        _one_of("eval.tta", self.tta, ("none", "flip", "shift", "flip_shift"))
+        _one_of("eval.tta", self.tta, ("none", "flip", "shift", "flip_shift", "flip_x_shift"))
+        _require(
+            0 < self.tta_shift < 12,
+            f"eval.tta_shift={self.tta_shift} must be a shift of 1 to 11 pixels (2-3 suit 48x48 "
+            "faces).",
+        )
 
 
 @dataclass

@@ -352,6 +352,7 @@ def log_results(
             result.precision,
             result.channels_last,
             tta,
+            conf.eval.tta_shift,
         )
 
     last = test()

@@ -178,16 +178,24 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # --------------------------------------------------------------------------- evaluation
 
 
-def tta_views(x: torch.Tensor, mode: str) -> Iterator[torch.Tensor]:
-    """Test-time views of a normalized batch: identity, mirror, and/or 2-pixel shifts (0 fill)."""
+def tta_views(x: torch.Tensor, mode: str, shift: int = 2) -> Iterator[torch.Tensor]:
+    """Test-time views of a normalized batch: identity, mirror, and/or ``shift``-pixel shifts
+    (0 fill) up, down, left and right; ``flip_x_shift`` mirrors every shifted view too (10)."""
+    shifted = [x]
+    if "shift" in mode:
+        padded = F.pad(x, (shift, shift, shift, shift))
+        h, w = x.shape[-2:]
+        for dy, dx in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift)):
+            shifted.append(padded[..., dy : dy + h, dx : dx + w])
+    if mode == "flip_x_shift":
+        for v in shifted:
+            yield v
+            yield v.flip(-1)
+        return
     yield x
     if "flip" in mode:
         yield x.flip(-1)
-    if "shift" in mode:
-        padded = F.pad(x, (2, 2, 2, 2))
-        h, w = x.shape[-2:]
-        for dy, dx in ((0, 2), (4, 2), (2, 0), (2, 4)):
-            yield padded[..., dy : dy + h, dx : dx + w]
+    yield from shifted[1:]
 
 
 @torch.inference_mode()
@@ -200,6 +208,7 @@ def evaluate(
     precision: str = "fp32",
     channels_last: bool = False,
     tta: str = "none",
+    tta_shift: int = 2,
 ) -> dict[str, Any]:
     """Loss, accuracy and softmax probabilities over a whole split, in large batches."""
     x, y = (split.x, split.y) if isinstance(split, Split) else split
@@ -210,7 +219,7 @@ def evaluate(
         yb = y[i : i + batch_size].to(device, non_blocking=True)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        views = list(tta_views(xb, tta)) if tta != "none" else [xb]
+        views = list(tta_views(xb, tta, tta_shift)) if tta != "none" else [xb]
         with autocast(device, precision):
             logits = [model(v).float() for v in views]
         loss_sum += F.cross_entropy(logits[0], yb, reduction="sum")

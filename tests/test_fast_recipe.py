@@ -20,7 +20,7 @@ from fer_sweep.config import Config, quiet_schema_warning
 from fer_sweep.data import DataError, SealedSplit, load_dataset
 from fer_sweep.errors import ConfigError
 from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
-from fer_sweep.train import fit, make_scheduler, per_step, train_step
+from fer_sweep.train import fit, make_scheduler, per_step, train_step, tta_views
 from tests.conftest import run_cli
 
 
@@ -85,14 +85,42 @@ def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
         "aug_flip",
         "onecycle",
     )
-    assert conf.trainer.epochs == 40 and conf.trainer.batch_size == 256
+    assert conf.trainer.epochs == 44 and conf.trainer.batch_size == 256
     assert conf.optimizer.lr == 0.2 and conf.data.val_fraction == 0.1
-    assert conf.trainer.label_smoothing == 0.1 and conf.eval.tta == "flip_shift"
+    assert conf.trainer.label_smoothing == 0.1
+    assert (conf.eval.tta, conf.eval.tta_shift) == ("flip_x_shift", 3)
 
 
 def test_stem_stride_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stem_stride"):
         _conf(tmp_path, "model.stem_stride=0")
+
+
+# --------------------------------------------------------------------------- test-time views
+
+
+def test_tta_views_shift_by_the_configured_pixels_and_mirror() -> None:
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 1, 6, 6) + 1
+    assert [len(list(tta_views(x, m))) for m in ("flip", "shift", "flip_shift")] == [2, 5, 6]
+    views = list(tta_views(x, "flip_x_shift", shift=2))
+    assert len(views) == 10 and all(v.shape == x.shape for v in views)
+    assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(-1))
+    # identity, then up/down/left/right shifts of 2 pixels, zero-filled, each followed by its mirror
+    down = F.pad(x, (0, 0, 2, 0))[..., :6, :]  # content moved 2 rows down
+    shifted = [views[i] for i in (2, 4, 6, 8)]
+    assert any(torch.equal(v, down) for v in shifted)
+    assert all(torch.equal(views[i + 1], views[i].flip(-1)) for i in (2, 4, 6, 8))
+    assert all((v == 0).sum() == 2 * 6 * 2 for v in shifted)  # 2 lines of 6 per image filled
+    # the default of 2 pixels keeps flip_shift's views as they were
+    assert torch.equal(list(tta_views(x, "flip_shift"))[2], list(tta_views(x, "shift", 2))[1])
+    three = list(tta_views(x, "shift", shift=3))
+    assert all((v == 0).sum() == 2 * 6 * 3 for v in three[1:])
+
+
+@pytest.mark.parametrize("override", ["eval.tta=ten_crop", "eval.tta_shift=0"])
+def test_tta_settings_are_checked(tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        _conf(tmp_path, override)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -304,6 +332,6 @@ def test_experiment_fast_runs_one_epoch_from_the_cli(
     assert run.info.status == "FINISHED"
     p, m = run.data.params, run.data.metrics
     assert p["model.name"].startswith("resnet_fast") and p["scheduler.name"] == "onecycle"
-    assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip_shift"
+    assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip_x_shift"
     assert run.data.tags["mlflow.runName"].endswith("fast")  # SYNTHETIC-fast on fakes
     assert {"test_acc", "test_acc_tta", "val_acc_tta"} <= set(m)
