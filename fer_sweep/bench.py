@@ -48,7 +48,14 @@ from fer_sweep.config import Config, quiet_schema_warning, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.synthetic import make_synthetic
-from fer_sweep.train import build, device_name, resolve_precision, train_step, use_cuda_kernels
+from fer_sweep.train import (
+    build,
+    device_name,
+    resolve_precision,
+    synchronize,
+    train_step,
+    use_cuda_kernels,
+)
 
 PIPELINES = ("ceiling", "fer_sweep", "naive")
 MODELS = ("cnn2", "cnn3", "resnet")
@@ -157,14 +164,6 @@ def compose_config(overrides: Sequence[str]) -> Config:
                 f"cannot compose the config with {list(overrides)}: {first}"
             ) from None
     return validate(cfg)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so a timer measures work done, not work launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 # --------------------------------------------------------------------------- pipelines

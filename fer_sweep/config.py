@@ -263,9 +263,17 @@ class TrainerConfig:
     # stop after N epochs without a better validation loss (null = off)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     stop_at_min_lr: bool = False  # stop once the plateau scheduler cannot lower the rate
+    # minutes of wall time for the whole job: trains as many epochs (up to trainer.epochs) as
+    # fit, measured on this machine before training (fer_sweep/budget.py); null = off
+    time_budget_min: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
+        _require(
+            self.time_budget_min is None or self.time_budget_min > 0,
+            f"trainer.time_budget_min={self.time_budget_min} must be a positive number of "
+            "minutes, or null (train trainer.epochs epochs).",
+        )
         _require(
             self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be a positive integer."
         )

@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fer_sweep import figures, runtime, signals, store, tracking
+from fer_sweep import budget, figures, runtime, signals, store, tracking
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
 from fer_sweep.errors import FerSweepError
@@ -195,6 +196,7 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def _run_job(cfg: DictConfig) -> float:
+    started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
@@ -245,9 +247,31 @@ def _run_job(cfg: DictConfig) -> float:
         "cache hit" if data.info.get("cache_hit") else "decoded",
     )
 
+    plan = None
+    if conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits" is
+        speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # bad input
+        plan = budget.plan(conf, data, speed, time.perf_counter() - started)
+        log.info(plan.describe(conf.trainer.time_budget_min))
+        conf.trainer.epochs = plan.epochs
+
     run_id, resuming = open_run(client, exp_id, conf, cfg, parent_id, overrides)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
+    deadline = None
     try:
+        if plan is not None and resuming:  # the interrupted process's plan, not a new one
+            conf.trainer.epochs = int(client.get_run(run_id).data.params["trainer.epochs_planned"])
+            log.info("resuming the planned %d epochs (no deadline)", conf.trainer.epochs)
+        elif plan is not None:
+            deadline = started + conf.trainer.time_budget_min * 60.0 - plan.final_s
+            tracking.log_params(
+                client,
+                run_id,
+                {
+                    "trainer.epochs_planned": str(plan.epochs),
+                    "budget.train_ips": f"{plan.speed.train_ips:.1f}",
+                    "budget.eval_ips": f"{plan.speed.eval_ips:.1f}",
+                },
+            )
         if not resuming:
             _log_data_info(client, run_id, data)
 
@@ -268,6 +292,7 @@ def _run_job(cfg: DictConfig) -> float:
             resume=resuming,
             on_epoch=on_epoch,
             on_resume=on_resume,
+            deadline=deadline,
         )
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")

@@ -256,7 +256,7 @@ class State:
     best_val_loss: float = math.inf  # early stopping watches the validation loss ...
     bad_epochs: int = 0  # ... and counts the epochs since it last improved
     floor_epochs: int = 0  # epochs spent with the plateau scheduler at its lowest rate
-    stop_reason: str = "epochs"  # epochs | early_stopping | min_lr
+    stop_reason: str = "epochs"  # epochs | early_stopping | min_lr | time_budget
 
 
 def save_checkpoint(
@@ -430,6 +430,8 @@ STOP_REASONS = {
     "epochs": "the epoch budget is spent",
     "early_stopping": "trainer.early_stopping.patience epochs without a better validation loss",
     "min_lr": "the plateau scheduler is at its lowest learning rate and has had its patience",
+    "time_budget": "another epoch would end after trainer.time_budget_min's deadline (the "
+    "machine ran slower than measured before training)",
 }
 
 
@@ -515,6 +517,14 @@ def build(
     return model, step_model, opt, channels_last
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer measures work done, not work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def use_cuda_kernels(deterministic: bool) -> None:
     """cuDNN autotuning (cudnn.benchmark: the fastest convolution for each fixed shape; every
     batch but an epoch's last has the same shape) unless deterministic kernels are asked for,
@@ -533,12 +543,15 @@ def fit(
     resume: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_resume: Callable[[State], None] | None = None,
+    deadline: float | None = None,
 ) -> Result:
     """Train conf.model on data.train, validating on data.val after every epoch.
 
     The best-validation weights are kept in the returned state; ``on_epoch(epoch, metrics)`` is
     called after each epoch and ``on_resume(state)`` once with the state restored from the
-    checkpoint (MLflow logging lives with the caller, not in the loop).
+    checkpoint (MLflow logging lives with the caller, not in the loop). ``deadline`` (a
+    ``time.perf_counter()`` value): no epoch starts that would, at the last epoch's pace, end
+    after it.
     """
     tc = conf.trainer
     device = pick_device(tc.device)
@@ -601,6 +614,11 @@ def fit(
             }
             record_epoch(state, epoch, metrics, model)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
+            late = (
+                deadline is not None and time.perf_counter() + metrics["epoch_seconds"] > deadline
+            )
+            if state.stop_reason == "epochs" and epoch + 1 < tc.epochs and late:
+                state.stop_reason = "time_budget"
             last = state.stop_reason != "epochs" or epoch + 1 == tc.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):

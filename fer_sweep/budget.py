@@ -1,0 +1,118 @@
+"""trainer.time_budget_min: as many epochs as fit a wall-clock budget on the machine at hand.
+
+A 30-minute recipe written for one CPU overruns on a slower or busier one (the same training
+step ran 580-870 images/s within one hour on this project's shared 2-core host) and wastes a
+fast one. Before training, a few steps of the run's own model, batch size and precision are
+timed on a throwaway copy; the plan is the number of epochs whose training, validation and final
+evaluation (with its test-time views) fit the rest of the budget with a margin. The run is then
+an ordinary ``trainer.epochs=N`` run (the planned N is logged as ``trainer.epochs_planned``; the
+same N without a budget reproduces it), and ``fit`` stops at the deadline, keeping the best
+weights, should the machine slow down after all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fer_sweep import train
+from fer_sweep.config import Config
+from fer_sweep.data import Dataset
+from fer_sweep.errors import FerSweepError
+
+log = logging.getLogger(__name__)
+
+SAFETY = 1.15  # epochs are planned this much slower than calibrated (host noise, validation)
+RESERVE_S = 30.0  # after the final evaluation: figures, the model's upload, process exit
+WARMUP_STEPS, TIMED_STEPS = 3, 10
+
+
+@dataclass(frozen=True)
+class Speed:
+    train_ips: float  # training images per second (forward + backward + optimizer step)
+    eval_ips: float  # evaluation images per second (forward only)
+    seconds: float  # what measuring them cost
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: int
+    epoch_s: float  # planned seconds per epoch (training + validation, with SAFETY)
+    final_s: float  # planned seconds for the final evaluation and RESERVE_S
+    speed: Speed
+
+    def describe(self, budget_min: float) -> str:
+        return (
+            f"time budget {budget_min:g} min: {self.epochs} epochs planned "
+            f"({self.speed.train_ips:.0f} training and {self.speed.eval_ips:.0f} evaluation "
+            f"images/s measured in {self.speed.seconds:.0f} s; {self.epoch_s:.1f} s per epoch "
+            f"and {self.final_s:.0f} s for the final evaluation planned)"
+        )
+
+
+def tta_view_count(mode: str) -> int:
+    """Forward passes per image of eval.tta (train.tta_views)."""
+    shifts = 4 if "shift" in mode else 0
+    if mode == "flip_x_shift":
+        return 2 * (1 + shifts)
+    return 1 + ("flip" in mode) + shifts
+
+
+def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
+    """Images per second of this run's training step and evaluation, on a copy of its model
+    built with its settings; the global RNG is left as it was, so the run itself is unchanged."""
+    tc = conf.trainer
+    t0 = time.perf_counter()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model, step_model, opt, channels_last = train.build(conf, device)
+        precision = train.resolve_precision(tc.amp, device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        bs = tc.batch_size
+        x = torch.randn(bs, 1, *data.train.x.shape[-2:], device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 7, (bs,), device=device)
+
+        def steps(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                train.train_step(step_model, opt, x, y, precision, tc.label_smoothing)
+            train.synchronize(device)
+            return time.perf_counter() - start
+
+        steps(WARMUP_STEPS)
+        train_ips = TIMED_STEPS * bs / steps(TIMED_STEPS)
+        n_eval = min(len(data.val), 2 * tc.eval_batch_size)
+        val = (data.val.x[:n_eval].to(device), data.val.y[:n_eval].to(device))
+        tfm = train.make_transform(None, data.mean, data.std)
+        train.evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
+        start = time.perf_counter()
+        train.evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
+        eval_ips = n_eval / max(time.perf_counter() - start, 1e-9)
+    return Speed(train_ips, eval_ips, time.perf_counter() - t0)
+
+
+def plan(conf: Config, data: Dataset, speed: Speed, elapsed_s: float) -> Plan:
+    """The most epochs (up to trainer.epochs) that fit the budget's remaining seconds; a
+    budget that fits not even one is an error, raised before the run exists."""
+    tc = conf.trainer
+    assert tc.time_budget_min is not None
+    n_train, n_val, n_test = len(data.train), len(data.val), len(data.test)
+    epoch_s = SAFETY * (n_train / speed.train_ips + n_val / speed.eval_ips)
+    # the best and the last weights on the test split, then the TTA views of val and test
+    views = tta_view_count(conf.eval.tta) if conf.eval.tta != "none" else 0
+    final_s = (2 * n_test + views * (n_val + n_test)) / speed.eval_ips + RESERVE_S
+    left = tc.time_budget_min * 60.0 - elapsed_s - final_s
+    epochs = min(tc.epochs, math.floor(left / epoch_s)) if left > 0 else 0
+    if epochs < 1:
+        need = (elapsed_s + final_s + epoch_s) / 60.0
+        raise FerSweepError(
+            f"trainer.time_budget_min={tc.time_budget_min:g} fits no epoch on this machine: one "
+            f"epoch and the final evaluation need ~{need:.1f} min here "
+            f"({speed.train_ips:.0f} training images/s). Raise the budget, or set "
+            "trainer.time_budget_min=null and choose trainer.epochs."
+        )
+    return Plan(epochs, epoch_s, final_s, speed)
