@@ -67,8 +67,10 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
     built with its settings; the global RNG is left as it was, so the run itself is unchanged."""
     tc = conf.trainer
     t0 = time.perf_counter()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    accel = device.type != "cpu"  # its generator is saved and restored too (dropout draws on it)
+    with torch.random.fork_rng(
+        devices=[device] if accel else [], device_type=device.type if accel else None
+    ):
         model, step_model, opt, channels_last = train.build(conf, device)
         precision = train.resolve_precision(tc.amp, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
