@@ -12,7 +12,6 @@ weights, should the machine slow down after all.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from fer_sweep import train
 from fer_sweep.config import Config
 from fer_sweep.data import Dataset
 from fer_sweep.errors import FerSweepError
-
-log = logging.getLogger(__name__)
 
 SAFETY = 1.15  # epochs are planned this much slower than calibrated (host noise, validation)
 RESERVE_S = 30.0  # after the final evaluation: figures, the model's upload, process exit
@@ -55,11 +52,8 @@ class Plan:
 
 
 def tta_view_count(mode: str) -> int:
-    """Forward passes per image of eval.tta (train.tta_views)."""
-    shifts = 4 if "shift" in mode else 0
-    if mode == "flip_x_shift":
-        return 2 * (1 + shifts)
-    return 1 + ("flip" in mode) + shifts
+    """Forward passes per image of eval.tta: counted from train.tta_views itself."""
+    return sum(1 for _ in train.tta_views(torch.zeros(1, 1, 8, 8), mode))
 
 
 def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
