@@ -69,7 +69,9 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
         precision = train.resolve_precision(tc.amp, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         bs = tc.batch_size
-        x = torch.randn(bs, 1, *data.train.x.shape[-2:], device=device)
+        crop = conf.transforms.crop  # the step sees the training crops, not the whole images
+        size = (crop, crop) if crop else tuple(data.train.x.shape[-2:])
+        x = torch.randn(bs, 1, *size, device=device)
         x = x.contiguous(memory_format=fmt)
         y = torch.randint(0, 7, (bs,), device=device)
 

@@ -149,8 +149,15 @@ class TransformsConfig:
     # each chosen training image set to the mean grey (0 after normalization)
     erase: float = 0.0
     erase_scale: list[float] = field(default_factory=lambda: [0.02, 0.33])
+    # RandomCrop(crop): each training image a random crop x crop window (0: none); evaluation
+    # sees the whole image, so the model must not depend on the image size (model.builder=resnet)
+    crop: int = 0
 
     def __post_init__(self) -> None:
+        _require(
+            self.crop >= 0,
+            f"transforms.crop={self.crop} must be a size in pixels, or 0 for no crop.",
+        )
         _require(
             0.0 <= self.erase <= 1.0,
             f"transforms.erase={self.erase} is a probability per image, 0..1.",
@@ -361,6 +368,15 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    def __post_init__(self) -> None:
+        """Checks that span two groups (each group checks its own settings)."""
+        _require(
+            self.transforms.crop == 0 or self.model.builder == "resnet",
+            f"transforms.crop={self.transforms.crop} trains on smaller images than it evaluates, "
+            f"but model={self.model.name} (builder {self.model.builder!r}) flattens a fixed image "
+            "size; use a resnet model (it pools to a fixed size) or transforms.crop=0.",
+        )
+
 
 # The config groups whose options start from the schema's defaults: conf/<group>/<option>.yaml
 # lists only what the option changes (defaults: [schema, _self_]); Hydra's plugin
@@ -440,4 +456,5 @@ def with_values(conf: Config, values: dict[str, Any]) -> Config:
             raise
         except OmegaConfBaseException as err:
             raise _readable(err, prefix=f"{section}.") from None
+    out.__post_init__()  # the checks across groups, on the new values
     return out

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep import budget, figures, runtime, signals, store, tracking
+from fer_sweep.augment import check_crop
 from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
 from fer_sweep.errors import FerSweepError
@@ -246,6 +247,8 @@ def _run_job(cfg: DictConfig) -> float:
         data.std,
         "cache hit" if data.info.get("cache_hit") else "decoded",
     )
+
+    check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
     plan = None
     if conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits" is

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from fer_sweep import job
-from fer_sweep.augment import BatchTransform, make_transform, random_erase
+from fer_sweep.augment import BatchTransform, make_transform, random_crop, random_erase
 from fer_sweep.bench import CONF_DIR, compose_config
 from fer_sweep.config import Config, quiet_schema_warning
 from fer_sweep.data import DataError, SealedSplit, load_dataset
@@ -336,3 +336,104 @@ def test_experiment_fast_runs_one_epoch_from_the_cli(
     assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip_x_shift"
     assert run.data.tags["mlflow.runName"].endswith("fast")  # SYNTHETIC-fast on fakes
     assert {"test_acc", "test_acc_tta", "val_acc_tta"} <= set(m)
+
+
+# --------------------------------------------------------------------------- random crops
+
+
+def test_random_crop_takes_each_image_its_own_window_anywhere() -> None:
+    torch.manual_seed(0)
+    n, size = 3000, 40
+    x = torch.arange(n * 48 * 48, dtype=torch.float32).view(n, 1, 48, 48)  # every pixel unique
+    out = random_crop(x, size)
+    assert out.shape == (n, 1, size, size)
+    # Each crop is the input's window at the offset of its first pixel.
+    first = out[:, 0, 0, 0].long() - torch.arange(n) * 48 * 48
+    top, left = first // 48, first % 48
+    for i in range(0, n, 97):
+        t, c = int(top[i]), int(left[i])
+        assert torch.equal(out[i], x[i, :, t : t + size, c : c + size])
+    # Every one of the 9 x 9 positions, about equally often (torchvision's RandomCrop).
+    counts = torch.bincount(top * 9 + left, minlength=81)
+    assert len(counts) == 81 and counts.min() > 0.5 * n / 81 and counts.max() < 1.6 * n / 81
+    assert torch.equal(random_crop(x[:5], 48), x[:5])  # the full size is the identity
+
+
+def test_crop_transform_trains_on_crops_evaluates_whole_images(tmp_path: Path) -> None:
+    tfm = make_transform(_conf(tmp_path, "transforms=aug_crop").transforms, 0.5, 0.25)
+    assert tfm.crop == 40 and tfm.hflip and tfm.translate == (0.0, 0.0) and tfm.is_random
+    imgs = torch.randint(1, 255, (64, 48, 48), dtype=torch.uint8)
+    assert torch.equal(tfm(imgs, train=False), tfm.normalize(imgs))
+    torch.manual_seed(3)
+    a = tfm(imgs)
+    assert a.shape == (64, 1, 40, 40)
+    torch.manual_seed(3)
+    assert torch.equal(a, tfm(imgs))
+    only_crop = BatchTransform(0.5, 0.25, crop=40)
+    assert only_crop.is_random and not only_crop.warps_images
+    assert only_crop(imgs).shape == (64, 1, 40, 40)
+
+
+def test_fit_trains_on_crops_evaluates_whole_images_and_the_budget_times_crops(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pooling resnet trains on 40x40 crops and is evaluated on the 48x48 images; the time
+    budget times the step on the crops it will train on."""
+    from fer_sweep import budget, train
+
+    conf = _conf(synthetic_root, "transforms=aug_crop", "trainer.epochs=1", "trainer.batch_size=32")
+    data = load_dataset(conf.data)
+    steps: list[tuple[int, ...]] = []
+    step = train.train_step
+
+    def spy(m, o, xb, *args, **kwargs):  # type: ignore[no-untyped-def]
+        steps.append(tuple(xb.shape[-2:]))
+        return step(m, o, xb, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    budget.measure(conf, data, torch.device("cpu"))
+    assert steps and set(steps) == {(40, 40)}
+    steps.clear()
+    result = fit(conf, data)
+    assert set(steps) == {(40, 40)} and len(steps) == math.ceil(len(data.train) / 32)
+    seen: list[tuple[int, ...]] = []
+    result.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    out = train.evaluate(result.model, data.val, result.tfm, 64, result.device)
+    assert set(seen) == {(48, 48)} and 0.0 <= out["acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["transforms.crop=-1"], "transforms.crop=-1 must be a size in pixels"),
+        (["model=cnn2", "transforms=aug_crop"], "flattens a fixed image size"),
+    ],
+)
+def test_crop_settings_are_checked(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _conf(tmp_path, *overrides)
+
+
+def test_a_crop_larger_than_the_images_fails_before_the_run_exists(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    proc = run_cli(
+        [
+            "experiment=fast",
+            "data=synthetic",
+            f"data.root='{synthetic_root}'",
+            "transforms=aug_crop",
+            "transforms.crop=56",
+            "trainer.time_budget_min=null",
+            "trainer.epochs=1",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert "transforms.crop=56 is larger than the 48x48 images" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    db = tmp_path / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name("fer_sweep")
+        assert exp is None or not client.search_runs([exp.experiment_id])
