@@ -84,15 +84,10 @@ def hydra_job() -> tuple[bool, Path | None, int, list[str]]:
     )
 
 
-def open_run(
-    client: MlflowClient,
-    exp_id: str,
-    conf: Config,
-    cfg: DictConfig,
-    parent_id: str | None,
-    overrides: list[str],
-) -> tuple[str, bool]:
-    """(run id, resuming?): a new run, or the interrupted one named by trainer.resume."""
+def resumable_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig) -> str | None:
+    """The interrupted run that trainer.resume names (auto: this config's newest one that left a
+    checkpoint), checked against its checkpoint and settings; None: a new run. Changes nothing,
+    so a job knows before it measures or creates anything whether it continues a run."""
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
     key = config_hash(cfg)
     resume = conf.trainer.resume
@@ -127,10 +122,27 @@ def open_run(
                 f"trainer.resume={resume}: that run was trained with different "
                 "settings; resume it with the same overrides."
             )
-        client.update_run(resume, status="RUNNING")
-        log.info("resuming MLflow run %s from %s", resume, ckpt_dir / f"{resume}.pt")
-        return resume, True
+    return resume or None
 
+
+def open_run(
+    client: MlflowClient,
+    exp_id: str,
+    conf: Config,
+    cfg: DictConfig,
+    parent_id: str | None,
+    overrides: list[str],
+    resume: str | None,
+) -> str:
+    """The run this job logs to: ``resume`` (from ``resumable_run``) marked RUNNING again, or a
+    new one with the job's tags and parameters."""
+    if resume:
+        client.update_run(resume, status="RUNNING")
+        ckpt = Path(conf.trainer.checkpoint_dir) / f"{resume}.pt"
+        log.info("resuming MLflow run %s from %s", resume, ckpt)
+        return resume
+
+    key = config_hash(cfg)
     synthetic = conf.data.synthetic
     name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
     tags = {
@@ -165,7 +177,7 @@ def open_run(
             "trainer.device_used": conf.trainer.device,
         },
     )
-    return run_id, False
+    return run_id
 
 
 def earlier_runs(
@@ -250,21 +262,24 @@ def _run_job(cfg: DictConfig) -> float:
 
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
+    resume_id = resumable_run(client, exp_id, conf, cfg)
+    resuming = resume_id is not None
     plan = None
-    if conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits" is
-        speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # bad input
+    if conf.trainer.time_budget_min is not None and resuming:
+        # the interrupted process's plan, not a new one (no deadline: its clock is gone)
+        conf.trainer.epochs = int(client.get_run(resume_id).data.params["trainer.epochs_planned"])
+        log.info("resuming the planned %d epochs (no deadline)", conf.trainer.epochs)
+    elif conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits"
+        speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # is bad input
         plan = budget.plan(conf, data, speed, time.perf_counter() - started)
         log.info(plan.describe(conf.trainer.time_budget_min))
         conf.trainer.epochs = plan.epochs
 
-    run_id, resuming = open_run(client, exp_id, conf, cfg, parent_id, overrides)
+    run_id = open_run(client, exp_id, conf, cfg, parent_id, overrides, resume_id)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
     deadline = None
     try:
-        if plan is not None and resuming:  # the interrupted process's plan, not a new one
-            conf.trainer.epochs = int(client.get_run(run_id).data.params["trainer.epochs_planned"])
-            log.info("resuming the planned %d epochs (no deadline)", conf.trainer.epochs)
-        elif plan is not None:
+        if plan is not None:
             deadline = started + conf.trainer.time_budget_min * 60.0 - plan.final_s
             tracking.log_params(
                 client,

@@ -13,6 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# What every finished job logs beside its metrics (job.log_results).
+JOB_ARTIFACTS = {
+    "config.yaml",
+    "model_summary.txt",
+    "curves.png",
+    "confusion_matrix.png",
+    "predictions.npz",
+}
+
 # One decoded-data cache for the whole session (subprocesses inherit it).
 os.environ.setdefault("FER_SWEEP_CACHE", tempfile.mkdtemp(prefix="fer_sweep_cache_"))
 os.environ.setdefault("MPLBACKEND", "Agg")

@@ -136,7 +136,7 @@ def test_a_resumed_run_keeps_its_plan(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupted budgeted run continues the epochs it planned, whatever a new measurement
-    would plan now."""
+    would plan now, and does not spend time measuring the machine again."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         "data=synthetic",
@@ -158,6 +158,14 @@ def test_a_resumed_run_keeps_its_plan(
         return budget.Plan(next(plans), p.epoch_s, p.final_s, p.speed)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
+    measured: list[int] = []
+    real_measure = budget.measure
+
+    def counted_measure(*args, **kwargs):  # type: ignore[no-untyped-def]
+        measured.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(budget, "measure", counted_measure)
     real_fit = job.fit
 
     def interrupted_fit(conf, data, **kw):  # type: ignore[no-untyped-def]
@@ -182,4 +190,5 @@ def test_a_resumed_run_keeps_its_plan(
     (run,) = client.search_runs([client.get_experiment_by_name("fer_sweep").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["trainer.epochs_planned"] == "4"
     assert run.data.metrics["stopped_epoch"] == 4
+    assert len(measured) == 1  # the resumed process knew it resumes before measuring anything
     assert math.isfinite(run.data.metrics["test_acc"])
