@@ -18,11 +18,13 @@ Three layers, innermost wins while it is active:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -182,10 +184,18 @@ class SweepGuard:
                 os.kill(pid, signal.SIGKILL)
         try:
             self.on_signal(signum)
+        except BaseException:  # the parent could not be marked: say why, still stop
+            traceback.print_exc()
         finally:
-            sys.stderr.flush()
             self.uninstall()
-            raise SystemExit(128 + signum)
+            # Exit here rather than raise SystemExit: the signal may have landed inside a
+            # library (Hydra composing the next job's config) whose clean-up code turns the
+            # exception into an error of its own and the exit status into 1. The parent is
+            # marked and the workers are gone; only the logs are left to flush.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
 
 
 def alive(pid: int) -> bool:

@@ -231,3 +231,35 @@ def test_a_signal_that_a_library_turned_into_its_own_error_is_still_a_signal() -
     assert isinstance(found, signals.Interrupted) and signals.exit_status(found) == 143
     assert signals.interruption(ValueError("a plain failure")) is None
     assert signals.interruption(KeyboardInterrupt()) is not None
+
+
+GUARDED = """
+import sys, time
+from fer_sweep.signals import SweepGuard
+
+SweepGuard(lambda signum: print("parent marked", signum, file=sys.stderr), grace=1).install()
+print("ready", flush=True)
+try:  # like OmegaConf's flag_override, whose clean-up fails when a signal cut it short
+    time.sleep(60)
+finally:
+    raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+"""
+
+
+def test_the_sweep_guard_exits_143_wherever_the_signal_lands(tmp_path: Path) -> None:
+    """A SIGTERM between jobs can land inside Hydra composing the next job, whose clean-up would
+    replace an exception raised by the guard with its own error (exit 1): the guard marks the
+    parent and exits 143 itself."""
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "parent marked 15" in err and "AttributeError" not in err
