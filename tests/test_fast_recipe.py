@@ -65,6 +65,11 @@ def test_stride_two_stem_halves_the_resolution() -> None:
             "ResBlock-32, ResBlock-64, ResBlock-128 (x2), ResBlock-256 (x2)",
             2_703_719,
         ),
+        (
+            "resnet_fast_deeper",
+            "ResBlock-32, ResBlock-64, ResBlock-128 (x3), ResBlock-256 (x2)",
+            2_999_143,
+        ),
     ],
 )
 def test_the_fast_nets_are_the_documented_ones(
