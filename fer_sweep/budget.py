@@ -1,13 +1,15 @@
 """trainer.time_budget_min: as many epochs as fit a wall-clock budget on the machine at hand.
 
 A 30-minute recipe written for one CPU overruns on a slower or busier one (the same training
-step ran 580-870 images/s within one hour on this project's shared 2-core host) and wastes a
+step ran 426-870 images/s within one night on this project's shared 2-core host) and wastes a
 fast one. Before training, a few steps of the run's own model, batch size and precision are
-timed on a throwaway copy; the plan is the number of epochs whose training, validation and final
-evaluation (with its test-time views) fit the rest of the budget with a margin. The run is then
-an ordinary ``trainer.epochs=N`` run (the planned N is logged as ``trainer.epochs_planned``; the
-same N without a budget reproduces it), and ``fit`` stops at the deadline, keeping the best
-weights, should the machine slow down after all.
+timed on a throwaway copy; the first plan is the number of epochs whose training, validation and
+final evaluation (with its test-time views) fit the rest of the budget with a margin. Ten steps
+sample the host at one moment, though, so after every epoch the ``Pacer`` plans again from the
+epochs the run has timed and the schedule is retargeted to the new count (``train.retarget``):
+the run uses the budget the machine actually gives, and its schedule still ends on time. The
+first plan is logged as ``trainer.epochs_planned``, every later one as the ``budget_epochs``
+metric; a run whose plan never changed is the same as ``trainer.epochs=N`` without a budget.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from fer_sweep import train
 from fer_sweep.config import Config
 from fer_sweep.data import Dataset
 from fer_sweep.errors import FerSweepError
+from fer_sweep.train import State
 
 SAFETY = 1.15  # epochs are planned this much slower than calibrated (host noise, validation)
 RESERVE_S = 30.0  # after the final evaluation: figures, the model's upload, process exit
 WARMUP_STEPS, TIMED_STEPS = 3, 10
+PACE_EPOCHS = 3  # the re-plans' pace: the last epochs' mean (the host's speed drifts in minutes)
+PACE_MARGIN = 1.03  # ... with this margin: epochs of a steady host differ by a few per cent
 
 
 @dataclass(frozen=True)
@@ -115,3 +120,19 @@ def plan(conf: Config, data: Dataset, speed: Speed, elapsed_s: float) -> Plan:
             "trainer.time_budget_min=null and choose trainer.epochs."
         )
     return Plan(epochs, epoch_s, final_s, speed)
+
+
+@dataclass(frozen=True)
+class Pacer:
+    """After every epoch, how many epochs the run should have in all: those done, and as many
+    more as fit before the deadline at the pace of its last few epochs (up to trainer.epochs).
+    A count no higher than the epochs done means no further epoch fits."""
+
+    deadline: float  # time.perf_counter() by which training ends (the final evaluation's
+    cap: int  # time is kept after it); cap: trainer.epochs, the most a plan may give
+
+    def __call__(self, state: State) -> int:
+        recent = state.history["epoch_seconds"][-PACE_EPOCHS:]
+        pace = PACE_MARGIN * sum(recent) / len(recent)
+        more = math.floor(max(0.0, self.deadline - time.perf_counter()) / pace)
+        return min(self.cap, state.epoch + 1 + more)

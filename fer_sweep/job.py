@@ -265,10 +265,11 @@ def _run_job(cfg: DictConfig) -> float:
     resume_id = resumable_run(client, exp_id, conf, cfg)
     resuming = resume_id is not None
     plan = None
+    cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     if conf.trainer.time_budget_min is not None and resuming:
-        # the interrupted process's plan, not a new one (no deadline: its clock is gone)
-        conf.trainer.epochs = int(client.get_run(resume_id).data.params["trainer.epochs_planned"])
-        log.info("resuming the planned %d epochs (no deadline)", conf.trainer.epochs)
+        # the interrupted process's latest plan, kept in its checkpoint (no deadline: its
+        # clock is gone, so the plan no longer changes)
+        log.info("resuming the epochs its time budget last planned (no deadline)")
     elif conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits"
         speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # is bad input
         plan = budget.plan(conf, data, speed, time.perf_counter() - started)
@@ -277,10 +278,20 @@ def _run_job(cfg: DictConfig) -> float:
 
     run_id = open_run(client, exp_id, conf, cfg, parent_id, overrides, resume_id)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
-    deadline = None
+    replan = None
     try:
         if plan is not None:
-            deadline = started + conf.trainer.time_budget_min * 60.0 - plan.final_s
+            pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
+
+            def replan(state: State) -> int:
+                planned = pacer(state)
+                tracking.log_metrics(client, run_id, {"budget_epochs": planned}, step=state.epoch)
+                if planned != state.epochs and planned > state.epoch + 1:
+                    log.info(
+                        "time budget: %d epochs planned now (%d done)", planned, state.epoch + 1
+                    )
+                return planned
+
             tracking.log_params(
                 client,
                 run_id,
@@ -310,7 +321,7 @@ def _run_job(cfg: DictConfig) -> float:
             resume=resuming,
             on_epoch=on_epoch,
             on_resume=on_resume,
-            deadline=deadline,
+            replan=replan,
         )
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")

@@ -124,6 +124,29 @@ def make_scheduler(
     return None
 
 
+def retarget(
+    sched: Any, opt: torch.optim.Optimizer, sc: SchedulerConfig, epochs: int, steps_per_epoch: int
+) -> Any:
+    """The schedule stretched or shrunk, from where it stands, to end after ``epochs`` epochs:
+    a time-budgeted run re-plans its length as it learns the machine's pace (budget.py), and
+    a schedule that ends early or late wastes the budget's last epochs."""
+    if isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
+        # last_epoch: the rebuilt schedule stands at the optimizer steps already taken
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=[g["max_lr"] for g in opt.param_groups],
+            total_steps=epochs * steps_per_epoch,
+            pct_start=sc.warmup,
+            div_factor=sc.div_factor,
+            final_div_factor=sc.final_div_factor,
+            cycle_momentum=False,
+            last_epoch=sched.last_epoch - 1,
+        )
+    if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+        sched.T_max = epochs  # its chained form continues from the current rate
+    return sched
+
+
 def per_step(sched: Any) -> bool:
     """Schedules that move the rate every optimizer step (one-cycle's warm-up and decay)."""
     return isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
@@ -244,6 +267,7 @@ class State:
     """Everything needed to continue a run exactly where its last completed epoch left it."""
 
     epoch: int = -1  # last completed epoch
+    epochs: int = 0  # the run's length: trainer.epochs, or its time budget's latest plan
     history: dict[str, list[float]] = field(
         default_factory=lambda: {
             k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
@@ -276,6 +300,7 @@ def save_checkpoint(
         state.best_changed = False
     blob = {
         "epoch": state.epoch,
+        "epochs": state.epochs,
         "history": state.history,
         "best_val_acc": state.best_val_acc,
         "best_epoch": state.best_epoch,
@@ -329,6 +354,7 @@ def load_checkpoint(
         torch.cuda.set_rng_state(blob["rng_device"], device)
     return State(
         epoch=blob["epoch"],
+        epochs=blob.get("epochs", 0),
         history=blob["history"],
         best_val_acc=blob["best_val_acc"],
         best_epoch=blob["best_epoch"],
@@ -431,7 +457,7 @@ STOP_REASONS = {
     "early_stopping": "trainer.early_stopping.patience epochs without a better validation loss",
     "min_lr": "the plateau scheduler is at its lowest learning rate and has had its patience",
     "time_budget": "another epoch would end after trainer.time_budget_min's deadline (the "
-    "machine ran slower than measured before training)",
+    "machine slowed down faster than the schedule could be shortened)",
 }
 
 
@@ -543,15 +569,16 @@ def fit(
     resume: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_resume: Callable[[State], None] | None = None,
-    deadline: float | None = None,
+    replan: Callable[[State], int] | None = None,
 ) -> Result:
     """Train conf.model on data.train, validating on data.val after every epoch.
 
     The best-validation weights are kept in the returned state; ``on_epoch(epoch, metrics)`` is
     called after each epoch and ``on_resume(state)`` once with the state restored from the
-    checkpoint (MLflow logging lives with the caller, not in the loop). ``deadline`` (a
-    ``time.perf_counter()`` value): no epoch starts that would, at the last epoch's pace, end
-    after it.
+    checkpoint (MLflow logging lives with the caller, not in the loop). ``replan(state)``
+    (a time budget's, budget.Pacer) returns after every epoch how many epochs the run should
+    have in all: the schedule is retargeted to a new count, and a count already reached
+    stops the run.
     """
     tc = conf.trainer
     device = pick_device(tc.device)
@@ -564,11 +591,13 @@ def fit(
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     val = (data.val.x.to(device), data.val.y.to(device))
     n, bs = len(y_train), tc.batch_size
-    sched = make_scheduler(opt, conf.scheduler, tc.epochs, steps_per_epoch=math.ceil(n / bs))
+    steps_per_epoch = math.ceil(n / bs)
+    sched = make_scheduler(opt, conf.scheduler, tc.epochs, steps_per_epoch)
 
-    state = State()
+    state = State(epochs=tc.epochs)
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, opt, sched, device)
+        state = load_checkpoint(checkpoint, model, opt, sched, device)  # its schedule, too
+        state.epochs = state.epochs or tc.epochs
         if on_resume is not None:
             on_resume(state)
 
@@ -576,9 +605,9 @@ def fit(
         use_cuda_kernels(tc.deterministic)
     started = saved_at = time.perf_counter()
     with deferred() as interrupted:  # a signal stops the loop between two steps
-        for epoch in range(state.epoch + 1, tc.epochs):
-            if state.stop_reason != "epochs":  # resumed after the run had decided to stop
-                break
+        # (a run resumed after it had decided to stop does not start another epoch)
+        while state.stop_reason == "epochs" and state.epoch + 1 < state.epochs:
+            epoch = state.epoch + 1
             t0 = time.perf_counter()
             loss_sum, correct = train_epoch(
                 step_model,
@@ -589,7 +618,7 @@ def fit(
                 bs,
                 precision,
                 channels_last,
-                desc=f"epoch {epoch + 1}/{tc.epochs}",
+                desc=f"epoch {epoch + 1}/{state.epochs}",
                 progress=tc.progress,
                 interrupted=interrupted,
                 sched=sched,
@@ -614,12 +643,14 @@ def fit(
             }
             record_epoch(state, epoch, metrics, model)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
-            late = (
-                deadline is not None and time.perf_counter() + metrics["epoch_seconds"] > deadline
-            )
-            if state.stop_reason == "epochs" and epoch + 1 < tc.epochs and late:
-                state.stop_reason = "time_budget"
-            last = state.stop_reason != "epochs" or epoch + 1 == tc.epochs
+            if replan is not None and state.stop_reason == "epochs":
+                planned = replan(state)
+                if planned <= epoch + 1 < state.epochs:  # no further epoch fits
+                    state.stop_reason = "time_budget"
+                elif planned > epoch + 1 and planned != state.epochs:
+                    sched = retarget(sched, opt, conf.scheduler, planned, steps_per_epoch)
+                    state.epochs = planned
+            last = state.stop_reason != "epochs" or epoch + 1 == state.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):
                 save_checkpoint(checkpoint, state, model, opt, sched, device)
@@ -628,7 +659,7 @@ def fit(
                 on_epoch(epoch, metrics)
             if tc.progress:
                 tqdm.write(
-                    f"epoch {epoch + 1}/{tc.epochs}  train_loss {train_loss:.4f}  "
+                    f"epoch {epoch + 1}/{state.epochs}  train_loss {train_loss:.4f}  "
                     f"train_acc {metrics['train_acc']:.4f}  val_loss {v['loss']:.4f}  "
                     f"val_acc {v['acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)"
                 )
@@ -636,7 +667,7 @@ def fit(
                 log.info(
                     "stopping after epoch %d of %d: %s",
                     epoch + 1,
-                    tc.epochs,
+                    state.epochs,
                     STOP_REASONS[state.stop_reason],
                 )
                 break

@@ -1,13 +1,16 @@
 """trainer.time_budget_min: the epochs planned from a measurement on this machine, the plan's
-arithmetic, its clear refusal, its record in MLflow, the deadline, and resuming a planned run."""
+arithmetic, its clear refusal, its record in MLflow, re-planning after every epoch (the
+schedule retargeted, the deadline kept), and resuming a planned run."""
 
 from __future__ import annotations
 
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from fer_sweep.config import Config, quiet_schema_warning
 from fer_sweep.data import load_dataset
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.signals import Interrupted
-from fer_sweep.train import fit
+from fer_sweep.train import State, fit, make_scheduler, retarget
 from tests.conftest import run_cli
 
 SMALL = ["model=cnn2", "transforms=norm", "trainer.batch_size=32", "trainer.progress=false"]
@@ -79,12 +82,69 @@ def test_measuring_leaves_the_random_state_alone(synthetic_root: Path) -> None:
     assert speed.train_ips > 0 and speed.eval_ips > 0 and speed.seconds > 0
 
 
-def test_fit_starts_no_epoch_that_would_end_after_the_deadline(synthetic_root: Path) -> None:
-    conf = _conf(synthetic_root, "trainer.epochs=5")
+def test_the_pacer_plans_the_epochs_that_fit_at_the_last_epochs_pace() -> None:
+    state = State(epoch=2, epochs=10)
+    state.history["epoch_seconds"] = [99.0, 10.0, 10.0, 10.0]  # the pace: the last three
+    now = time.perf_counter()
+    pace = budget.PACE_MARGIN * 10.0
+    assert budget.Pacer(now + 100.0, cap=60)(state) == 3 + math.floor(100.0 / pace)
+    assert budget.Pacer(now + 100.0, cap=8)(state) == 8  # never more than trainer.epochs
+    state.history["epoch_seconds"][-1] = 40.0  # the host slowed down: fewer epochs fit
+    assert budget.Pacer(now + 100.0, cap=60)(state) == 3 + math.floor(100.0 / (pace * 2))
+    assert budget.Pacer(now - 1.0, cap=60)(state) == 3  # past the deadline: nothing more
+
+
+def _lrs(sched: Any, opt: torch.optim.Optimizer, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine"])
+def test_a_retargeted_schedule_ends_where_the_new_length_ends(name: str) -> None:
+    """Stretched from 10 to 13 epochs after 3: the one-cycle rates from then on are a fresh
+    13-epoch schedule's, and both schedules end at their lowest rate after the new length."""
+    conf = compose_config([f"scheduler={name}"])
+    per_epoch = 1 if name == "cosine" else 4
+
+    def fresh(epochs: int) -> tuple[Any, torch.optim.Optimizer]:
+        opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        return make_scheduler(opt, conf.scheduler, epochs, per_epoch), opt
+
+    sched, opt = fresh(10)
+    _lrs(sched, opt, 3 * per_epoch)
+    sched = retarget(sched, opt, conf.scheduler, 13, per_epoch)
+    rest = _lrs(sched, opt, 10 * per_epoch)
+    ref, ref_opt = fresh(13)
+    whole = _lrs(ref, ref_opt, 13 * per_epoch)
+    if name == "onecycle":
+        assert rest == pytest.approx(whole[3 * per_epoch :], rel=1e-9)
+    else:  # cosine's chained form bends the rest of its curve, falling all the way
+        assert all(a > b for a, b in zip(rest, rest[1:], strict=False))
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], abs=1e-9)
+    assert opt.param_groups[0]["lr"] < whole[0] / 10  # the lowest rate, reached on time
+
+
+def test_fit_follows_the_plan_and_stops_when_no_epoch_fits(synthetic_root: Path) -> None:
+    conf = _conf(synthetic_root, "trainer.epochs=5", "scheduler=onecycle")
     data = load_dataset(conf.data).sealed()
-    result = fit(conf, data, deadline=time.perf_counter())  # already due: one epoch, then stop
+    seen: list[int] = []
+
+    def plans(*counts: int) -> Callable[[State], int]:
+        it = iter(counts)
+        return lambda state: seen.append(state.epoch) or next(it)
+
+    result = fit(conf, data, replan=plans(1))  # already due after the first epoch
     assert result.state.stop_reason == "time_budget" and result.state.epoch == 0
-    assert fit(conf, data, deadline=time.perf_counter() + 3600).state.epoch == 4
+    longer = fit(conf, data, replan=plans(7, 7, 7, 7, 7, 7, 7))  # a quicker host: more epochs
+    assert longer.state.epoch == 6 and longer.state.stop_reason == "epochs"
+    shorter = fit(conf, data, replan=plans(3, 3, 3)).state  # a slower one: fewer, annealed
+    assert shorter.epoch == 2 and shorter.stop_reason == "epochs"
+    assert shorter.history["lr"][-1] < shorter.history["lr"][0] / 10
+    assert seen == [0, *range(7), *range(3)]  # asked after every epoch
 
 
 def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
@@ -114,6 +174,8 @@ def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
     assert a.data.params["trainer.epochs_planned"] == "3"
     assert float(a.data.params["budget.train_ips"]) > 0
     assert "trainer.epochs_planned" not in b.data.params
+    replans = client.get_metric_history(a.info.run_id, "budget_epochs")
+    assert [m.value for m in replans] == [3.0] * 3  # re-planned after every epoch, capped
     for key in ("stopped_epoch", "best_val_acc", "test_acc", "final_train_loss"):
         assert a.data.metrics[key] == b.data.metrics[key], key
 
@@ -135,14 +197,16 @@ def test_too_small_a_budget_stops_before_the_run_exists(
 def test_a_resumed_run_keeps_its_plan(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An interrupted budgeted run continues the epochs it planned, whatever a new measurement
-    would plan now, and does not spend time measuring the machine again."""
+    """An interrupted budgeted run continues the epochs it last planned (the first process
+    measured 4 and re-planned 6 after its first epoch), whatever a new measurement would plan
+    now, and does not spend time measuring the machine again."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         "data=synthetic",
         f"data.root='{synthetic_root}'",
         *SMALL,
         "trainer.epochs=50",
+        "scheduler=onecycle",
         "trainer.time_budget_min=30",
         "trainer.checkpoint_every_s=0",
         f"trainer.checkpoint_dir='{tmp_path / 'ckpt'}'",
@@ -158,6 +222,7 @@ def test_a_resumed_run_keeps_its_plan(
         return budget.Plan(next(plans), p.epoch_s, p.final_s, p.speed)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
+    monkeypatch.setattr(budget, "Pacer", lambda deadline, cap: lambda state: 6)
     measured: list[int] = []
     real_measure = budget.measure
 
@@ -189,6 +254,13 @@ def test_a_resumed_run_keeps_its_plan(
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fer_sweep").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["trainer.epochs_planned"] == "4"
-    assert run.data.metrics["stopped_epoch"] == 4
+    assert run.data.metrics["stopped_epoch"] == 6
+    replans = client.get_metric_history(run.info.run_id, "budget_epochs")
+    assert sorted((m.step, m.value) for m in replans) == [(0, 6.0), (1, 6.0)]
+    lrs = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+    ]
+    assert len(lrs) == 6 and lrs[-1] < min(lrs[:-1])  # the 6-epoch schedule, annealed on time
     assert len(measured) == 1  # the resumed process knew it resumes before measuring anything
     assert math.isfinite(run.data.metrics["test_acc"])
