@@ -268,7 +268,10 @@ def _run_job(cfg: DictConfig) -> float:
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     if conf.trainer.time_budget_min is not None and resuming:
         # the interrupted process's latest plan, kept in its checkpoint (no deadline: its
-        # clock is gone, so the plan no longer changes)
+        # clock is gone, so the plan no longer changes); its first plan for a checkpoint
+        # written before plans were kept there
+        params = client.get_run(resume_id).data.params
+        conf.trainer.epochs = int(params.get("trainer.epochs_planned", cap))
         log.info("resuming the epochs its time budget last planned (no deadline)")
     elif conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits"
         speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # is bad input

@@ -194,12 +194,14 @@ def test_too_small_a_budget_stops_before_the_run_exists(
     assert exp is None or not client.search_runs([exp.experiment_id])
 
 
+@pytest.mark.parametrize("old_checkpoint", [False, True])
 def test_a_resumed_run_keeps_its_plan(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, old_checkpoint: bool
 ) -> None:
     """An interrupted budgeted run continues the epochs it last planned (the first process
     measured 4 and re-planned 6 after its first epoch), whatever a new measurement would plan
-    now, and does not spend time measuring the machine again."""
+    now, and does not spend time measuring the machine again. A checkpoint written before
+    plans were kept in it (its run never re-planned) continues its first plan."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         "data=synthetic",
@@ -222,7 +224,8 @@ def test_a_resumed_run_keeps_its_plan(
         return budget.Plan(next(plans), p.epoch_s, p.final_s, p.speed)
 
     monkeypatch.setattr(budget, "plan", fake_plan)
-    monkeypatch.setattr(budget, "Pacer", lambda deadline, cap: lambda state: 6)
+    final = 4 if old_checkpoint else 6
+    monkeypatch.setattr(budget, "Pacer", lambda deadline, cap: lambda state: final)
     measured: list[int] = []
     real_measure = budget.measure
 
@@ -250,17 +253,22 @@ def test_a_resumed_run_keeps_its_plan(
     with pytest.raises(Interrupted):
         job.run_job(first)
     monkeypatch.setattr(job, "fit", real_fit)
+    if old_checkpoint:
+        (ckpt,) = [p for p in (tmp_path / "ckpt").glob("*.pt") if ".best" not in p.suffixes]
+        blob = torch.load(ckpt, weights_only=True)
+        del blob["epochs"]
+        torch.save(blob, ckpt)
     job.run_job(again)
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("fer_sweep").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["trainer.epochs_planned"] == "4"
-    assert run.data.metrics["stopped_epoch"] == 6
+    assert run.data.metrics["stopped_epoch"] == final
     replans = client.get_metric_history(run.info.run_id, "budget_epochs")
-    assert sorted((m.step, m.value) for m in replans) == [(0, 6.0), (1, 6.0)]
+    assert sorted((m.step, m.value) for m in replans) == [(0, final), (1, final)]
     lrs = [
         m.value
         for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
     ]
-    assert len(lrs) == 6 and lrs[-1] < min(lrs[:-1])  # the 6-epoch schedule, annealed on time
+    assert len(lrs) == final and lrs[-1] < min(lrs[:-1])  # its schedule, annealed on time
     assert len(measured) == 1  # the resumed process knew it resumes before measuring anything
     assert math.isfinite(run.data.metrics["test_acc"])
