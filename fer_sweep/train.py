@@ -106,15 +106,7 @@ def make_scheduler(
     """The configured schedule: plateau and cosine step once per epoch, onecycle once per
     optimizer step (``steps_per_epoch`` of them per epoch; ``per_step`` tells which)."""
     if sc.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=[g["lr"] for g in opt.param_groups],
-            total_steps=epochs * steps_per_epoch,
-            pct_start=sc.warmup,
-            div_factor=sc.div_factor,
-            final_div_factor=sc.final_div_factor,
-            cycle_momentum=False,
-        )
+        return one_cycle(opt, sc, epochs * steps_per_epoch, [g["lr"] for g in opt.param_groups])
     if sc.name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=sc.factor, patience=sc.patience, min_lr=sc.min_lr
@@ -122,6 +114,26 @@ def make_scheduler(
     if sc.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=sc.min_lr)
     return None
+
+
+def one_cycle(
+    opt: torch.optim.Optimizer,
+    sc: SchedulerConfig,
+    total_steps: int,
+    max_lr: list[float],
+    last_epoch: int = -1,
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """scheduler=onecycle over ``total_steps`` optimizer steps (momentum left alone)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=sc.warmup,
+        div_factor=sc.div_factor,
+        final_div_factor=sc.final_div_factor,
+        cycle_momentum=False,
+        last_epoch=last_epoch,
+    )
 
 
 def retarget(
@@ -132,16 +144,8 @@ def retarget(
     a schedule that ends early or late wastes the budget's last epochs."""
     if isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
         # last_epoch: the rebuilt schedule stands at the optimizer steps already taken
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=[g["max_lr"] for g in opt.param_groups],
-            total_steps=epochs * steps_per_epoch,
-            pct_start=sc.warmup,
-            div_factor=sc.div_factor,
-            final_div_factor=sc.final_div_factor,
-            cycle_momentum=False,
-            last_epoch=sched.last_epoch - 1,
-        )
+        max_lr = [g["max_lr"] for g in opt.param_groups]
+        return one_cycle(opt, sc, epochs * steps_per_epoch, max_lr, sched.last_epoch - 1)
     if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
         sched.T_max = epochs  # its chained form continues from the current rate
     return sched
