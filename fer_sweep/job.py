@@ -289,10 +289,6 @@ def _run_job(cfg: DictConfig) -> float:
             def replan(state: State) -> int:
                 planned = pacer(state)
                 tracking.log_metrics(client, run_id, {"budget_epochs": planned}, step=state.epoch)
-                if planned != state.epochs and planned > state.epoch + 1:
-                    log.info(
-                        "time budget: %d epochs planned now (%d done)", planned, state.epoch + 1
-                    )
                 return planned
 
             tracking.log_params(

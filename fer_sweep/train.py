@@ -654,6 +654,7 @@ def fit(
                 elif planned > epoch + 1 and planned != state.epochs:
                     sched = retarget(sched, opt, conf.scheduler, planned, steps_per_epoch)
                     state.epochs = planned
+                    log.info("time budget: %d epochs planned now (%d done)", planned, epoch + 1)
             last = state.stop_reason != "epochs" or epoch + 1 == state.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):
