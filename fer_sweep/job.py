@@ -84,12 +84,12 @@ def hydra_job() -> tuple[bool, Path | None, int, list[str]]:
     )
 
 
-def resumable_run(client: MlflowClient, exp_id: str, conf: Config, cfg: DictConfig) -> str | None:
+def resumable_run(client: MlflowClient, exp_id: str, conf: Config, key: str) -> str | None:
     """The interrupted run that trainer.resume names (auto: this config's newest one that left a
-    checkpoint), checked against its checkpoint and settings; None: a new run. Changes nothing,
-    so a job knows before it measures or creates anything whether it continues a run."""
+    checkpoint), checked against its checkpoint and settings (``key``: the job's config_hash);
+    None: a new run. Changes nothing, so a job knows before it measures or creates anything
+    whether it continues a run."""
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
-    key = config_hash(cfg)
     resume = conf.trainer.resume
     if resume == "auto":
         runs = tracking.newest_runs(
@@ -130,6 +130,7 @@ def open_run(
     exp_id: str,
     conf: Config,
     cfg: DictConfig,
+    key: str,
     parent_id: str | None,
     overrides: list[str],
     resume: str | None,
@@ -142,7 +143,6 @@ def open_run(
         log.info("resuming MLflow run %s from %s", resume, ckpt)
         return resume
 
-    key = config_hash(cfg)
     synthetic = conf.data.synthetic
     name = conf.mlflow.run_name or f"{conf.model.name}-{conf.transforms.name}"
     tags = {
@@ -181,15 +181,14 @@ def open_run(
 
 
 def earlier_runs(
-    client: MlflowClient, exp_id: str, parent_id: str, cfg: DictConfig, ckpt_dir: Path
+    client: MlflowClient, exp_id: str, parent_id: str, key: str, ckpt_dir: Path
 ) -> tuple[str | None, str | None]:
     """In a resumed sweep, this job's earlier runs under the parent: (its FINISHED run, its
     newest interrupted run that left a checkpoint), each None when there is none."""
     runs = tracking.newest_runs(
         client,
         exp_id,
-        f"tags.mlflow.parentRunId = '{parent_id}' and "
-        f"tags.`fer_sweep.config_hash` = '{config_hash(cfg)}'",
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fer_sweep.config_hash` = '{key}'",
         limit=100,
     )
     finished = next((r.info.run_id for r in runs if r.info.status == "FINISHED"), None)
@@ -211,6 +210,7 @@ def run_job(cfg: DictConfig) -> float:
 def _run_job(cfg: DictConfig) -> float:
     started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
+    key = config_hash(cfg)  # "the same run" for trainer.resume and sweep.resume
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
     device = pick_device(conf.trainer.device)  # a GPU that is not there: named before any data
@@ -241,7 +241,7 @@ def _run_job(cfg: DictConfig) -> float:
         exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
     if parent_id and parent.get("resumed"):  # sweep.resume: this job may be done already
         ckpt_dir = Path(conf.trainer.checkpoint_dir)
-        done, interrupted = earlier_runs(client, exp_id, parent_id, cfg, ckpt_dir)
+        done, interrupted = earlier_runs(client, exp_id, parent_id, key, ckpt_dir)
         if done is not None:
             log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
             return float(client.get_run(done).data.metrics.get("best_val_acc", math.nan))
@@ -262,7 +262,7 @@ def _run_job(cfg: DictConfig) -> float:
 
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
-    resume_id = resumable_run(client, exp_id, conf, cfg)
+    resume_id = resumable_run(client, exp_id, conf, key)
     resuming = resume_id is not None
     plan = None
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
@@ -279,7 +279,7 @@ def _run_job(cfg: DictConfig) -> float:
         log.info(plan.describe(conf.trainer.time_budget_min))
         conf.trainer.epochs = plan.epochs
 
-    run_id = open_run(client, exp_id, conf, cfg, parent_id, overrides, resume_id)
+    run_id = open_run(client, exp_id, conf, cfg, key, parent_id, overrides, resume_id)
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
     replan = None
     try:
