@@ -241,6 +241,17 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
     )
 
 
+def stop_interrupted_sweep(sweep_dir: str | os.PathLike[str]) -> None:
+    """SweepGuard's action in the process that launched the sweep: ``interrupted_sweep``, and
+    if the parent is still open after it (the store failed while marking it KILLED, or the
+    signal came before the parent file was written), the at-exit FAILED marking at once: the
+    guard ends the process with ``os._exit``, which runs no at-exit handler."""
+    try:
+        interrupted_sweep(sweep_dir)
+    finally:
+        _fail_unclosed_parents()
+
+
 def _kill_orphaned_jobs(uri: str, parent_id: str) -> None:
     """Mark KILLED the sweep's job runs still RUNNING whose process, on this machine, is gone
     (a worker ended before it could mark its run). Jobs on other machines (a cluster's) are left
@@ -305,7 +316,7 @@ class MultirunParentCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # From here on a signal between jobs (or while workers run them) ends the sweep cleanly.
-        self.guard = SweepGuard(lambda signum: interrupted_sweep(sweep_dir))  # here: no signum
+        self.guard = SweepGuard(lambda signum: stop_interrupted_sweep(sweep_dir))
         self.guard.install()
         overrides = list(config.hydra.overrides.task)
         name = str(config.hydra.get("job", {}).get("name", "sweep"))

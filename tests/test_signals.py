@@ -4,18 +4,21 @@ for a moment of its life that the store or the log shows, and sends the signal t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fer_sweep import signals
+from fer_sweep import signals, tracking
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -263,3 +266,58 @@ def test_the_sweep_guard_exits_143_wherever_the_signal_lands(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "parent marked 15" in err and "AttributeError" not in err
+
+
+def _open_sweep_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MlflowClient, str]:
+    """A sweep's parent run as on_multirun_start leaves it: RUNNING in a real store, named in
+    the sweep dir's parent file and in the launcher's list of open parents."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("fer_sweep")
+    parent = client.create_run(exp_id).info.run_id
+    info = {
+        "tracking_uri": uri,
+        "experiment": "fer_sweep",
+        "experiment_id": exp_id,
+        "parent_run_id": parent,
+        "launcher_pid": os.getpid(),
+        "launcher_host": socket.gethostname(),
+    }
+    (tmp_path / tracking.PARENT_FILE).write_text(json.dumps(info))
+    monkeypatch.setitem(tracking._open_parents, parent, uri)
+    return client, parent
+
+
+def test_a_parent_the_guard_could_not_mark_killed_is_marked_failed_before_it_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard ends the process with os._exit, which skips the at-exit FAILED marking: when
+    marking the parent KILLED fails (a store hiccup), the guard's action marks it FAILED itself,
+    so no sweep is left RUNNING."""
+    client, parent = _open_sweep_parent(tmp_path, monkeypatch)
+    real_close, calls = tracking.close_parent, []
+
+    def flaky_close(*args: Any, **kwargs: Any) -> None:
+        calls.append(args[2])
+        if len(calls) == 1:
+            raise ConnectionError("store unreachable")
+        real_close(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "close_parent", flaky_close)
+    with pytest.raises(ConnectionError):
+        tracking.stop_interrupted_sweep(tmp_path)
+    run = client.get_run(parent)
+    assert calls == ["KILLED", "FAILED"]
+    assert run.info.status == "FAILED"
+    assert "stopped before its end" in run.data.tags["fer_sweep.error"]
+    assert parent not in tracking._open_parents
+
+
+def test_the_guard_marks_a_parent_killed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual case: marked KILLED, and the fallback finds nothing left to mark."""
+    client, parent = _open_sweep_parent(tmp_path, monkeypatch)
+    tracking.stop_interrupted_sweep(tmp_path)
+    assert client.get_run(parent).info.status == "KILLED"
+    assert parent not in tracking._open_parents
