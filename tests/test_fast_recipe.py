@@ -91,8 +91,8 @@ def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
         "onecycle",
     )
     assert conf.trainer.epochs == 60 and conf.trainer.time_budget_min == 29
-    assert conf.trainer.batch_size == 256
-    assert conf.optimizer.lr == 0.2 and conf.data.val_fraction == 0.1
+    assert conf.trainer.batch_size == 512
+    assert conf.optimizer.lr == 0.4 and conf.data.val_fraction == 0.1
     assert conf.trainer.label_smoothing == 0.1
     assert (conf.eval.tta, conf.eval.tta_shift) == ("flip_x_shift", 3)
 
