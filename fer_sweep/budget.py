@@ -108,7 +108,9 @@ def plan(conf: Config, data: Dataset, speed: Speed, elapsed_s: float) -> Plan:
     epoch_s = SAFETY * (n_train / speed.train_ips + n_val / speed.eval_ips)
     # the best and the last weights on the test split, then the TTA views of val and test
     views = tta_view_count(conf.eval.tta) if conf.eval.tta != "none" else 0
-    final_s = (2 * n_test + views * (n_val + n_test)) / speed.eval_ips + RESERVE_S
+    # (and the un-averaged weights on val, with trainer.ema_decay)
+    raw = n_val if tc.ema_decay else 0
+    final_s = (2 * n_test + views * (n_val + n_test) + raw) / speed.eval_ips + RESERVE_S
     left = tc.time_budget_min * 60.0 - elapsed_s - final_s
     epochs = min(tc.epochs, math.floor(left / epoch_s)) if left > 0 else 0
     if epochs < 1:

@@ -251,6 +251,9 @@ class TrainerConfig:
     epochs: int = 100  # the study's recipe: 100 epochs, batch 100, cross-entropy
     batch_size: int = 100
     label_smoothing: float = 0.0  # cross-entropy against (1 - e) one-hot + e uniform targets
+    # weight averaging: validate, keep and log an exponential moving average of the weights (and
+    # batch-norm statistics), updated after every optimizer step with this decay; 0 = off
+    ema_decay: float = 0.0
     eval_batch_size: int = 1000  # evaluation runs without autograd, in large batches
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0
@@ -287,6 +290,11 @@ class TrainerConfig:
         _require(
             0.0 <= self.label_smoothing < 1.0,
             f"trainer.label_smoothing={self.label_smoothing} must lie in [0, 1) (0: off).",
+        )
+        _require(
+            0.0 <= self.ema_decay < 1.0,
+            f"trainer.ema_decay={self.ema_decay} must lie in [0, 1) (0: off; 0.99 averages "
+            "about the last 100 optimizer steps).",
         )
         _require(
             self.eval_batch_size > 0,

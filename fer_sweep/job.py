@@ -435,6 +435,18 @@ def log_results(
             mask = usage == code
             if mask.any():
                 metrics[f"test_acc_{name}"] = (pred[mask] == y[mask]).float().mean().item()
+    if result.raw_model is not None:
+        # the weight average's gain, measured on validation: its last epoch's val_acc beside
+        # the un-averaged last weights'
+        metrics["val_acc_raw"] = evaluate(
+            result.raw_model,
+            data.val,
+            result.tfm,
+            tc.eval_batch_size,
+            dev,
+            result.precision,
+            result.channels_last,
+        )["acc"]
     if conf.eval.tta != "none":
         # on the validation split too: whether test-time augmentation pays is decided there
         metrics["val_acc_tta"] = test(conf.eval.tta, data.val)["acc"]

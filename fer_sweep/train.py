@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from fer_sweep.augment import BatchTransform, make_transform
@@ -154,6 +155,16 @@ def retarget(
 def per_step(sched: Any) -> bool:
     """Schedules that move the rate every optimizer step (one-cycle's warm-up and decay)."""
     return isinstance(sched, torch.optim.lr_scheduler.OneCycleLR)
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """trainer.ema_decay: an exponential moving average of ``model``'s weights and batch-norm
+    statistics (use_buffers), to update after every optimizer step; None when the decay is 0.
+    Its copy (``.module``) is what the run validates, keeps and logs: averaging the last
+    ~1/(1 - decay) steps smooths the noise SGD leaves in the final weights."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -294,6 +305,7 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
     sched: Any,
     device: torch.device,
+    ema: AveragedModel | None = None,
 ) -> None:
     """Atomic: write a temporary file beside the target, then rename over it. The best weights
     go to their own file (``best_path``), rewritten only when they changed since the last
@@ -315,6 +327,7 @@ def save_checkpoint(
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
         "rng_cpu": torch.get_rng_state(),
         # The training device's generator only: a list of every visible GPU's would not fit a
         # resume that sees another number of GPUs, and a CPU job must not initialise CUDA.
@@ -335,9 +348,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, device: torch.device
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    device: torch.device,
+    ema: AveragedModel | None = None,
 ) -> State:
-    """Restore model, optimizer, scheduler and RNG states; weights_only (no arbitrary pickles)."""
+    """Restore model, optimizer, scheduler, weight-average and RNG states; weights_only (no
+    arbitrary pickles)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         best = best_path(path)
@@ -349,7 +368,14 @@ def load_checkpoint(
             f"checkpoint {path} cannot be read ({err}); delete it and start the "
             "run afresh (trainer.resume=null)."
         ) from None
+    if ema is not None and blob.get("ema") is None:
+        raise FerSweepError(
+            f"checkpoint {path} holds no weight average but trainer.ema_decay asks for one; "
+            "resume with the run's own settings, or start it afresh (trainer.resume=null)."
+        )
     model.load_state_dict(blob["model"])
+    if ema is not None:
+        ema.load_state_dict(blob["ema"])
     opt.load_state_dict(blob["optimizer"])
     if sched is not None and blob["scheduler"] is not None:
         sched.load_state_dict(blob["scheduler"])
@@ -407,12 +433,14 @@ def train_epoch(
     max_steps: int | None = None,
     sched: Any = None,
     label_smoothing: float = 0.0,
+    ema: AveragedModel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over (x, y) on their device in a random order: gather, augment, step.
 
     Returns the summed loss and the number of correct predictions as device tensors (read them
     once, after the epoch). ``max_steps`` cuts the epoch short (the benchmark uses it); a
-    ``per_step`` scheduler steps after every optimizer step.
+    ``per_step`` scheduler steps after every optimizer step, and the weight average ``ema``
+    takes in every new weight.
     """
     device = x.device
     model.train()
@@ -444,6 +472,8 @@ def train_epoch(
         loss, logits = train_step(model, opt, xb, yb, precision, label_smoothing)
         if step_sched is not None:
             step_sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss * len(idx)
         correct += (logits.argmax(1) == yb).sum()
         if step % CHECK_EVERY == CHECK_EVERY - 1 and not torch.isfinite(loss_sum):
@@ -519,7 +549,7 @@ def record_epoch(state: State, epoch: int, metrics: dict[str, float], model: nn.
 
 @dataclass
 class Result:
-    model: nn.Module
+    model: nn.Module  # the weights validated and kept: the weight average's, where there is one
     state: State
     device: torch.device
     channels_last: bool
@@ -527,6 +557,7 @@ class Result:
     tfm: BatchTransform
     n_params: int
     train_seconds: float
+    raw_model: nn.Module | None = None  # with trainer.ema_decay: the un-averaged last weights
 
 
 def build(
@@ -590,6 +621,8 @@ def fit(
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tfm = make_transform(conf.transforms, data.mean, data.std)
     precision = resolve_precision(tc.amp, device)
+    ema = weight_average(model, tc.ema_decay)
+    kept = model if ema is None else ema.module  # the weights validated, kept and logged
 
     # The whole training and validation sets live on the device.
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
@@ -600,7 +633,7 @@ def fit(
 
     state = State(epochs=tc.epochs)
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, opt, sched, device)  # its schedule, too
+        state = load_checkpoint(checkpoint, model, opt, sched, device, ema)  # its schedule, too
         state.epochs = state.epochs or tc.epochs
         if on_resume is not None:
             on_resume(state)
@@ -627,6 +660,7 @@ def fit(
                 interrupted=interrupted,
                 sched=sched,
                 label_smoothing=tc.label_smoothing,
+                ema=ema,
             )
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):
@@ -634,7 +668,7 @@ def fit(
                     f"the training loss became {train_loss} at epoch {epoch + 1}: "
                     f"lower optimizer.lr (now {conf.optimizer.lr}) or check the data."
                 )
-            v = evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
+            v = evaluate(kept, val, tfm, tc.eval_batch_size, device, precision, channels_last)
             lr = opt.param_groups[0]["lr"]
             step_scheduler(sched, v["loss"])
             metrics = {
@@ -645,7 +679,7 @@ def fit(
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
             }
-            record_epoch(state, epoch, metrics, model)
+            record_epoch(state, epoch, metrics, kept)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if replan is not None and state.stop_reason == "epochs":
                 planned = replan(state)
@@ -658,7 +692,7 @@ def fit(
             last = state.stop_reason != "epochs" or epoch + 1 == state.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):
-                save_checkpoint(checkpoint, state, model, opt, sched, device)
+                save_checkpoint(checkpoint, state, model, opt, sched, device, ema)
                 saved_at = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
@@ -677,7 +711,7 @@ def fit(
                 )
                 break
     return Result(
-        model=model,
+        model=kept,
         state=state,
         device=device,
         channels_last=channels_last,
@@ -685,4 +719,5 @@ def fit(
         tfm=tfm,
         n_params=n_params,
         train_seconds=time.perf_counter() - started,
+        raw_model=None if ema is None else model,
     )

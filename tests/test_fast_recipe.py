@@ -1,5 +1,5 @@
 """experiment=fast and the generic pieces it is made of: the stride-2 stem, label smoothing, the
-per-step one-cycle schedule, batched random erasing, and the sealed test split."""
+per-step one-cycle schedule, weight averaging, batched random erasing, and the sealed test split."""
 
 from __future__ import annotations
 
@@ -18,9 +18,17 @@ from fer_sweep.augment import BatchTransform, make_transform, random_crop, rando
 from fer_sweep.bench import CONF_DIR, compose_config
 from fer_sweep.config import Config, quiet_schema_warning
 from fer_sweep.data import DataError, SealedSplit, load_dataset
-from fer_sweep.errors import ConfigError
+from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
-from fer_sweep.train import fit, make_scheduler, per_step, train_step, tta_views
+from fer_sweep.train import (
+    fit,
+    make_scheduler,
+    per_step,
+    train_epoch,
+    train_step,
+    tta_views,
+    weight_average,
+)
 from tests.conftest import run_cli
 
 
@@ -150,6 +158,99 @@ def test_label_smoothing_reaches_the_loss() -> None:
 def test_label_smoothing_out_of_range_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"trainer.label_smoothing=1.0 must lie in \[0, 1\)"):
         _conf(tmp_path, "trainer.label_smoothing=1.0")
+
+
+# --------------------------------------------------------------------------- weight averaging
+
+
+class _Recording(torch.optim.SGD):
+    """SGD that keeps a copy of the weights and batch-norm statistics after every step."""
+
+    def __init__(self, net: torch.nn.Module, lr: float) -> None:
+        super().__init__(net.parameters(), lr=lr, momentum=0.9)
+        self.net, self.seen = net, []
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+        out = super().step(closure)
+        tensors = [*self.net.parameters(), *self.net.buffers()]
+        self.seen.append([t.detach().clone() for t in tensors if t.is_floating_point()])
+        return out
+
+
+def test_weight_average_takes_in_every_optimizer_step() -> None:
+    torch.manual_seed(0)
+    net = resnet(stem_channels=4, stages=[{"channels": 4, "blocks": 1}], pool_size=1, hidden=[])
+    x, y = torch.randint(0, 256, (40, 1, 48, 48), dtype=torch.uint8), torch.randint(0, 7, (40,))
+    opt, ema = _Recording(net, lr=0.5), weight_average(net, 0.8)
+    assert weight_average(net, 0.0) is None
+    train_epoch(net, opt, x, y, make_transform(None, 128.0, 64.0), 8, ema=ema)
+    assert len(opt.seen) == 5
+    expected = opt.seen[0]  # the first step's weights, then 0.8 * average + 0.2 * new
+    for weights in opt.seen[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights, strict=True)]
+    averaged = [
+        t for t in (*ema.module.parameters(), *ema.module.buffers()) if t.is_floating_point()
+    ]
+    for got, want in zip(averaged, expected, strict=True):
+        torch.testing.assert_close(got, want)  # parameters and running means and variances
+    assert not torch.equal(averaged[0], opt.seen[-1][0])  # not simply the last weights
+
+
+def test_weight_average_is_what_the_run_keeps_and_leaves_training_alone(
+    synthetic_root: Path,
+) -> None:
+    base = ("trainer.epochs=1", "trainer.batch_size=32", "trainer.amp=fp32")
+    data = load_dataset(_conf(synthetic_root, *base).data)
+    plain = fit(_conf(synthetic_root, *base), data)
+    avg = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0.9"), data)
+    assert plain.raw_model is None and avg.raw_model is not None
+    # the same training: the average draws no random numbers and touches no weight
+    assert avg.state.history["train_loss"] == plain.state.history["train_loss"]
+    raw, averaged = avg.raw_model.state_dict(), avg.model.state_dict()
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(raw[k], v)
+    # validated, kept and returned: the average
+    assert avg.state.history["val_loss"] != plain.state.history["val_loss"]
+    assert avg.state.best_weights is not None
+    for k, v in avg.state.best_weights.items():
+        assert torch.equal(v, averaged[k])
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+
+
+def test_weight_average_resumes_exactly(synthetic_root: Path, tmp_path: Path) -> None:
+    base = ("trainer.epochs=3", "trainer.batch_size=32", "trainer.checkpoint_every_s=0")
+    conf = _conf(synthetic_root, *base, "trainer.ema_decay=0.9")
+    data = load_dataset(conf.data)
+    straight = fit(conf, data)
+
+    class Cut(Exception):
+        pass
+
+    def cut_after_epoch_two(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 1:
+            raise Cut
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Cut):
+        fit(conf, data, checkpoint=ckpt, on_epoch=cut_after_epoch_two)
+    resumed = fit(conf, data, checkpoint=ckpt, resume=True)
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):  # all but the seconds
+        assert resumed.state.history[key] == straight.state.history[key]
+    for a, b in zip(
+        resumed.model.state_dict().values(), straight.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    # a checkpoint written without an average cannot continue as a run with one
+    plain = tmp_path / "plain.pt"
+    with pytest.raises(Cut):
+        fit(_conf(synthetic_root, *base), data, checkpoint=plain, on_epoch=cut_after_epoch_two)
+    with pytest.raises(FerSweepError, match="holds no weight average"):
+        fit(conf, data, checkpoint=plain, resume=True)
+
+
+def test_ema_decay_out_of_range_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.ema_decay=1.0 must lie in \[0, 1\)"):
+        _conf(tmp_path, "trainer.ema_decay=1.0")
 
 
 # --------------------------------------------------------------------------- one-cycle
@@ -297,6 +398,7 @@ def test_a_job_trains_on_sealed_data_and_tests_after(
                 f"data.root='{synthetic_root}'",
                 "trainer.epochs=1",
                 "trainer.progress=false",
+                "trainer.ema_decay=0.5",
                 f"trainer.checkpoint_dir='{tmp_path / 'ckpt'}'",
                 f"mlflow.tracking_uri={uri}",
                 "mlflow.figures=false",
@@ -309,7 +411,7 @@ def test_a_job_trains_on_sealed_data_and_tests_after(
         [MlflowClient(uri).get_experiment_by_name("fer_sweep").experiment_id]
     )
     assert run.info.status == "FINISHED"
-    for key in ("test_acc", "test_acc_tta", "val_acc_tta", "best_val_acc"):
+    for key in ("test_acc", "test_acc_tta", "val_acc_tta", "best_val_acc", "val_acc_raw"):
         assert math.isfinite(run.data.metrics[key])
 
 
