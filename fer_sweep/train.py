@@ -434,13 +434,15 @@ def train_epoch(
     sched: Any = None,
     label_smoothing: float = 0.0,
     ema: AveragedModel | None = None,
+    eager: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over (x, y) on their device in a random order: gather, augment, step.
 
     Returns the summed loss and the number of correct predictions as device tensors (read them
     once, after the epoch). ``max_steps`` cuts the epoch short (the benchmark uses it); a
     ``per_step`` scheduler steps after every optimizer step, and the weight average ``ema``
-    takes in every new weight.
+    takes in every new weight. ``eager``, the uncompiled module of a compiled ``model``, takes
+    an epoch's shorter last batch: compiled, it would cost a second, dynamic-shape graph.
     """
     device = x.device
     model.train()
@@ -469,7 +471,8 @@ def train_epoch(
         yb = y.index_select(0, idx)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        loss, logits = train_step(model, opt, xb, yb, precision, label_smoothing)
+        net = eager if eager is not None and len(idx) < batch_size else model
+        loss, logits = train_step(net, opt, xb, yb, precision, label_smoothing)
         if step_sched is not None:
             step_sched.step()
         if ema is not None:
@@ -661,6 +664,7 @@ def fit(
                 sched=sched,
                 label_smoothing=tc.label_smoothing,
                 ema=ema,
+                eager=model if step_model is not model else None,
             )
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):

@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from fer_sweep.augment import make_transform
 from fer_sweep.bench import compose_config
 from fer_sweep.config import Config
 from fer_sweep.data import load_dataset
 from fer_sweep.errors import ConfigError
-from fer_sweep.train import at_lr_floor, cpu_has_fast_bf16, fit, make_scheduler, resolve_precision
+from fer_sweep.train import (
+    at_lr_floor,
+    cpu_has_fast_bf16,
+    fit,
+    make_scheduler,
+    resolve_precision,
+    train_epoch,
+)
 
 CPU = torch.device("cpu")
 
@@ -146,3 +154,35 @@ def test_cpu_checkpoint_holds_no_cuda_state_and_never_initialises_cuda(
     assert blob["rng_device"] is None and "rng_cuda" not in blob
     assert isinstance(blob["rng_cpu"], torch.Tensor)
     assert not torch.cuda.is_initialized()
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+class _Sizes(torch.nn.Module):
+    """The model, recording the batch sizes it is called with."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        return self.net(x)
+
+
+def test_a_compiled_model_leaves_the_shorter_last_batch_to_its_eager_module() -> None:
+    """A compiled graph is for one batch shape: the 4-image last batch of 20 images in batches
+    of 8 would compile a second, dynamic-shape graph (~15 s on a CPU), so the uncompiled
+    module takes it; both share the weights and the optimizer."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48 * 48, 7))
+    compiled, eager = _Sizes(net), _Sizes(net)  # stand-ins: the step_model and its module
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randint(0, 256, (20, 1, 48, 48), dtype=torch.uint8), torch.randint(0, 7, (20,))
+    tfm = make_transform(None, 128.0, 64.0)
+    train_epoch(compiled, opt, x, y, tfm, 8, eager=eager)
+    assert compiled.sizes == [8, 8] and eager.sizes == [4]
+    alone = _Sizes(net)  # not compiled: one module takes every batch
+    train_epoch(alone, opt, x, y, tfm, 8)
+    assert alone.sizes == [8, 8, 4]
