@@ -101,7 +101,7 @@ def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
     assert conf.trainer.epochs == 60 and conf.trainer.time_budget_min == 29
     assert conf.trainer.batch_size == 512
     assert conf.optimizer.lr == 0.4 and conf.data.val_fraction == 0.1
-    assert conf.trainer.label_smoothing == 0.1
+    assert conf.trainer.label_smoothing == 0.1 and conf.trainer.ema_decay == 0.995
     assert (conf.eval.tta, conf.eval.tta_shift) == ("flip_x_shift", 3)
 
 
@@ -201,7 +201,7 @@ def test_weight_average_is_what_the_run_keeps_and_leaves_training_alone(
 ) -> None:
     base = ("trainer.epochs=1", "trainer.batch_size=32", "trainer.amp=fp32")
     data = load_dataset(_conf(synthetic_root, *base).data)
-    plain = fit(_conf(synthetic_root, *base), data)
+    plain = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0"), data)
     avg = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0.9"), data)
     assert plain.raw_model is None and avg.raw_model is not None
     # the same training: the average draws no random numbers and touches no weight
@@ -243,7 +243,12 @@ def test_weight_average_resumes_exactly(synthetic_root: Path, tmp_path: Path) ->
     # a checkpoint written without an average cannot continue as a run with one
     plain = tmp_path / "plain.pt"
     with pytest.raises(Cut):
-        fit(_conf(synthetic_root, *base), data, checkpoint=plain, on_epoch=cut_after_epoch_two)
+        fit(
+            _conf(synthetic_root, *base, "trainer.ema_decay=0"),
+            data,
+            checkpoint=plain,
+            on_epoch=cut_after_epoch_two,
+        )
     with pytest.raises(FerSweepError, match="holds no weight average"):
         fit(conf, data, checkpoint=plain, resume=True)
 
@@ -441,8 +446,9 @@ def test_experiment_fast_runs_one_epoch_from_the_cli(
     p, m = run.data.params, run.data.metrics
     assert p["model.name"].startswith("resnet_fast") and p["scheduler.name"] == "onecycle"
     assert p["trainer.label_smoothing"] == "0.1" and p["eval.tta"] == "flip_x_shift"
+    assert p["trainer.ema_decay"] == "0.995"
     assert run.data.tags["mlflow.runName"].endswith("fast")  # SYNTHETIC-fast on fakes
-    assert {"test_acc", "test_acc_tta", "val_acc_tta"} <= set(m)
+    assert {"test_acc", "test_acc_tta", "val_acc_tta", "val_acc_raw"} <= set(m)
 
 
 # --------------------------------------------------------------------------- random crops
