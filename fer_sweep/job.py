@@ -395,9 +395,11 @@ def log_results(
     model, state, dev = result.model, result.state, result.device
     tc = conf.trainer
 
-    def test(tta: str = "none", split: Split | None = None) -> dict[str, Any]:
+    def test(
+        tta: str = "none", split: Split | None = None, net: torch.nn.Module | None = None
+    ) -> dict[str, Any]:
         return evaluate(
-            model,
+            model if net is None else net,
             data.test if split is None else split,
             result.tfm,
             tc.eval_batch_size,
@@ -438,15 +440,7 @@ def log_results(
     if result.raw_model is not None:
         # the weight average's gain, measured on validation: its last epoch's val_acc beside
         # the un-averaged last weights'
-        metrics["val_acc_raw"] = evaluate(
-            result.raw_model,
-            data.val,
-            result.tfm,
-            tc.eval_batch_size,
-            dev,
-            result.precision,
-            result.channels_last,
-        )["acc"]
+        metrics["val_acc_raw"] = test(split=data.val, net=result.raw_model)["acc"]
     if conf.eval.tta != "none":
         # on the validation split too: whether test-time augmentation pays is decided there
         metrics["val_acc_tta"] = test(conf.eval.tta, data.val)["acc"]
