@@ -222,7 +222,7 @@ class FerSweepLoop(Pipeline):
                 self.amp,
                 self.channels_last,
                 max_steps=k,
-                eager=self.model if self.step_model is not self.model else None,  # as fit
+                eager=self.model,  # as fit
             )
             images += min(n, k * self.bs)
             steps -= k

@@ -441,8 +441,9 @@ def train_epoch(
     Returns the summed loss and the number of correct predictions as device tensors (read them
     once, after the epoch). ``max_steps`` cuts the epoch short (the benchmark uses it); a
     ``per_step`` scheduler steps after every optimizer step, and the weight average ``ema``
-    takes in every new weight. ``eager``, the uncompiled module of a compiled ``model``, takes
-    an epoch's shorter last batch: compiled, it would cost a second, dynamic-shape graph.
+    takes in every new weight. ``eager``, the uncompiled module of a compiled ``model`` (or the
+    model itself), takes an epoch's shorter last batch: compiled, it would cost a second,
+    dynamic-shape graph.
     """
     device = x.device
     model.train()
@@ -664,7 +665,7 @@ def fit(
                 sched=sched,
                 label_smoothing=tc.label_smoothing,
                 ema=ema,
-                eager=model if step_model is not model else None,
+                eager=model,
             )
             train_loss = loss_sum.item() / n
             if not math.isfinite(train_loss):
