@@ -10,6 +10,10 @@ moments, and a slow spell of the shared machine cancels out of their ratio.
 - ``ceiling``: forward + backward + optimizer step on one batch already on the device, in the
   memory format and autocast policy fer_sweep uses for that model. No data path at all: the most
   any training loop can reach with this model, this batch size and this optimizer.
+- ceiling variants: the same step in every precision (fp32, bf16 autocast) and compile mode the
+  device offers, each on its own model, in whole segments after the pairs. fer_sweep is compared
+  with the fastest (and with fp32 eager) through its own variant, like with like: fer_sweep /
+  paired ceiling x own variant / that variant, per repeat.
 - ``fer_sweep``: ``fer_sweep.train.train_epoch`` (the loop ``python -m fer_sweep`` runs) on the
   data from ``fer_sweep.data.load_dataset``, model and optimizer from the real Hydra config.
 - ``naive``: torchvision ``ImageFolder`` + ``DataLoader(num_workers=os.cpu_count())`` + PIL
@@ -203,6 +207,7 @@ class FerSweepLoop(Pipeline):
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size
         self.amp = resolve_precision(conf.trainer.amp, device)
+        self.variant = f"{self.amp}_{'compile' if conf.trainer.compile else 'eager'}"
 
     def run(self, steps: int) -> int:
         from fer_sweep.train import train_epoch
@@ -408,9 +413,10 @@ DEFAULT_SETTLE = {"cpu": (2, 0), "gpu": (5, 0)}
 # (light, heavy) chunks per pair: on this shared VM single 0.3 s segments scatter by +-10-20 %,
 # steps alternated one by one by ~2 %; chunks of a few steps get close to the latter.
 DEFAULT_CHUNKS = {"cpu": (4, 1), "gpu": (4, 1)}
-# (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier; --quick keeps
-# the ResNet (2.5 s per CPU step) at 3 so that it finishes in under 3 minutes on 2 cores.
-DEFAULT_REPEATS = {False: (7, 5), True: (7, 3)}
+# (light, heavy) repeats: more, shorter pairs make the small CNNs' ratios steadier. --quick gives
+# the ResNet (0.7-2.5 s per CPU step) 5: its single-step segments scatter by +-15 % on a shared
+# VM, and 3 repeats could not tell 1.9x from 2.1x; the whole run stays under ~4 minutes here.
+DEFAULT_REPEATS = {False: (7, 5), True: (7, 5)}
 
 
 def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
@@ -509,6 +515,31 @@ def _paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     """Median of per-repeat ratios: both sides of a pair ran seconds apart, so a slow spell
     of the machine cancels out of the ratio (it would not in a ratio of medians)."""
     return round(_median([x / y for x, y in zip(a, b, strict=True)]), 3)
+
+
+def _range(values: Sequence[float]) -> list[float]:
+    """[lowest, highest] per-repeat ratio: how far one repeat can be from the median."""
+    return [round(min(values), 3), round(max(values), 3)]
+
+
+def _chained_ratios(
+    ours: Sequence[float],
+    ceiling: Sequence[float],
+    own: Sequence[float] | None,
+    target: Sequence[float],
+) -> list[float]:
+    """fer_sweep over a ceiling variant, each factor measured like with like: per repeat,
+    (fer_sweep / its paired ceiling) x (the variant in fer_sweep's own precision and compile
+    mode / the target variant), then the median.
+
+    fer_sweep runs in chunks alternating with its paired ceiling, the variants in whole
+    segments of their own; an identical step timed both ways differed by -7 to +16 % (medians
+    of 7 repeats, docs/performance.md), so fer_sweep is never divided by a variant directly.
+    Where fer_sweep's own variant was not measured (``--no-compile`` with a compiled
+    fer_sweep), the direct pairing is all there is. Returns the per-repeat ratios."""
+    if own is None:
+        return [o / t for o, t in zip(ours, target, strict=True)]
+    return [o / c * v / t for o, c, v, t in zip(ours, ceiling, own, target, strict=True)]
 
 
 @dataclass
@@ -637,6 +668,7 @@ def summarize(
             if not best or _median(values) > _median(best):
                 best, best_name = values, ceilings[-1]["variant"]
         fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
+        own = samples.get((m, "norm", f"ceiling_{pipes.pairs[m][0][1].variant}"))
         for t in plan.transforms:
             series = {name: samples[(m, t, name)] for name in PIPELINES}
             records += [
@@ -652,6 +684,8 @@ def summarize(
                 for name, values in series.items()
             ]
             ours = series["fer_sweep"]
+            over_best = _chained_ratios(ours, series["ceiling"], own, best)
+            over_fp32 = _chained_ratios(ours, series["ceiling"], own, fp32_eager)
             ratios.append(
                 {
                     "model": m,
@@ -660,8 +694,11 @@ def summarize(
                     "fer_sweep_over_naive": _paired_ratio(ours, series["naive"]),
                     "fer_sweep_precision": pipes.pairs[m][0][1].amp,
                     "best_ceiling": best_name,
-                    "fer_sweep_over_best_ceiling": _paired_ratio(ours, best),
-                    "fer_sweep_over_fp32_eager": _paired_ratio(ours, fp32_eager),
+                    "fer_sweep_variant": pipes.pairs[m][0][1].variant,
+                    "fer_sweep_over_best_ceiling": round(_median(over_best), 3),
+                    "fer_sweep_over_best_ceiling_range": _range(over_best),
+                    "fer_sweep_over_fp32_eager": round(_median(over_fp32), 3),
+                    "fer_sweep_over_fp32_eager_range": _range(over_fp32),
                 }
             )
     return records, ratios, ceilings
@@ -789,6 +826,12 @@ def _per_model(values: dict[str, int]) -> str:
     return f"{common} ({rest})" if rest else str(common)
 
 
+def _with_range(ratio: dict[str, Any], key: str) -> str:
+    """'0.96 (0.91-1.02)': the median and the lowest and highest repeat."""
+    lo, hi = ratio[f"{key}_range"]
+    return f"{ratio[key]:.2f} ({lo:.2f}-{hi:.2f})"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The table: img/s per pipeline and the two ratios (medians of per-repeat ratios)."""
     ips = {
@@ -810,8 +853,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{best[(m, r['best_ceiling'])]:,.0f} ({r['best_ceiling']}) | "
             f"{ips[(m, t, 'fer_sweep')]:,.0f} | {ips[(m, t, 'naive')]:,.0f} | "
             f"{r['fer_sweep_over_ceiling']:.2f} | "
-            f"{r['fer_sweep_over_best_ceiling']:.2f} | "
-            f"{r['fer_sweep_over_fp32_eager']:.2f} | {r['fer_sweep_over_naive']:.2f} |"
+            f"{_with_range(r, 'fer_sweep_over_best_ceiling')} | "
+            f"{_with_range(r, 'fer_sweep_over_fp32_eager')} | {r['fer_sweep_over_naive']:.2f} |"
         )
     variants = list(dict.fromkeys(c["variant"] for c in result["ceilings"]))
     models = list(dict.fromkeys(c["model"] for c in result["ceilings"]))
@@ -846,8 +889,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"batch {result['records'][0]['batch_size']}, "
         f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
         f"(each: ceiling and fer_sweep of one transforms in {chunks} alternating chunks "
-        f"on the same model, then naive); ratios are medians of the "
-        f"per-repeat ratios; load average {result['loadavg_start'][0]:.1f} -> "
+        f"on the same model, then the ceiling variants, then naive); ratios are medians "
+        f"of the per-repeat ratios (in brackets the lowest and highest repeat); fer_sweep "
+        f"over a variant = fer_sweep/its paired ceiling x the variant in fer_sweep's "
+        f"precision/that variant; load average {result['loadavg_start'][0]:.1f} -> "
         f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all.",
     ]
     return "\n".join(lines)
@@ -877,7 +922,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=None,
-        help="interleaved repeats (7, resnet 5; --quick 7, resnet 3)",
+        help="interleaved repeats (7, resnet 5; also with --quick)",
     )
     p.add_argument(
         "--warmup",

@@ -84,10 +84,12 @@ def test_ratios_are_medians_of_paired_repeats(bench) -> None:
 
 def test_ceiling_variants_and_the_best_of_them(bench) -> None:
     """Every precision the device offers, eager (compile left out here); fer_sweep is compared
-    with the fastest, pairwise per repeat."""
+    with the fastest and with fp32 eager through its own variant, per repeat: (fer_sweep /
+    paired ceiling) x (own variant / that variant), the median and the range of those."""
     result, _ = bench
     s = {(r["model"], r["transforms"], r["pipeline"]): r["samples"] for r in result["records"]}
     variants = {(c["model"], c["variant"]): c for c in result["ceilings"]}
+    amp = resolve_precision("auto", torch.device("cpu"))
     precisions = {"fp32", resolve_precision("bf16", torch.device("cpu"))}
     assert set(variants) == {(m, f"{p}_eager") for m in MODELS for p in precisions}
     for c in result["ceilings"]:
@@ -100,11 +102,22 @@ def test_ceiling_variants_and_the_best_of_them(bench) -> None:
             key=lambda c: statistics.median(c["samples"]),
         )
         assert r["best_ceiling"] == best["variant"]
-        paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], best["samples"], strict=True)]
-        assert r["fer_sweep_over_best_ceiling"] == pytest.approx(
-            statistics.median(paired), rel=2e-3
-        )
-        assert r["fer_sweep_precision"] == resolve_precision("auto", torch.device("cpu"))
+        assert (r["fer_sweep_precision"], r["fer_sweep_variant"]) == (amp, f"{amp}_eager")
+        own = variants[(m, f"{amp}_eager")]["samples"]
+        for key, target in (
+            ("fer_sweep_over_best_ceiling", best["samples"]),
+            ("fer_sweep_over_fp32_eager", variants[(m, "fp32_eager")]["samples"]),
+        ):
+            chained = [
+                o / c * v / x
+                for o, c, v, x in zip(
+                    s[(m, t, "fer_sweep")], s[(m, t, "ceiling")], own, target, strict=True
+                )
+            ]
+            assert r[key] == pytest.approx(statistics.median(chained), rel=2e-3), (m, t, key)
+            lo, hi = r[f"{key}_range"]
+            assert lo == pytest.approx(min(chained), rel=2e-3)
+            assert hi == pytest.approx(max(chained), rel=2e-3)
 
 
 def test_load_times_and_markdown_table(bench) -> None:
@@ -119,10 +132,12 @@ def test_load_times_and_markdown_table(bench) -> None:
     for r, line in zip(result["ratios"], rows, strict=True):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [r["model"], r["transforms"], r["fer_sweep_precision"]]
+        lo_best, hi_best = r["fer_sweep_over_best_ceiling_range"]
+        lo_fp32, hi_fp32 = r["fer_sweep_over_fp32_eager_range"]
         assert cells[7:] == [
             f"{r['fer_sweep_over_ceiling']:.2f}",
-            f"{r['fer_sweep_over_best_ceiling']:.2f}",
-            f"{r['fer_sweep_over_fp32_eager']:.2f}",
+            f"{r['fer_sweep_over_best_ceiling']:.2f} ({lo_best:.2f}-{hi_best:.2f})",
+            f"{r['fer_sweep_over_fp32_eager']:.2f} ({lo_fp32:.2f}-{hi_fp32:.2f})",
             f"{r['fer_sweep_over_naive']:.2f}",
         ]
     assert f"Data loading ({load['images']:,} images)" in stdout
@@ -168,3 +183,14 @@ def test_bad_input_is_one_clear_error(
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_chained_ratios_and_the_direct_fallback() -> None:
+    """Per repeat: fer_sweep / paired ceiling x own variant / target; with no own variant
+    measured (a compiled fer_sweep under --no-compile), fer_sweep / target directly."""
+    from fer_sweep.bench import _chained_ratios, _range
+
+    ours, ceiling, own, target = [90.0, 80.0], [100.0, 100.0], [120.0, 90.0], [60.0, 30.0]
+    assert _chained_ratios(ours, ceiling, own, target) == pytest.approx([1.8, 2.4])
+    assert _chained_ratios(ours, ceiling, None, target) == pytest.approx([1.5, 80 / 30])
+    assert _range([1.8, 2.4, 2.0]) == [1.8, 2.4]
