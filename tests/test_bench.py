@@ -114,10 +114,12 @@ def test_ceiling_variants_and_the_best_of_them(bench) -> None:
                     s[(m, t, "fer_sweep")], s[(m, t, "ceiling")], own, target, strict=True
                 )
             ]
-            assert r[key] == pytest.approx(statistics.median(chained), rel=2e-3), (m, t, key)
+            # JSON keeps 3 decimals: a ratio of 0.073 is within 5e-4 of its exact value
+            exact = pytest.approx(statistics.median(chained), rel=2e-3, abs=6e-4)
+            assert r[key] == exact, (m, t, key)
             lo, hi = r[f"{key}_range"]
-            assert lo == pytest.approx(min(chained), rel=2e-3)
-            assert hi == pytest.approx(max(chained), rel=2e-3)
+            assert lo == pytest.approx(min(chained), rel=2e-3, abs=6e-4)
+            assert hi == pytest.approx(max(chained), rel=2e-3, abs=6e-4)
 
 
 def test_load_times_and_markdown_table(bench) -> None:
