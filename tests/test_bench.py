@@ -79,7 +79,8 @@ def test_ratios_are_medians_of_paired_repeats(bench) -> None:
             ("fer_sweep_over_naive", "naive"),
         ):
             paired = [a / b for a, b in zip(s[(m, t, "fer_sweep")], s[(m, t, other)], strict=True)]
-            assert r[key] == pytest.approx(statistics.median(paired), rel=2e-3), (m, t, key)
+            exact = pytest.approx(statistics.median(paired), rel=2e-3, abs=6e-4)  # 3 decimals
+            assert r[key] == exact, (m, t, key)
 
 
 def test_ceiling_variants_and_the_best_of_them(bench) -> None:
