@@ -890,7 +890,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"timed batches per segment {steps}, median of {repeats} interleaved repeats "
         f"(each: ceiling and fer_sweep of one transforms in {chunks} alternating chunks "
         f"on the same model, then the ceiling variants, then naive); ratios are medians "
-        f"of the per-repeat ratios (in brackets the lowest and highest repeat); fer_sweep "
+        f"of the per-repeat ratios (in parentheses the lowest and highest repeat); fer_sweep "
         f"over a variant = fer_sweep/its paired ceiling x the variant in fer_sweep's "
         f"precision/that variant; load average {result['loadavg_start'][0]:.1f} -> "
         f"{result['loadavg_end'][0]:.1f}; {result.get('bench_seconds', 0):.0f} s in all.",
