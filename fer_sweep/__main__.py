@@ -15,12 +15,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from fer_sweep import tracking  # noqa: E402
-from fer_sweep.config import quiet_schema_warning  # noqa: E402
 from fer_sweep.errors import FerSweepError  # noqa: E402
 
 log = logging.getLogger("fer_sweep")
-
-quiet_schema_warning()  # our grid sweeper shadows Hydra's basic one on purpose
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fer_sweep.config import Config, quiet_schema_warning, validate
+from fer_sweep.config import Config, validate
 from fer_sweep.data import CLASSES, Dataset, load_dataset, load_source
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.synthetic import make_synthetic
@@ -149,8 +149,6 @@ def naive_step(
 def compose_config(overrides: Sequence[str]) -> Config:
     """The real config: conf/ composed by Hydra with overrides, then fer_sweep's validate."""
     from hydra import compose, initialize_config_dir
-
-    quiet_schema_warning()
 
     if not (CONF_DIR / "config.yaml").is_file():
         raise FerSweepError(

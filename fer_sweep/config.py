@@ -406,15 +406,6 @@ def schema_defaults(group: str) -> dict[str, Any]:
     return asdict(SCHEMA_GROUPS[group]())
 
 
-def quiet_schema_warning() -> None:
-    """conf/hydra/sweeper/basic.yaml shadows Hydra's basic sweeper on purpose (fer_sweep's grid
-    sweeper, scoped to fer_sweep's config folder); Hydra 1.3 warns on every composition that it
-    matches its own schema by name. Called by the programs that compose."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against")
-
-
 def _did_you_mean(full_key: str) -> str:
     """A hint for a misspelled key of a known group (`+trainer.epochz=3`), else ''."""
     group, _, name = full_key.rpartition(".")

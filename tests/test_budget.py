@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep import budget, job
 from fer_sweep.bench import CONF_DIR, compose_config
-from fer_sweep.config import Config, quiet_schema_warning
+from fer_sweep.config import Config
 from fer_sweep.data import load_dataset
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.signals import Interrupted
@@ -245,7 +245,6 @@ def test_a_resumed_run_keeps_its_plan(
         kw_on_epoch = kw["on_epoch"]
         return real_fit(conf, data, **{**kw, "on_epoch": on_epoch})
 
-    quiet_schema_warning()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         first = compose(config_name="config", overrides=overrides)
         again = compose(config_name="config", overrides=[*overrides, "trainer.resume=auto"])

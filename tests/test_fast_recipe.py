@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from fer_sweep import job
 from fer_sweep.augment import BatchTransform, make_transform, random_crop, random_erase
 from fer_sweep.bench import CONF_DIR, compose_config
-from fer_sweep.config import Config, quiet_schema_warning
+from fer_sweep.config import Config
 from fer_sweep.data import DataError, SealedSplit, load_dataset
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
@@ -393,7 +393,6 @@ def test_a_job_trains_on_sealed_data_and_tests_after(
     monkeypatch.setattr(job, "fit", spy_fit)
     monkeypatch.setattr(job, "log_results", spy_log)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    quiet_schema_warning()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="config",

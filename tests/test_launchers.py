@@ -73,6 +73,9 @@ def test_joblib_runs_jobs_in_parallel_processes(
     parent, children = _parent_and_children(MlflowClient(server.url), EXPERIMENT, 2)
     assert {r.data.tags["model"] for r in children} == set(SWEEP_MODELS)
     assert parent.data.tags["fer_sweep.launcher"].endswith("JoblibLauncher")
+    assert parent.data.tags["fer_sweep.sweeper"].endswith("FerSweepSweeper")
+    # each worker composes its job again, with none of the command's warning filters
+    assert "validated against ConfigStore schema" not in sweep.proc.stderr
     pids = job_pids(sweep.cwd / "sweep", 2)
     assert len(pids) == 2 and launcher_pid(sweep.proc.stdout) not in pids
 

@@ -16,7 +16,7 @@ sweep's parent run opened (fer_sweep.sweep_validation: one composition per combi
 config-group options, the schema for the values), so this sweeper skips the second pass.
 Everything else — the grid, the batches, the params, the launchers — is the basic sweeper's.
 Hydra finds it as a plugin in this namespace package; it is the default grid sweeper
-(conf/hydra/sweeper/basic.yaml shadows Hydra's own basic sweeper with it).
+(this package points Hydra's own `hydra/sweeper=basic` entry at it).
 """
 
 from collections.abc import Sequence
@@ -33,6 +33,17 @@ class FerSweepSweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Done once for the whole grid in MultirunParentCallback.on_multirun_start."""
 
+
+# The default grid sweeper: Hydra's own `hydra/sweeper=basic` entry, pointed at this sweeper.
+# Stored here rather than shadowed by a conf/hydra/sweeper/basic.yaml, which Hydra would match
+# against its schema of that name with a deprecation warning at every composition (in joblib
+# and submitit workers too, where no warning filter of the command's reaches).
+ConfigStore.instance().store(
+    group="hydra/sweeper",
+    name="basic",
+    node={"_target_": f"{__name__}.FerSweepSweeper", "max_batch_size": None, "params": None},
+    provider="fer_sweep",
+)
 
 for _group in SCHEMA_GROUPS:
     ConfigStore.instance().store(
