@@ -171,6 +171,11 @@ def compose_config(overrides: Sequence[str]) -> Config:
 # --------------------------------------------------------------------------- pipelines
 
 
+def variant_name(precision: str, compiled: bool) -> str:
+    """'bf16_eager', 'fp32_compile', ...: a ceiling variant's name, and fer_sweep's own."""
+    return f"{precision}_{'compile' if compiled else 'eager'}"
+
+
 class Pipeline:
     """One timed thing: ``run(steps)`` trains ``steps`` batches and returns the image count."""
 
@@ -205,7 +210,7 @@ class FerSweepLoop(Pipeline):
         self.x, self.y = x, y  # the training split, already on the device (as in fit)
         self.bs = conf.trainer.batch_size
         self.amp = resolve_precision(conf.trainer.amp, device)
-        self.variant = f"{self.amp}_{'compile' if conf.trainer.compile else 'eager'}"
+        self.variant = variant_name(self.amp, conf.trainer.compile)
 
     def run(self, steps: int) -> int:
         from fer_sweep.train import train_epoch
@@ -275,7 +280,7 @@ class VariantCeiling(Pipeline):
         precision: str,
         compiled: bool,
     ) -> None:
-        self.name = f"ceiling_{precision}_{'compile' if compiled else 'eager'}"
+        self.name = f"ceiling_{variant_name(precision, compiled)}"
         self.transforms = "norm"
         device = xb.device
         variant = replace(conf, trainer=replace(conf.trainer, compile=compiled))
@@ -666,7 +671,8 @@ def summarize(
             if not best or _median(values) > _median(best):
                 best, best_name = values, ceilings[-1]["variant"]
         fp32_eager = samples[(m, "norm", "ceiling_fp32_eager")]
-        own = samples.get((m, "norm", f"ceiling_{pipes.pairs[m][0][1].variant}"))
+        loop = pipes.pairs[m][0][1]  # fer_sweep's pipeline: its precision and variant
+        own = samples.get((m, "norm", f"ceiling_{loop.variant}"))
         for t in plan.transforms:
             series = {name: samples[(m, t, name)] for name in PIPELINES}
             records += [
@@ -690,9 +696,9 @@ def summarize(
                     "transforms": t,
                     "fer_sweep_over_ceiling": _paired_ratio(ours, series["ceiling"]),
                     "fer_sweep_over_naive": _paired_ratio(ours, series["naive"]),
-                    "fer_sweep_precision": pipes.pairs[m][0][1].amp,
+                    "fer_sweep_precision": loop.amp,
                     "best_ceiling": best_name,
-                    "fer_sweep_variant": pipes.pairs[m][0][1].variant,
+                    "fer_sweep_variant": loop.variant,
                     "fer_sweep_over_best_ceiling": round(_median(over_best), 3),
                     "fer_sweep_over_best_ceiling_range": _range(over_best),
                     "fer_sweep_over_fp32_eager": round(_median(over_fp32), 3),

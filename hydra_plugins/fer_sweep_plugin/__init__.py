@@ -21,7 +21,7 @@ Hydra finds it as a plugin in this namespace package; it is the default grid swe
 
 from collections.abc import Sequence
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
 from fer_sweep.config import SCHEMA_GROUPS, schema_defaults
@@ -41,7 +41,7 @@ class FerSweepSweeper(BasicSweeper):
 ConfigStore.instance().store(
     group="hydra/sweeper",
     name="basic",
-    node={"_target_": f"{__name__}.FerSweepSweeper", "max_batch_size": None, "params": None},
+    node=BasicSweeperConf(_target_=f"{__name__}.FerSweepSweeper"),  # Hydra's schema, our class
     provider="fer_sweep",
 )
 
