@@ -7,15 +7,15 @@ import math
 import sys
 import traceback
 
-from fer_sweep import runtime
+from fer_sweep.core import runtime
 
 runtime.tune()  # before torch starts its OpenMP threads (this is the program, not a library)
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fer_sweep import tracking  # noqa: E402
 from fer_sweep.errors import FerSweepError  # noqa: E402
+from fer_sweep.sweep import tracking  # noqa: E402
 
 log = logging.getLogger("fer_sweep")
 
@@ -27,8 +27,8 @@ def main(cfg: DictConfig) -> float:
     In a multirun a failed job is recorded (MLflow run FAILED, a note for the sweep's summary)
     and NaN is returned so that its siblings still run; the sweep then exits non-zero.
     """
-    from fer_sweep.job import hydra_job, run_job
-    from fer_sweep.signals import Interrupted, exit_status
+    from fer_sweep.core.interrupt import Interrupted, exit_status
+    from fer_sweep.sweep.job import hydra_job, run_job
 
     multirun, sweep_dir, job_num, overrides = hydra_job()
     try:

@@ -317,8 +317,8 @@ for line in declared:
     checked[req.name] = entry
 info["dependencies"] = checked
 # fer_sweep's own modules: whatever else they import at module level.
-for mod in ("fer_sweep.job", "fer_sweep.train", "fer_sweep.bench", "fer_sweep.report",
-            "fer_sweep.tracking", "hydra_plugins.hydra_joblib_launcher.joblib_launcher",
+for mod in ("fer_sweep.sweep.job", "fer_sweep.core.train", "fer_sweep.tools.bench", "fer_sweep.tools.report.cli",
+            "fer_sweep.sweep.tracking", "hydra_plugins.hydra_joblib_launcher.joblib_launcher",
             "hydra_plugins.hydra_submitit_launcher.submitit_launcher"):
     try:
         import_module(mod)
@@ -418,8 +418,8 @@ if client.get_experiment_by_name(name) is None:
     client.create_experiment(name, artifact_location=os.path.join(work, "artifacts"))
 print(f"MLflow store {uri}, experiment {name!r}: {time.time() - t0:.1f} s")
 
-from fer_sweep.bench import compose_config  # noqa: E402
-from fer_sweep.data import load_dataset  # noqa: E402
+from fer_sweep.tools.bench import compose_config  # noqa: E402
+from fer_sweep.core.data import load_dataset  # noqa: E402
 
 t0 = time.time()
 conf = compose_config(sys.argv[1:])

@@ -2,7 +2,7 @@
 
     python scripts/sweep_startup.py [--jobs 300] [--repeats 3]
 
-Every job of a grid is validated before the sweep's parent run opens (fer_sweep.sweep_validation);
+Every job of a grid is validated before the sweep's parent run opens (fer_sweep.sweep.validation);
 this measures what that costs: the seconds until Hydra announces job #0, for a 1-job sweep and
 for a sweep of N seeds, run alternately (the machine is shared: medians of --repeats pairs).
 The sweeps run on the synthetic faces in a temporary folder and are killed once job #0 starts.

@@ -35,7 +35,7 @@ def real_data() -> bool:
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic FER2013 (12 training, 4 test faces per class) for in-process tests."""
-    from fer_sweep.synthetic import make_synthetic
+    from fer_sweep.core.synthetic import make_synthetic
 
     return make_synthetic(
         tmp_path_factory.mktemp("faces"), n_train_per_class=12, n_test_per_class=4

@@ -10,8 +10,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from fer_sweep.augment import BatchTransform, affine_batch, make_transform
-from fer_sweep.config import TransformsConfig
+from fer_sweep.core.augment import BatchTransform, affine_batch, make_transform
+from fer_sweep.core.config import TransformsConfig
 from fer_sweep.errors import ConfigError
 
 MEAN, STD = 0.50779873, 0.25495943  # the study's FER2013 statistics
@@ -55,7 +55,7 @@ def test_sampling_grid_equals_affine_grid(hw: tuple[int, int]) -> None:
     rounding, and grid_sample reads it, strided as it is, to the same pixels."""
     import torch.nn.functional as F
 
-    from fer_sweep.augment import _affine_grid
+    from fer_sweep.core.augment import _affine_grid
 
     theta = torch.randn(20, 2, 3, generator=torch.Generator().manual_seed(7)) * 0.3
     theta[:, 0, 0] += 1.0

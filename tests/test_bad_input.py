@@ -26,7 +26,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from fer_sweep.data import load_source
+from fer_sweep.core.sources import load_source
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains

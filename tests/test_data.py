@@ -1,4 +1,4 @@
-"""Tests for fer_sweep.data on real files written to tmp_path (no mocks).
+"""Tests for the core's data modules (sources, dataset, data) on real files in tmp_path (no mocks).
 
 FER2013 itself is only read when FER2013_ROOT is set; everything else uses tiny datasets
 written here, in both on-disk formats, so the loaders are checked against each other.
@@ -16,20 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fer_sweep import data
-from fer_sweep.config import DataConfig, validate
-from fer_sweep.data import (
-    CLASSES,
-    IMAGE_SIZE,
-    Split,
-    default_cache_dir,
-    limit_per_class,
-    load_dataset,
-    load_source,
-    stratified_split,
-)
+from fer_sweep.core import sources
+from fer_sweep.core.config import DataConfig, validate
+from fer_sweep.core.data import limit_per_class, load_dataset, stratified_split
+from fer_sweep.core.dataset import CLASSES, IMAGE_SIZE, Split
+from fer_sweep.core.sources import default_cache_dir, load_source
+from fer_sweep.core.synthetic import make_synthetic
 from fer_sweep.errors import ConfigError, DataError
-from fer_sweep.synthetic import make_synthetic
 
 # Folder names as they appear on disk; "Happy" checks the case-insensitive match.
 FOLDER_NAMES = {"happy": "Happy"}
@@ -222,7 +215,7 @@ def test_bad_settings_are_reported(tiny: Path, tmp_path: Path):
 
 
 def test_root_from_environment_through_the_config(tiny: Path, tmp_path: Path, monkeypatch):
-    from fer_sweep.bench import compose_config
+    from fer_sweep.tools.bench import compose_config
 
     monkeypatch.setenv("FER2013_ROOT", str(tiny))
     conf = compose_config([f"data.cache_dir='{tmp_path / 'c'}'"])
@@ -395,7 +388,7 @@ def test_colour_and_wrong_size_images_are_converted(tiny: Path, tmp_path: Path, 
     rgb = np.zeros((64, 64, 3), np.uint8)
     rgb[..., 0] = 200  # pure red -> luma 0.299 * 200 = 60
     (tiny / "train" / "neutral" / "Training_0000.png").write_bytes(_encode(rgb, "PNG", "RGB"))
-    with caplog.at_level("WARNING", logger="fer_sweep.data"):
+    with caplog.at_level("WARNING", logger="fer_sweep.core.sources"):
         train, _, info = load_source(tiny, cache_dir=tmp_path / "c")
     assert info["converted"] == 1 and "Converted 1" in caplog.text
     first_neutral = int(torch.nonzero(train.y == CLASSES.index("neutral"))[0])
@@ -413,14 +406,14 @@ def test_parallel_decoding_equals_serial_and_reports_the_same(
     rgb[..., 1] = 100
     (tiny / "train" / "neutral" / "Training_0000.png").write_bytes(_encode(rgb, "PNG", "RGB"))
     paths = sorted(str(p) for p in (tiny / "train").rglob("*.*"))
-    serial = data._decode_files(paths)
-    parallel = data._decode_all(paths, workers=3)  # 12 chunks of 3-4 images
+    serial = sources._decode_files(paths)
+    parallel = sources._decode_all(paths, workers=3)  # 12 chunks of 3-4 images
     assert np.array_equal(parallel[0], serial[0]) and parallel[1:] == serial[1:]
     assert len(serial[1]) == 1 and serial[2] == []
 
     reference, _, _ = load_source(tiny, cache_dir=tmp_path / "serial")
-    monkeypatch.setattr(data, "PARALLEL_DECODE_MIN", 0)  # every folder counts as large
-    with caplog.at_level("WARNING", logger="fer_sweep.data"):
+    monkeypatch.setattr(sources, "PARALLEL_DECODE_MIN", 0)  # every folder counts as large
+    with caplog.at_level("WARNING", logger="fer_sweep.core.sources"):
         train, _, info = load_source(tiny, cache_dir=tmp_path / "parallel")
     assert torch.equal(train.x, reference.x) and torch.equal(train.y, reference.y)
     assert info["converted"] == 1 and "Converted 1" in caplog.text

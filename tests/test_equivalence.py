@@ -19,13 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fer_sweep.augment import make_transform
-from fer_sweep.bench import compose_config, naive_dataset, naive_loader, naive_step
-from fer_sweep.config import Config
-from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
-from fer_sweep.models import build_model
-from fer_sweep.synthetic import make_synthetic
-from fer_sweep.train import evaluate, fit, make_optimizer
+from fer_sweep.core.augment import make_transform
+from fer_sweep.core.config import Config
+from fer_sweep.core.data import load_dataset
+from fer_sweep.core.dataset import CLASSES, Dataset, Split
+from fer_sweep.core.models import build_model
+from fer_sweep.core.synthetic import make_synthetic
+from fer_sweep.core.train import evaluate, fit, make_optimizer
+from fer_sweep.tools.bench import compose_config, naive_dataset, naive_loader, naive_step
 from tests.conftest import real_data
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains

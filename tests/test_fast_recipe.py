@@ -13,14 +13,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from fer_sweep import job
-from fer_sweep.augment import BatchTransform, make_transform, random_crop, random_erase
-from fer_sweep.bench import CONF_DIR, compose_config
-from fer_sweep.config import Config
-from fer_sweep.data import DataError, SealedSplit, load_dataset
-from fer_sweep.errors import ConfigError, FerSweepError
-from fer_sweep.models import build_model, count_parameters, describe, resnet, summary
-from fer_sweep.train import (
+from fer_sweep.core.augment import BatchTransform, make_transform, random_crop, random_erase
+from fer_sweep.core.config import Config
+from fer_sweep.core.data import load_dataset
+from fer_sweep.core.dataset import SealedSplit
+from fer_sweep.core.models import build_model, count_parameters, describe, resnet, summary
+from fer_sweep.core.sources import DataError
+from fer_sweep.core.train import (
     fit,
     make_scheduler,
     per_step,
@@ -29,6 +28,9 @@ from fer_sweep.train import (
     tta_views,
     weight_average,
 )
+from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.sweep import job
+from fer_sweep.tools.bench import CONF_DIR, compose_config
 from tests.conftest import run_cli
 
 
@@ -491,7 +493,7 @@ def test_fit_trains_on_crops_evaluates_whole_images_and_the_budget_times_crops(
 ) -> None:
     """The pooling resnet trains on 40x40 crops and is evaluated on the 48x48 images; the time
     budget times the step on the crops it will train on."""
-    from fer_sweep import budget, train
+    from fer_sweep.core import budget, train
 
     conf = _conf(synthetic_root, "transforms=aug_crop", "trainer.epochs=1", "trainer.batch_size=32")
     data = load_dataset(conf.data)

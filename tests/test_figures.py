@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fer_sweep import figures as F
+from fer_sweep.core import figures as F
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 

@@ -7,9 +7,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from fer_sweep.config import ModelConfig, validate
-from fer_sweep.errors import ConfigError
-from fer_sweep.models import (
+from fer_sweep.core.config import ModelConfig, validate
+from fer_sweep.core.models import (
     build_model,
     conv_net,
     count_parameters,
@@ -18,6 +17,7 @@ from fer_sweep.models import (
     summary,
     summary_text,
 )
+from fer_sweep.errors import ConfigError
 
 _CNN2 = {
     "builder": "cnn",

@@ -15,10 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fer_sweep.augment import make_transform
-from fer_sweep.data import CLASSES, load_source
-from fer_sweep.predict import decode_image, main
-from fer_sweep.train import autocast
+from fer_sweep.core.augment import make_transform
+from fer_sweep.core.dataset import CLASSES
+from fer_sweep.core.sources import load_source
+from fer_sweep.core.train import autocast
+from fer_sweep.tools.predict import decode_image, main
 from tests.conftest import real_data, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains

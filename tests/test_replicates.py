@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from fer_sweep.replicates import group, summarize, welch
+from fer_sweep.tools.replicates import group, summarize, welch
 from tests.conftest import run_cli
 
 TINY = [

@@ -15,9 +15,10 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fer_sweep import report
-from fer_sweep.config import validate
-from fer_sweep.models import build_model, describe
+from fer_sweep.core.config import validate
+from fer_sweep.core.models import build_model, describe
+from fer_sweep.tools.report.runs import swept_keys
+from fer_sweep.tools.report.study import STUDY_TABLE2, describe_transforms
 from tests.conftest import REPO, real_data, run_cli
 
 ROWS = [  # the study's Table 2: (model, transforms, epochs)
@@ -103,13 +104,13 @@ def test_swept_keys_collapse_groups_and_skip_bookkeeping() -> None:
             "data.n_train": "35",
         },
     ]
-    assert report.swept_keys(params) == ["model", "model.dropout", "optimizer.lr"]
-    assert report.swept_keys(params[:1]) == []
+    assert swept_keys(params) == ["model", "model.dropout", "optimizer.lr"]
+    assert swept_keys(params[:1]) == []
 
 
 def test_transforms_are_described_in_torchvision_words() -> None:
-    assert report.describe_transforms({"rotation": 0.0, "translate": 0.0}) == "Normalize"
-    assert report.describe_transforms({"rotation": 10.0, "translate": 0.1, "hflip": True}) == (
+    assert describe_transforms({"rotation": 0.0, "translate": 0.0}) == "Normalize"
+    assert describe_transforms({"rotation": 10.0, "translate": 0.1, "hflip": True}) == (
         "Normalize, RandomRotation(10), RandomAffine(degrees=0, translate=(0.1, 0.1)), "
         "RandomHorizontalFlip(0.5)"
     )
@@ -285,7 +286,7 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == MODELS
     assert [r["transforms_name"] for r in rows] == [t for _, t, _ in ROWS]
-    study = {r.model: r.acc for r in report.STUDY_TABLE2}
+    study = {r.model: r.acc for r in STUDY_TABLE2}
     for row, (model, _, _) in zip(rows, ROWS, strict=True):
         assert row["status"] == "FINISHED" and row["epochs"] == "1"
         assert float(row["study_acc_pct"]) == study[model]
@@ -301,9 +302,7 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     assert rows[0]["network"].endswith("Linear-150-7")
     assert "Dropout" in rows[6]["network"] and "Dropout" not in rows[5]["network"]
     assert rows[0]["transformations"] == "Normalize"
-    assert rows[5]["transformations"] == report.describe_transforms(
-        {"rotation": 10, "translate": 0.1}
-    )
+    assert rows[5]["transformations"] == describe_transforms({"rotation": 10, "translate": 0.1})
     md = (report_dir / "table2.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(body) == 1 + 7 + 2  # header, seven rows; the ensemble table's header and row

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fer_sweep import signals, tracking
+from fer_sweep.core import interrupt
+from fer_sweep.sweep import tracking
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -221,7 +222,7 @@ def test_a_signal_that_a_library_turned_into_its_own_error_is_still_a_signal() -
 
     def write_interrupted_by_sigterm() -> None:
         try:
-            raise signals.Interrupted(signal.SIGTERM, "artifacts")
+            raise interrupt.Interrupted(signal.SIGTERM, "artifacts")
         except BaseException:
             raise RuntimeError("This transaction is closed")  # noqa: B904 (as SQLAlchemy does)
 
@@ -230,15 +231,15 @@ def test_a_signal_that_a_library_turned_into_its_own_error_is_still_a_signal() -
             write_interrupted_by_sigterm()
         except RuntimeError as err:
             raise ValueError("MlflowException: This transaction is closed") from err
-    found = signals.interruption(caught.value)
-    assert isinstance(found, signals.Interrupted) and signals.exit_status(found) == 143
-    assert signals.interruption(ValueError("a plain failure")) is None
-    assert signals.interruption(KeyboardInterrupt()) is not None
+    found = interrupt.interruption(caught.value)
+    assert isinstance(found, interrupt.Interrupted) and interrupt.exit_status(found) == 143
+    assert interrupt.interruption(ValueError("a plain failure")) is None
+    assert interrupt.interruption(KeyboardInterrupt()) is not None
 
 
 GUARDED = """
 import sys, time
-from fer_sweep.signals import SweepGuard
+from fer_sweep.sweep.signals import SweepGuard
 
 SweepGuard(lambda signum: print("parent marked", signum, file=sys.stderr), grace=1).install()
 print("ready", flush=True)

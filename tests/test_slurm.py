@@ -25,7 +25,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
-from fer_sweep.slurm import check_cluster
+from fer_sweep.sweep.slurm import check_cluster
 from tests.conftest import REPO, run_cli
 from tests.slurm_cluster import PARTITION, Cluster, one_node_cluster, unavailable
 

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fer_sweep.augment import make_transform
-from fer_sweep.bench import compose_config
-from fer_sweep.config import Config
-from fer_sweep.data import load_dataset
-from fer_sweep.errors import ConfigError
-from fer_sweep.train import (
+from fer_sweep.core.augment import make_transform
+from fer_sweep.core.config import Config
+from fer_sweep.core.data import load_dataset
+from fer_sweep.core.train import (
     at_lr_floor,
     cpu_has_fast_bf16,
     fit,
@@ -22,6 +20,8 @@ from fer_sweep.train import (
     resolve_precision,
     train_epoch,
 )
+from fer_sweep.errors import ConfigError
+from fer_sweep.tools.bench import compose_config
 
 CPU = torch.device("cpu")
 

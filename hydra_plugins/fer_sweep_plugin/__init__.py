@@ -1,7 +1,7 @@
 """fer_sweep's Hydra plugin: the config schema's defaults, and the grid sweeper.
 
 Schema: every config group (data, model, ..., mlflow) gets an option ``schema`` holding all its
-settings with their defaults, made from fer_sweep.config's dataclasses, so the defaults are
+settings with their defaults, made from fer_sweep.core.config's dataclasses, so the defaults are
 written in one place; each option file in conf/ starts from it (``defaults: [schema, _self_]``)
 and lists only what it changes. Hydra imports this package in every process that composes a
 config (the command, joblib and submitit workers, tests), before composing: registering here is
@@ -12,7 +12,7 @@ Sweeper: Hydra's basic sweeper without its per-job re-composition.
 Hydra's BasicSweeper composes every job of a batch once more before launching it
 (``validate_batch_is_legal``, ~0.15 s a job: 45 s before the first job of a 300-job grid, the
 whole grid being one batch). fer_sweep has already composed and checked every job before the
-sweep's parent run opened (fer_sweep.sweep_validation: one composition per combination of
+sweep's parent run opened (fer_sweep.sweep.validation: one composition per combination of
 config-group options, the schema for the values), so this sweeper skips the second pass.
 Everything else — the grid, the batches, the params, the launchers — is the basic sweeper's.
 Hydra finds it as a plugin in this namespace package; it is the default grid sweeper
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
-from fer_sweep.config import SCHEMA_GROUPS, schema_defaults
+from fer_sweep.core.config import SCHEMA_GROUPS, schema_defaults
 
 
 class FerSweepSweeper(BasicSweeper):

@@ -3,7 +3,7 @@
 It lives here because Hydra instantiates launchers only from the ``hydra_plugins`` package; what
 it adds (checks before submitting, squeue where the cluster has no accounting, requeued jobs
 continuing their MLflow run, a job stopped for good recorded as failed) is in
-``fer_sweep.slurm``.
+``fer_sweep.sweep.slurm``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
 
 
 class SlurmLauncher(HydraSlurmLauncher):
-    """Hydra's SlurmLauncher: the same array job per sweep, plus fer_sweep.slurm's care."""
+    """Hydra's SlurmLauncher: the same array job per sweep, plus fer_sweep.sweep.slurm's care."""
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -28,7 +28,7 @@ class SlurmLauncher(HydraSlurmLauncher):
         """Submit and wait, quietly where sacct cannot answer; sbatch's refusal is one error."""
         from submitit.core.utils import FailedJobError
 
-        from fer_sweep import slurm, tracking
+        from fer_sweep.sweep import slurm, tracking
 
         try:
             with slurm.quiet_polling():
@@ -55,10 +55,11 @@ class SlurmLauncher(HydraSlurmLauncher):
         """One job, on a node. After a requeue it continues the MLflow run it had started; a job
         the scheduler stops for good is recorded as a failed job of the sweep (its siblings go
         on) instead of leaving the launcher waiting for a result that never comes."""
-        from fer_sweep import slurm, tracking
+        from fer_sweep.core import interrupt
         from fer_sweep.errors import FerSweepError
+        from fer_sweep.sweep import slurm, tracking
 
-        if not slurm.in_submitit_job():
+        if not interrupt.in_submitit_job():
             return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
         assert self.config is not None
         sweep_dir = str(self.config.hydra.sweep.dir)

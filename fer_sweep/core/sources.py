@@ -1,10 +1,5 @@
-"""FER2013 loading: image folders or the challenge CSV -> uint8 tensors, with a checked cache.
-
-Label order (``CLASSES``) is the Kaggle challenge CSV's ``emotion`` column, 0..6 =
-Angry, Disgust, Fear, Happy, Sad, Surprise, Neutral. Image folders are mapped onto it by
-folder name, so the same image gets the same label from either format and results stay
-comparable with papers that use the CSV. It is *not* the alphabetical order that
-torchvision's ImageFolder would use.
+"""FER2013's two on-disk forms (image folders, the challenge CSV) -> uint8 arrays, with a checked
+cache.
 
 Decoding 35,887 JPEGs takes seconds, so decoded arrays are cached in ``cache_dir`` (never in
 the data root, which may be read-only). The cache file name holds a key derived from the
@@ -20,7 +15,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -28,7 +22,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from stat import S_ISREG
@@ -39,86 +33,17 @@ import torch
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-from fer_sweep.config import DataConfig
+from fer_sweep.core.config import DataConfig
+from fer_sweep.core.dataset import CLASSES, IMAGE_EXTENSIONS, IMAGE_SIZE, Split
 from fer_sweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-IMAGE_SIZE = 48
-
 CACHE_VERSION = 1
 CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-)
 _USAGE_CODES = {"Training": None, "PublicTest": 0, "PrivateTest": 1}
 _NPIX = IMAGE_SIZE * IMAGE_SIZE
 _CSV_CHUNK_ROWS = 1024  # ~10 MB of text per numpy parse: bounded memory, still fast
-
-
-@dataclass
-class Split:
-    """One split as plain tensors: small enough (83 MB for all of FER2013) to keep in RAM."""
-
-    x: torch.Tensor  # uint8 (N, 48, 48)
-    y: torch.Tensor  # int64 (N,)
-    usage: torch.Tensor | None = None  # int8 (N,): 0 PublicTest, 1 PrivateTest, -1 unknown
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def class_counts(self) -> list[int]:
-        """Samples per class in ``CLASSES`` order (zeros included, so always length 7)."""
-        return torch.bincount(self.y, minlength=len(CLASSES)).tolist()
-
-    def subset(self, idx: torch.Tensor) -> Split:
-        """A copy holding only ``idx`` (indices or a bool mask); copies stay contiguous."""
-        idx = torch.as_tensor(idx)
-        if idx.dtype == torch.bool:
-            idx = torch.nonzero(idx, as_tuple=True)[0]
-        # numpy's gather is several times faster than torch's for this uint8 copy
-        i = idx.to(torch.int64).cpu().numpy()
-        usage = None if self.usage is None else torch.from_numpy(self.usage.numpy()[i])
-        return Split(
-            torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]), usage
-        )
-
-
-class SealedSplit:
-    """The test split while a model is being trained and chosen: its size is known, any read
-    of its images or labels is an error. Every choice (epochs, weights, test-time augmentation)
-    is made on the validation split; the test split is for the final numbers only."""
-
-    def __init__(self, n: int) -> None:
-        self._n = n
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getattr__(self, name: str) -> Any:
-        raise DataError(
-            f"the test split was read (.{name}) before the final evaluation: training and "
-            "model selection must use data.train and data.val only."
-        )
-
-
-@dataclass
-class Dataset:
-    """Train/val/test splits plus the normalisation the model should use."""
-
-    train: Split
-    val: Split
-    test: Split | SealedSplit
-    mean: float
-    std: float
-    info: dict = field(default_factory=dict)
-
-    def sealed(self) -> Dataset:
-        """This dataset with the test split sealed (``SealedSplit``): what training sees."""
-        return Dataset(
-            self.train, self.val, SealedSplit(len(self.test)), self.mean, self.std, self.info
-        )
 
 
 def default_cache_dir() -> Path:
@@ -132,7 +57,7 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------- source lookup
 
 
-def _not_found(problem: str) -> DataError:
+def not_found(problem: str) -> DataError:
     """One message that says where we looked, what we expected and how to get the data."""
     return DataError(
         f"FER2013 not found: {problem}. Expected either the image folders "
@@ -149,9 +74,9 @@ def _resolve_format(root: Path, fmt: str) -> tuple[str, Path]:
     if fmt not in ("auto", "folder", "csv"):
         raise ConfigError(f"data.format={fmt!r} is not one of 'auto', 'folder', 'csv'.")
     if not root.exists():
-        raise _not_found(f"{root} does not exist")
+        raise not_found(f"{root} does not exist")
     if not root.is_dir():
-        raise _not_found(f"{root} is not a folder")
+        raise not_found(f"{root} is not a folder")
     has_folders = (root / "train").is_dir() and (root / "test").is_dir()
     csv = next((root / n for n in CSV_NAMES if (root / n).is_file()), None)
     if fmt in ("auto", "folder") and has_folders:
@@ -164,7 +89,7 @@ def _resolve_format(root: Path, fmt: str) -> tuple[str, Path]:
         "folder": "no train/ and test/ folders",
         "csv": f"no {' or '.join(CSV_NAMES)}",
     }[fmt]
-    raise _not_found(f"{wanted} in {root}, which contains {present or 'nothing'}")
+    raise not_found(f"{wanted} in {root}, which contains {present or 'nothing'}")
 
 
 def check_source(cfg: DataConfig) -> None:
@@ -173,7 +98,7 @@ def check_source(cfg: DataConfig) -> None:
     if cfg.synthetic:
         return
     if not cfg.root:
-        raise _not_found("data.root is empty (and FER2013_ROOT is unset)")
+        raise not_found("data.root is empty (and FER2013_ROOT is unset)")
     _resolve_format(Path(cfg.root).expanduser(), cfg.format)
 
 
@@ -672,109 +597,3 @@ def load_source(
         "hit" if cached is not None else f"written to {path}" if written else "not written",
     )
     return train, test, info
-
-
-def _class_perms(y: torch.Tensor, seed: int) -> list[np.ndarray]:
-    """Per class, that class's indices in a seeded random order (numpy: torch's small
-    gathers cost milliseconds each on a busy 2-core machine)."""
-    labels = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    rng = np.random.default_rng(int(seed))
-    return [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(CLASSES))]
-
-
-def stratified_split(
-    y: torch.Tensor, val_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_idx, val_idx): per class round(n_c*val_fraction) to val, deterministic for a
-    seed, so every class keeps its share and runs with the same seed see the same split.
-    Both index tensors are sorted, keeping the source order within each split."""
-    train_parts, val_parts = [], []
-    for idx in _class_perms(y, seed):
-        n_val = round(idx.size * float(val_fraction))
-        val_parts.append(idx[:n_val])
-        train_parts.append(idx[n_val:])
-    return (
-        torch.from_numpy(np.sort(np.concatenate(train_parts))),
-        torch.from_numpy(np.sort(np.concatenate(val_parts))),
-    )
-
-
-def limit_per_class(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices keeping at most n per class, chosen at random (seeded) rather than the
-    first n files, so a small debug subset is still a fair sample."""
-    parts = [idx[: int(n)] for idx in _class_perms(y, seed)]
-    return torch.from_numpy(np.sort(np.concatenate(parts)))
-
-
-def _mean_std(x: torch.Tensor) -> tuple[float, float]:
-    """Exact pixel mean/std in [0,1] units from a 256-bin histogram: 15x faster than floats."""
-    hist = torch.bincount(x.reshape(-1), minlength=256).double()
-    levels = torch.arange(256, dtype=torch.float64) / 255.0
-    n = hist.sum()
-    mean = float((hist * levels).sum() / n)
-    var = float((hist * levels * levels).sum() / n) - mean * mean
-    return mean, math.sqrt(max(var, 0.0))
-
-
-def _require_every_class(split: Split, where: str, fix: str) -> None:
-    counts = split.class_counts()
-    missing = [CLASSES[c] for c, k in enumerate(counts) if k == 0]
-    if missing:
-        raise DataError(
-            f"The {where} split has no images of class {', '.join(missing)} "
-            f"(counts per class {dict(zip(CLASSES, counts, strict=True))}); {fix}"
-        )
-
-
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Train/val/test with normalisation, from the typed data config (checked by the schema).
-
-    Order: load source -> stratified train/val split of the source's train split ->
-    limit_per_class on each split -> mean/std of the final train split (unless pinned)."""
-    start = time.perf_counter()
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    val_fraction, seed, limit = cfg.val_fraction, cfg.split_seed, cfg.limit_per_class
-
-    if cfg.synthetic:
-        from fer_sweep.synthetic import ensure_synthetic  # here: synthetic imports data
-
-        root: Path | str = ensure_synthetic(cache_dir)
-        fmt = "folder"
-    else:
-        if not cfg.root:
-            raise _not_found("data.root is empty (and FER2013_ROOT is unset)")
-        root, fmt = cfg.root, cfg.format
-    train_src, test, info = load_source(root, fmt, cache_dir, cfg.skip_bad_images)
-    where = f"source {info['root']}"
-    _require_every_class(train_src, f"train ({where})", "the dataset is incomplete.")
-    _require_every_class(test, f"test ({where})", "the dataset is incomplete.")
-
-    train_idx, val_idx = stratified_split(train_src.y, val_fraction, seed)
-    if limit is not None:
-        # compose index arrays so the images are copied once
-        y_src = train_src.y.numpy()
-        train_idx = train_idx[limit_per_class(y_src[train_idx.numpy()], limit, seed)]
-        val_idx = val_idx[limit_per_class(y_src[val_idx.numpy()], limit, seed)]
-        test = test.subset(limit_per_class(test.y, limit, seed))
-    train, val = train_src.subset(train_idx), train_src.subset(val_idx)
-    fix = f"change data.val_fraction={val_fraction} so each class has images on both sides."
-    _require_every_class(train, "train", fix)
-    _require_every_class(val, "val", fix)
-
-    pinned_mean, pinned_std = cfg.mean, cfg.std  # the schema pins both or neither
-    mean, std = _mean_std(train.x)
-    mean = float(pinned_mean) if pinned_mean is not None else mean
-    std = float(pinned_std) if pinned_std is not None else std
-    info["synthetic"] = cfg.synthetic
-    info["load_seconds"] = round(time.perf_counter() - start, 4)
-    log.info(
-        "Dataset: train %d, val %d, test %d (limit_per_class=%s); mean %.6f std %.6f%s.",
-        len(train),
-        len(val),
-        len(test),
-        limit,
-        mean,
-        std,
-        " (pinned)" if pinned_mean is not None or pinned_std is not None else "",
-    )
-    return Dataset(train=train, val=val, test=test, mean=mean, std=std, info=info)

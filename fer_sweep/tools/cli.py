@@ -7,8 +7,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from fer_sweep import store
 from fer_sweep.errors import FerSweepError
+from fer_sweep.sweep import store
 
 
 def add_store_args(

@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fer_sweep.errors import ConfigError
-from fer_sweep.store import DEFAULT_EXPERIMENT, DEFAULT_URI
+
+# MLflow's conventions decide the store when nothing is set (fer_sweep.sweep.store reads them).
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fer_sweep"
 
 
 def _require(ok: bool, message: str) -> None:

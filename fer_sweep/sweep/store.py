@@ -12,15 +12,13 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fer_sweep.core.config import DEFAULT_EXPERIMENT, DEFAULT_URI
 from fer_sweep.errors import FerSweepError
 
 if TYPE_CHECKING:  # mlflow loads in ~1 s: only the functions that talk to a store import it
     from mlflow.tracking import MlflowClient
-
-DEFAULT_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "fer_sweep"
 
 
 def default_uri() -> str:
@@ -139,3 +137,12 @@ def use_store(uri: str) -> None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def newest_runs(client: MlflowClient, exp_id: str, where: str, limit: int = 50) -> list[Any]:
+    """Runs of the experiment matching an MLflow filter, newest first."""
+    return list(
+        client.search_runs(
+            [exp_id], where, order_by=["attributes.start_time DESC"], max_results=limit
+        )
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fer_sweep.data import CLASSES, IMAGE_SIZE
+from fer_sweep.core.dataset import CLASSES, IMAGE_SIZE
 from fer_sweep.errors import DataError
 
 SYNTHETIC_DIRNAME = "synthetic-v1"  # bump when make_synthetic's output changes

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fer_sweep import train
-from fer_sweep.config import Config
-from fer_sweep.data import Dataset
+from fer_sweep.core import train
+from fer_sweep.core.config import Config
+from fer_sweep.core.dataset import Dataset
+from fer_sweep.core.train import State
 from fer_sweep.errors import FerSweepError
-from fer_sweep.train import State
 
 SAFETY = 1.15  # epochs are planned this much slower than calibrated (host noise, validation)
 RESERVE_S = 30.0  # after the final evaluation: figures, the model's upload, process exit

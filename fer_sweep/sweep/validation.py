@@ -103,7 +103,7 @@ def validate_jobs(config: DictConfig, jobs: list[list[str]] | None) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from fer_sweep.config import Config, validate, with_values
+    from fer_sweep.core.config import Config, validate, with_values
 
     if not jobs or not GlobalHydra.instance().is_initialized():
         return

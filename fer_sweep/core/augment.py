@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fer_sweep.config import TransformsConfig
+from fer_sweep.core.config import TransformsConfig
 from fer_sweep.errors import ConfigError
 
 __all__ = [

@@ -13,8 +13,8 @@ the package where Hydra requires launchers to live):
   with ``squeue`` instead, and says so once (``quiet_polling``);
 - **preemption and time limits continue the same MLflow run**: a job stopped by the scheduler
   (``scontrol requeue``, preemption, SIGTERM or submitit's SIGUSR2 before the time limit) ends
-  its training loop at a safe step (``fer_sweep.signals``); if SLURM requeued it, or if it may
-  requeue itself (``hydra.launcher.max_num_timeout`` not used up), it comes back and continues
+  its training loop at a safe step (``fer_sweep.core.interrupt``); if SLURM requeued it, or if it
+  may requeue itself (``hydra.launcher.max_num_timeout`` not used up), it comes back and continues
   the run it had started, from that run's checkpoint (``trainer.resume=<run id>``); otherwise
   it is recorded as a failed job of the sweep and the others go on.
 
@@ -35,6 +35,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fer_sweep.core.interrupt import job_signals
 from fer_sweep.errors import FerSweepError
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,6 @@ def job_id() -> str | None:
     if array and task:
         return f"{array}_{task}"
     return os.environ.get("SLURM_JOB_ID")
-
-
-def in_submitit_job() -> bool:
-    """A job that submitit started on a SLURM cluster (not the process that submitted it,
-    even where that one runs inside an allocation)."""
-    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
-
-
-def preemption_signal() -> signal.Signals:
-    """The signal submitit asks SLURM to send before the time limit (``--signal``); USR2 unless
-    SUBMITIT_PREEMPT_SIGNAL says otherwise, as in submitit."""
-    return signal.Signals[f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}"]
 
 
 def restarts() -> int:
@@ -142,10 +131,10 @@ def requeued_run(info: Mapping[str, Any] | None) -> str | None:
         return None
     from mlflow.tracking import MlflowClient
 
-    from fer_sweep import tracking
+    from fer_sweep.sweep import store
 
     client = MlflowClient(tracking_uri=info["tracking_uri"])
-    runs = tracking.newest_runs(
+    runs = store.newest_runs(
         client,
         info["experiment_id"],
         f"tags.mlflow.parentRunId = '{info['parent_run_id']}' and tags.`{JOB_TAG}` = '{jid}'",
@@ -354,8 +343,6 @@ def sbatch_refusal(err: BaseException) -> str | None:
 def stopped_for_good(code: object, max_requeues: int) -> str | None:
     """A job's SystemExit ``code``: why it ends for good when a signal stopped it and it does
     not come back (None: it was no such signal, or it comes back)."""
-    from fer_sweep import signals
-
-    if code not in {128 + s for s in signals.job_signals()}:
+    if code not in {128 + s for s in job_signals()}:
         return None  # submitit's own requeue (-1), or not an interruption
     return after_interruption(max_requeues)

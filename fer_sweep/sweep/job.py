@@ -24,13 +24,13 @@ from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fer_sweep import budget, figures, runtime, signals, store, tracking
-from fer_sweep.augment import check_crop
-from fer_sweep.config import Config, validate
-from fer_sweep.data import CLASSES, Dataset, Split, load_dataset
-from fer_sweep.errors import FerSweepError
-from fer_sweep.models import describe, summary_text
-from fer_sweep.train import (
+from fer_sweep.core import budget, figures, interrupt, runtime
+from fer_sweep.core.augment import check_crop
+from fer_sweep.core.config import Config, validate
+from fer_sweep.core.data import load_dataset
+from fer_sweep.core.dataset import CLASSES, Dataset, Split
+from fer_sweep.core.models import describe, summary_text
+from fer_sweep.core.train import (
     Result,
     State,
     best_path,
@@ -40,6 +40,8 @@ from fer_sweep.train import (
     pick_device,
     resolve_precision,
 )
+from fer_sweep.errors import FerSweepError
+from fer_sweep.sweep import store, tracking
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def resumable_run(client: MlflowClient, exp_id: str, conf: Config, key: str) -> 
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
     resume = conf.trainer.resume
     if resume == "auto":
-        runs = tracking.newest_runs(
+        runs = store.newest_runs(
             client,
             exp_id,
             f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
@@ -185,7 +187,7 @@ def earlier_runs(
 ) -> tuple[str | None, str | None]:
     """In a resumed sweep, this job's earlier runs under the parent: (its FINISHED run, its
     newest interrupted run that left a checkpoint), each None when there is none."""
-    runs = tracking.newest_runs(
+    runs = store.newest_runs(
         client,
         exp_id,
         f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fer_sweep.config_hash` = '{key}'",
@@ -203,7 +205,7 @@ def run_job(cfg: DictConfig) -> float:
 
     SIGINT/SIGTERM at any moment of it raises Interrupted (the training loop defers it to the
     next step): a run that exists by then ends KILLED."""
-    with signals.raising("job"):
+    with interrupt.raising("job"):
         return _run_job(cfg)
 
 
@@ -325,9 +327,9 @@ def _run_job(cfg: DictConfig) -> float:
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
-        signal_err = signals.interruption(err)
+        signal_err = interrupt.interruption(err)
         killed = signal_err is not None
-        with signals.deferred():  # a second signal must not stop the run from being marked
+        with interrupt.deferred():  # a second signal must not stop the run from being marked
             tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
         if killed and ckpt.exists():
             print(

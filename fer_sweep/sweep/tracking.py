@@ -32,9 +32,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fer_sweep import store
+from fer_sweep.core.interrupt import in_submitit_job
 from fer_sweep.errors import FerSweepError
-from fer_sweep.signals import WORKER_STOPPED, SweepGuard, alive
+from fer_sweep.sweep import store
+from fer_sweep.sweep.signals import WORKER_STOPPED, SweepGuard, alive
+from fer_sweep.sweep.store import newest_runs
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def flatten(cfg: Mapping[str, Any] | DictConfig, prefix: str = "") -> dict[str, 
 def git_commit() -> str | None:
     """The source tree's commit, so a run can be traced back to the code that produced it."""
     try:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
             capture_output=True,
@@ -219,10 +221,8 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
     info = parent_info(sweep_dir)
     if info is None:
         return
-    from fer_sweep import slurm  # local: the common case needs no SLURM module
-
-    if slurm.in_submitit_job():
-        return  # the scheduler stopped one job: fer_sweep.slurm decides if it comes back
+    if in_submitit_job():
+        return  # the scheduler stopped one job: fer_sweep.sweep.slurm decides if it comes back
     launcher = int(info.get("launcher_pid", os.getpid()))
     if info.get("launcher_host", socket.gethostname()) != socket.gethostname():
         return  # that pid is another machine's: the launcher learns it from the job's end
@@ -292,9 +292,9 @@ class MultirunParentCallback(Callback):
     """Create the sweep's parent run up front; close it with a summary when the sweep ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from fer_sweep.config import validate  # local: keep Hydra's plugin discovery light
-        from fer_sweep.data import check_source
-        from fer_sweep.sweep_validation import grid_jobs, grid_key, validate_jobs
+        from fer_sweep.core.config import validate  # local: keep Hydra's plugin discovery light
+        from fer_sweep.core.sources import check_source
+        from fer_sweep.sweep.validation import grid_jobs, grid_key, validate_jobs
 
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
@@ -392,15 +392,6 @@ class MultirunParentCallback(Callback):
             raise SystemExit(1)
 
 
-def newest_runs(client: MlflowClient, exp_id: str, where: str, limit: int = 50) -> list[Any]:
-    """Runs of the experiment matching an MLflow filter, newest first."""
-    return list(
-        client.search_runs(
-            [exp_id], where, order_by=["attributes.start_time DESC"], max_results=limit
-        )
-    )
-
-
 def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | None) -> Any:
     """The parent run that sweep.resume names ('latest': the experiment's newest), checked to
     be a sweep of the same grid."""
@@ -444,7 +435,7 @@ def _check_launcher(config: DictConfig) -> None:
             "hydra/launcher=submitit_local (same code path) or "
             "hydra/launcher=joblib."
         )
-    from fer_sweep.slurm import check_cluster  # local: keep Hydra's plugin discovery light
+    from fer_sweep.sweep.slurm import check_cluster  # local: keep Hydra's plugin discovery light
 
     check_cluster(OmegaConf.to_container(config.hydra.launcher, resolve=False))
 
@@ -463,7 +454,7 @@ def log_optimization_results(client: MlflowClient, run_id: str, path: Path) -> N
 def process_tags() -> dict[str, str]:
     """Where a job ran: tells parallel launchers' jobs apart (and finds a stuck node); under
     SLURM, its job id (``squeue``/``sacct`` and the job's log files go by it)."""
-    from fer_sweep.slurm import job_id  # local: keep Hydra's plugin discovery light
+    from fer_sweep.sweep.slurm import job_id  # local: keep Hydra's plugin discovery light
 
     tags = {f"{TAG_PREFIX}host": socket.gethostname(), f"{TAG_PREFIX}pid": str(os.getpid())}
     slurm_job = job_id()

@@ -26,12 +26,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from fer_sweep.augment import BatchTransform, make_transform
-from fer_sweep.config import Config, OptimizerConfig, SchedulerConfig, TrainerConfig
-from fer_sweep.data import Dataset, Split
+from fer_sweep.core.augment import BatchTransform, make_transform
+from fer_sweep.core.config import Config, OptimizerConfig, SchedulerConfig, TrainerConfig
+from fer_sweep.core.dataset import Dataset, Split
+from fer_sweep.core.interrupt import Interrupted, deferred
+from fer_sweep.core.models import build_model
 from fer_sweep.errors import ConfigError, FerSweepError
-from fer_sweep.models import build_model
-from fer_sweep.signals import Interrupted, deferred
 
 log = logging.getLogger(__name__)
 

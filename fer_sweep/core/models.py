@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_sweep.config import ModelConfig
+from fer_sweep.core.config import ModelConfig
 from fer_sweep.errors import ConfigError
 
 __all__ = [

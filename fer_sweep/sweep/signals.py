@@ -1,18 +1,11 @@
-"""SIGINT / SIGTERM at any moment of a run or a sweep: nothing is left RUNNING in MLflow.
+"""SIGINT / SIGTERM in the process that launched a sweep: nothing is left RUNNING in MLflow.
 
-Three layers, innermost wins while it is active:
-
-- the training loop turns a signal into a flag it polls between steps (``deferred``), so an
-  epoch is never half-written into a checkpoint; a second signal stops at once;
-- the rest of a job (validation, data loading, evaluation, artifacts) raises ``Interrupted`` at
-  once (``raising``): the job marks its run KILLED;
-- in a job that submitit started on a SLURM cluster, submitit's preemption / time-limit signal
-  (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) is handled like SIGTERM, so a job the
-  scheduler stops also ends at a safe step; whether it then comes back is ``fer_sweep.slurm``'s
-  decision;
-- the process that launched a sweep (``SweepGuard``), between jobs or while it waits for worker
-  processes, passes the signal on to its workers, waits for them to mark their runs, marks the
-  parent run KILLED and exits with 128 + the signal number.
+Inside a job the core's ``fer_sweep.core.interrupt`` turns a signal into a flag the training
+loop polls (``deferred``) or an ``Interrupted`` raised at once (``raising``), and the job marks
+its run KILLED. Here, the process that launched a multirun (``SweepGuard``), between jobs or
+while it waits for worker processes, passes the signal on to its workers, waits for them to
+mark their runs, marks the parent run KILLED and exits with 128 + the signal number. Whether a
+job that SLURM stopped comes back is ``fer_sweep.sweep.slurm``'s decision.
 """
 
 from __future__ import annotations
@@ -22,98 +15,17 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from fer_sweep.core.interrupt import SIGNALS, on_main_thread
+
 # A worker process that was interrupted tells the process that launched the sweep with this
 # one: unlike a person's second Ctrl-C it must not cut the launcher's own clean stop short.
 WORKER_STOPPED = getattr(signal, "SIGUSR1", signal.SIGTERM)
-
-
-class Interrupted(BaseException):  # noqa: N818 (a BaseException, like KeyboardInterrupt)
-    """SIGINT/SIGTERM (or a SLURM job's preemption signal) arrived; ``signum`` says which
-    (exit status 128 + signum)."""
-
-    def __init__(self, signum: int = signal.SIGINT, where: str = "") -> None:
-        self.signum = int(signum)
-        super().__init__(f"{signal.Signals(self.signum).name}" + (f" ({where})" if where else ""))
-
-
-def interruption(err: BaseException) -> BaseException | None:
-    """The signal behind ``err``: itself, or the Interrupted / KeyboardInterrupt that a library
-    turned into its own error while cleaning up (a SIGTERM inside an MLflow sqlite write comes
-    back as "This transaction is closed", raised from the interrupted rollback)."""
-    seen: set[int] = set()
-    cur: BaseException | None = err
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def exit_status(err: BaseException) -> int:
-    """130 for SIGINT (and Ctrl-C's KeyboardInterrupt), 143 for SIGTERM."""
-    return 128 + getattr(err, "signum", signal.SIGINT)
-
-
-def job_signals() -> tuple[int, ...]:
-    """The signals that stop a job: SIGINT, SIGTERM and, in a SLURM job started by submitit,
-    its preemption signal (else submitit's own handler would exit in the middle of a step)."""
-    from fer_sweep import slurm  # local: the common case needs no SLURM module
-
-    if slurm.in_submitit_job():
-        return (*SIGNALS, slurm.preemption_signal())
-    return SIGNALS
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-@contextlib.contextmanager
-def _handlers(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    if not _main_thread():  # signals reach the main thread only (joblib's threading backend)
-        yield
-        return
-    old = {s: signal.signal(s, handler) for s in job_signals()}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def raising(where: str = "") -> Iterator[None]:
-    """A signal raises Interrupted at once (Ctrl-C's default, for SIGTERM too)."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum, where)
-
-    with _handlers(handler):
-        yield
-
-
-@contextlib.contextmanager
-def deferred() -> Iterator[Callable[[], int]]:
-    """A signal becomes a flag (the signal number, 0 while none came) for a loop to poll at a
-    safe point; a second one raises Interrupted at once."""
-    got = {"signum": 0}
-
-    def handler(signum: int, frame: Any) -> None:
-        if got["signum"]:
-            raise Interrupted(signum, "second signal")
-        got["signum"] = signum
-
-    with _handlers(handler):
-        yield lambda: got["signum"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -153,7 +65,7 @@ class SweepGuard:
         self.hurry = False
 
     def install(self) -> None:
-        if _main_thread() and not self.old:
+        if on_main_thread() and not self.old:
             self.old = {s: signal.signal(s, self._handle) for s in {*SIGNALS, WORKER_STOPPED}}
 
     def uninstall(self) -> None:

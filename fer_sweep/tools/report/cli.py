@@ -1,0 +1,197 @@
+"""``python -m fer_sweep.report``: write the tables and figures for a sweep's parent run to a
+folder and log them back on the parent."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fer_sweep.errors import FerSweepError
+from fer_sweep.sweep import store
+from fer_sweep.tools.cli import add_store_args, run_command
+from fer_sweep.tools.report.runs import (
+    Group,
+    build_groups,
+    build_rows,
+    children,
+    compare_groups,
+    find_parent,
+)
+from fer_sweep.tools.report.tables import (
+    class_counts,
+    comparison_records,
+    run_records,
+    table1_markdown,
+    table2_markdown,
+    table2_records,
+    write_csv,
+)
+
+
+def write_report(
+    client: MlflowClient,
+    uri: str,
+    experiment: str,
+    parent: Run,
+    out: Path,
+    log: bool = True,
+    compare: str | None = None,
+    more_parents: Sequence[Run] = (),
+) -> list[Group]:
+    """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
+    accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
+    (files under report/). ``more_parents``: further sweeps whose jobs join the report (e.g. the
+    same rows trained in another precision), which is then logged on the first parent only."""
+    from fer_sweep.core import figures
+
+    exp_id = parent.info.experiment_id
+    parent_id = parent.info.run_id
+    runs = children(client, exp_id, parent_id)
+    for other in more_parents:
+        runs += children(client, other.info.experiment_id, other.info.run_id)
+    if not runs:
+        raise FerSweepError(
+            f"parent run {parent_id} has no child job runs (yet); pick another "
+            "with --parent RUN_ID."
+        )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        rows, keys = build_rows(client, runs, tmp)
+        counts = class_counts(client, [r.run for r in rows], tmp)
+    groups, group_keys = build_groups(rows, keys)
+    comparisons = compare_groups(groups, group_keys, compare)  # a bad --compare fails first
+    out.mkdir(parents=True, exist_ok=True)
+    ensembles = children(client, exp_id, parent_id, role="ensemble")
+    (out / "table2.md").write_text(
+        table2_markdown(groups, group_keys, parent, uri, experiment, ensembles, comparisons)
+    )
+    write_csv(out / "table2.csv", table2_records(groups, group_keys))
+    write_csv(out / "runs.csv", run_records(rows, keys))
+    if comparisons:
+        write_csv(out / "compare.csv", comparison_records(comparisons))
+    (out / "table1.md").write_text(table1_markdown(counts, any(r.synthetic for r in rows)))
+
+    syn = " (SYNTHETIC data)" if any(r.synthetic for r in rows) else ""
+    accs = [g.stats.get("test_acc") for g in groups]
+    figures.accuracy_bars(
+        [g.label for g in groups],
+        [math.nan if a is None else a.mean for a in accs],
+        [g.first.study.acc / 100 if g.first.study else None for g in groups],
+        out / "accuracy.png",
+        title=f"Test accuracy: ours vs the study{syn}",
+        intervals=[(a.low, a.high) if a and a.low is not None else None for a in accs],
+    )
+    curves = {}
+    for r in rows:
+        hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
+        label = r.label if len(groups) == len(rows) else f"{r.label} ({r.run_id[:6]})"
+        curves[label] = [100 * m.value for m in hist]
+    figures.overlay_curves(
+        curves,
+        out / "curves.png",
+        ylabel="validation accuracy (%)",
+        title=f"Validation accuracy per epoch{syn}",
+    )
+    if log:
+        client.log_artifacts(parent_id, str(out), artifact_path="report")
+        _log_aggregates(client, parent_id, groups)
+    return groups
+
+
+def _log_aggregates(client: MlflowClient, parent_id: str, groups: Sequence[Group]) -> None:
+    """group<i>.<metric>_mean/_std/_ci95_low/_ci95_high and group<i>.n on the parent run, with
+    the group's label as the tag fer_sweep.group<i>: the report's numbers, searchable."""
+    from fer_sweep.sweep import tracking
+
+    metrics: dict[str, float] = {}
+    tags = {}
+    for i, g in enumerate(groups, 1):
+        tags[f"fer_sweep.group{i}"] = g.label[:5000]
+        metrics[f"group{i}.n"] = g.n
+        for metric, summary in g.stats.items():
+            for field_name, value in (
+                ("mean", summary.mean),
+                ("std", summary.std),
+                ("ci95_low", summary.low),
+                ("ci95_high", summary.high),
+            ):
+                if value is not None:
+                    metrics[f"group{i}.{metric}_{field_name}"] = value
+    tracking.log_metrics(client, parent_id, metrics)
+    tracking.set_tags(client, parent_id, tags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fer_sweep.report",
+        description="Rebuild the study's Table 2 (one row per child run of a sweep), Table 1 "
+        "(class counts of the splits used) and comparison figures from MLflow; "
+        "write them to --out and log them on the sweep's parent run (report/).",
+        epilog="Example: python -m fer_sweep experiment=table2 && python -m fer_sweep.report",
+    )
+    add_store_args(p, "the sweep logged to")
+    p.add_argument(
+        "--parent",
+        metavar="RUN_ID",
+        action="append",
+        help="the sweep's parent run (default: the latest parent in the experiment); "
+        "repeat it to report several sweeps' jobs together (logged on the first)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", type=Path, help="output folder (default: reports/<parent run id>)"
+    )
+    p.add_argument(
+        "--compare",
+        metavar="SETTING",
+        help="state the difference of mean test accuracy (Welch 95 %% CI) between "
+        "every two groups that differ in this setting, e.g. transforms or "
+        "model (default: pairs that differ in exactly one setting)",
+    )
+    p.add_argument(
+        "--no-log",
+        action="store_true",
+        help="only write the files; do not log them on the parent run",
+    )
+    return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    client = store.open_existing(args.tracking_uri)
+    store.use_store(args.tracking_uri)
+    exp_id = store.require_experiment(client, args.experiment)
+    parents = [find_parent(client, exp_id, p) for p in args.parent or [None]]
+    parent = parents[0]
+    out = args.out or Path("reports") / parent.info.run_id
+    groups = write_report(
+        client,
+        args.tracking_uri,
+        args.experiment,
+        parent,
+        out,
+        log=not args.no_log,
+        compare=args.compare,
+        more_parents=parents[1:],
+    )
+    print((out / "table2.md").read_text())
+    where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
+    runs = sum(g.n for g in groups)
+    print(
+        f"{len(groups)} rows ({runs} runs) -> {out}/ (table2.md, table2.csv, runs.csv, "
+        f"table1.md, accuracy.png, curves.png){where}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), _report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
