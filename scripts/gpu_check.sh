@@ -317,7 +317,7 @@ for line in declared:
     checked[req.name] = entry
 info["dependencies"] = checked
 # fer_sweep's own modules: whatever else they import at module level.
-for mod in ("fer_sweep.sweep.job", "fer_sweep.core.train", "fer_sweep.tools.bench", "fer_sweep.tools.report.cli",
+for mod in ("fer_sweep.sweep.job", "fer_sweep.core.train", "fer_sweep.tools.bench.cli", "fer_sweep.tools.report.cli",
             "fer_sweep.sweep.tracking", "hydra_plugins.hydra_joblib_launcher.joblib_launcher",
             "hydra_plugins.hydra_submitit_launcher.submitit_launcher"):
     try:
@@ -418,7 +418,7 @@ if client.get_experiment_by_name(name) is None:
     client.create_experiment(name, artifact_location=os.path.join(work, "artifacts"))
 print(f"MLflow store {uri}, experiment {name!r}: {time.time() - t0:.1f} s")
 
-from fer_sweep.tools.bench import compose_config  # noqa: E402
+from fer_sweep.sweep.compose import compose_config  # noqa: E402
 from fer_sweep.core.data import load_dataset  # noqa: E402
 
 t0 = time.time()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fer_sweep.core.train import resolve_precision
+from fer_sweep.core.device import resolve_precision
 from tests.conftest import real_data, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
@@ -191,7 +191,7 @@ def test_bad_input_is_one_clear_error(
 def test_chained_ratios_and_the_direct_fallback() -> None:
     """Per repeat: fer_sweep / paired ceiling x own variant / target; with no own variant
     measured (a compiled fer_sweep under --no-compile), fer_sweep / target directly."""
-    from fer_sweep.tools.bench import _chained_ratios, _range
+    from fer_sweep.tools.bench.measure import _chained_ratios, _range
 
     ours, ceiling, own, target = [90.0, 80.0], [100.0, 100.0], [120.0, 90.0], [60.0, 30.0]
     assert _chained_ratios(ours, ceiling, own, target) == pytest.approx([1.8, 2.4])

@@ -18,13 +18,14 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.core import budget
+from fer_sweep.core.checkpoint import State
 from fer_sweep.core.config import Config
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.interrupt import Interrupted
-from fer_sweep.core.train import State, fit, make_scheduler, retarget
+from fer_sweep.core.train import fit, make_scheduler, retarget
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.sweep import job
-from fer_sweep.tools.bench import CONF_DIR, compose_config
+from fer_sweep.sweep.compose import CONF_DIR, compose_config
 from tests.conftest import run_cli
 
 SMALL = ["model=cnn2", "transforms=norm", "trainer.batch_size=32", "trainer.progress=false"]

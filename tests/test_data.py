@@ -215,7 +215,7 @@ def test_bad_settings_are_reported(tiny: Path, tmp_path: Path):
 
 
 def test_root_from_environment_through_the_config(tiny: Path, tmp_path: Path, monkeypatch):
-    from fer_sweep.tools.bench import compose_config
+    from fer_sweep.sweep.compose import compose_config
 
     monkeypatch.setenv("FER2013_ROOT", str(tiny))
     conf = compose_config([f"data.cache_dir='{tmp_path / 'c'}'"])

@@ -23,10 +23,12 @@ from fer_sweep.core.augment import make_transform
 from fer_sweep.core.config import Config
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.dataset import CLASSES, Dataset, Split
+from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.models import build_model
 from fer_sweep.core.synthetic import make_synthetic
-from fer_sweep.core.train import evaluate, fit, make_optimizer
-from fer_sweep.tools.bench import compose_config, naive_dataset, naive_loader, naive_step
+from fer_sweep.core.train import fit, make_optimizer
+from fer_sweep.sweep.compose import compose_config
+from fer_sweep.tools.bench.pipelines import naive_dataset, naive_loader, naive_step
 from tests.conftest import real_data
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains

@@ -17,20 +17,19 @@ from fer_sweep.core.augment import BatchTransform, make_transform, random_crop, 
 from fer_sweep.core.config import Config
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.dataset import SealedSplit
+from fer_sweep.core.evaluate import evaluate, tta_views
 from fer_sweep.core.models import build_model, count_parameters, describe, resnet, summary
-from fer_sweep.core.sources import DataError
 from fer_sweep.core.train import (
     fit,
     make_scheduler,
     per_step,
     train_epoch,
     train_step,
-    tta_views,
     weight_average,
 )
-from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.errors import ConfigError, DataError, FerSweepError
 from fer_sweep.sweep import job
-from fer_sweep.tools.bench import CONF_DIR, compose_config
+from fer_sweep.sweep.compose import CONF_DIR, compose_config
 from tests.conftest import run_cli
 
 
@@ -512,7 +511,7 @@ def test_fit_trains_on_crops_evaluates_whole_images_and_the_budget_times_crops(
     assert set(steps) == {(40, 40)} and len(steps) == math.ceil(len(data.train) / 32)
     seen: list[tuple[int, ...]] = []
     result.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
-    out = train.evaluate(result.model, data.val, result.tfm, 64, result.device)
+    out = evaluate(result.model, data.val, result.tfm, 64, result.device)
     assert set(seen) == {(48, 48)} and 0.0 <= out["acc"] <= 1.0
 
 

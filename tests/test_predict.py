@@ -17,8 +17,8 @@ from PIL import Image
 
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES
+from fer_sweep.core.device import autocast
 from fer_sweep.core.sources import load_source
-from fer_sweep.core.train import autocast
 from fer_sweep.tools.predict import decode_image, main
 from tests.conftest import real_data, run_cli
 

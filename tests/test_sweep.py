@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fer_sweep.core.train import resolve_precision
+from fer_sweep.core.device import resolve_precision
 from tests.conftest import JOB_ARTIFACTS, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains

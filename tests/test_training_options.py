@@ -12,16 +12,10 @@ import torch
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.config import Config
 from fer_sweep.core.data import load_dataset
-from fer_sweep.core.train import (
-    at_lr_floor,
-    cpu_has_fast_bf16,
-    fit,
-    make_scheduler,
-    resolve_precision,
-    train_epoch,
-)
+from fer_sweep.core.device import cpu_has_fast_bf16, resolve_precision
+from fer_sweep.core.train import at_lr_floor, fit, make_scheduler, train_epoch
 from fer_sweep.errors import ConfigError
-from fer_sweep.tools.bench import compose_config
+from fer_sweep.sweep.compose import compose_config
 
 CPU = torch.device("cpu")
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from fer_sweep.core import train
+from fer_sweep.core.augment import make_transform
+from fer_sweep.core.checkpoint import State
 from fer_sweep.core.config import Config
 from fer_sweep.core.dataset import Dataset
-from fer_sweep.core.train import State
+from fer_sweep.core.device import resolve_precision, synchronize
+from fer_sweep.core.evaluate import evaluate, tta_views
 from fer_sweep.errors import FerSweepError
 
 SAFETY = 1.15  # epochs are planned this much slower than calibrated (host noise, validation)
@@ -57,8 +60,8 @@ class Plan:
 
 
 def tta_view_count(mode: str) -> int:
-    """Forward passes per image of eval.tta: counted from train.tta_views itself."""
-    return sum(1 for _ in train.tta_views(torch.zeros(1, 1, 8, 8), mode))
+    """Forward passes per image of eval.tta: counted from tta_views itself."""
+    return sum(1 for _ in tta_views(torch.zeros(1, 1, 8, 8), mode))
 
 
 def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
@@ -71,7 +74,7 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
         devices=[device] if accel else [], device_type=device.type if accel else None
     ):
         model, step_model, opt, channels_last = train.build(conf, device)
-        precision = train.resolve_precision(tc.amp, device)
+        precision = resolve_precision(tc.amp, device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         bs = tc.batch_size
         crop = conf.transforms.crop  # the step sees the training crops, not the whole images
@@ -84,17 +87,17 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
             start = time.perf_counter()
             for _ in range(n):
                 train.train_step(step_model, opt, x, y, precision, tc.label_smoothing)
-            train.synchronize(device)
+            synchronize(device)
             return time.perf_counter() - start
 
         steps(WARMUP_STEPS)
         train_ips = TIMED_STEPS * bs / steps(TIMED_STEPS)
         n_eval = min(len(data.val), 2 * tc.eval_batch_size)
         val = (data.val.x[:n_eval].to(device), data.val.y[:n_eval].to(device))
-        tfm = train.make_transform(None, data.mean, data.std)
-        train.evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
+        tfm = make_transform(None, data.mean, data.std)
+        evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
         start = time.perf_counter()
-        train.evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
+        evaluate(model, val, tfm, tc.eval_batch_size, device, precision, channels_last)
         eval_ips = n_eval / max(time.perf_counter() - start, 1e-9)
     return Speed(train_ips, eval_ips, time.perf_counter() - t0)
 

@@ -187,6 +187,8 @@ def learning_curves(
     axis over the loss. Missing keys are skipped; NaN values leave gaps. ``best_epoch`` is
     0-based and drawn as a dashed vertical line labelled 'best'. Markers are drawn so a
     1-epoch run still shows points.
+
+    Long because a figure's layout (panels, axes, legend, markers) reads best in one place.
     """
     series = {k: _floats(v) for k, v in history.items()}
     n_epochs = max((len(v) for v in series.values()), default=0)
@@ -466,6 +468,8 @@ def accuracy_bars(
     Horizontal so that long labels (whole network descriptions) stay readable; labels are
     wrapped. Each series may be fractions or percent (see ``_as_percent``); it is drawn in
     percent. A None/NaN value draws no bar, and the row is marked 'n/a' for that series.
+
+    Long because a figure's layout (bars, labels, reference marks) reads best in one place.
     """
     names = [str(s) for s in labels]
     a = _as_percent(_floats(ours))

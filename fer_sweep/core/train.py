@@ -8,15 +8,11 @@ finiteness check every few steps, so a diverging run stops within its epoch).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import platform
-import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +23,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from fer_sweep.core.augment import BatchTransform, make_transform
+from fer_sweep.core.checkpoint import State, load_checkpoint, save_checkpoint
 from fer_sweep.core.config import Config, OptimizerConfig, SchedulerConfig, TrainerConfig
-from fer_sweep.core.dataset import Dataset, Split
+from fer_sweep.core.dataset import Dataset
+from fer_sweep.core.device import autocast, pick_device, resolve_precision, use_cuda_kernels
+from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.interrupt import Interrupted, deferred
 from fer_sweep.core.models import build_model
-from fer_sweep.errors import ConfigError, FerSweepError
+from fer_sweep.errors import FerSweepError
 
 log = logging.getLogger(__name__)
 
@@ -43,43 +42,6 @@ class Diverged(FerSweepError):
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def pick_device(name: str) -> torch.device:
-    """auto = cuda > mps > cpu; an explicit device that is not there is a clear error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps.")
-    dev = torch.device(name)
-    if dev.type == "cuda" and (
-        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
-    ):
-        raise ConfigError(
-            f"trainer.device={name} but this machine has "
-            f"{torch.cuda.device_count()} CUDA device(s); use trainer.device=auto."
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("trainer.device=mps but MPS is not available; use trainer.device=auto.")
-    return dev
-
-
-def device_name(device: torch.device) -> str:
-    """What the device is, for run tags and benchmark records: the GPU's or the CPU's model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_optimizer(
@@ -167,235 +129,6 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (x86 AVX-512-BF16 or AMX): oneDNN then runs
-    convolutions and matmuls in bf16 at 1.1-2.5x the fp32 speed (measured here, docs/
-    performance.md). Elsewhere bf16 is emulated and slower than fp32."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
-            )
-    except OSError:  # not Linux: no way to tell cheaply, stay in fp32
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def resolve_precision(setting: str, device: torch.device) -> str:
-    """trainer.amp -> the precision a run really uses, "bf16" (autocast) or "fp32".
-
-    auto: bf16 on CUDA devices that support it and on CPUs with native bf16 (every model of
-    Table 2 trains faster there, and its accuracy matches fp32: docs/results.md); fp32 on MPS
-    and on other CPUs. An explicit bf16 on a device without it is refused.
-    """
-    if setting == "fp32":
-        return "fp32"
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        ok = cpu_has_fast_bf16() or (setting == "bf16" and torch.backends.mkldnn.is_available())
-    else:
-        ok = False
-    if setting == "bf16" and not ok:
-        raise ConfigError(
-            f"trainer.amp=bf16 but {device} cannot run bf16 autocast; use trainer.amp=auto or fp32."
-        )
-    return "bf16" if ok else "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast where ``precision`` says so (CUDA or CPU); fp32 is a no-op. On one CPU a
-    bf16 run is as deterministic as an fp32 one (same kernels, same order)."""
-    if precision == "bf16" and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def tta_views(x: torch.Tensor, mode: str, shift: int = 2) -> Iterator[torch.Tensor]:
-    """Test-time views of a normalized batch: identity, mirror, and/or ``shift``-pixel shifts
-    (0 fill) up, down, left and right; ``flip_x_shift`` mirrors every shifted view too (10)."""
-    shifted = [x]
-    if "shift" in mode:
-        padded = F.pad(x, (shift, shift, shift, shift))
-        h, w = x.shape[-2:]
-        for dy, dx in ((0, shift), (2 * shift, shift), (shift, 0), (shift, 2 * shift)):
-            shifted.append(padded[..., dy : dy + h, dx : dx + w])
-    if mode == "flip_x_shift":
-        for v in shifted:
-            yield v
-            yield v.flip(-1)
-        return
-    yield x
-    if "flip" in mode:
-        yield x.flip(-1)
-    yield from shifted[1:]
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    split: Split | tuple[torch.Tensor, torch.Tensor],
-    tfm: BatchTransform,
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    tta: str = "none",
-    tta_shift: int = 2,
-) -> dict[str, Any]:
-    """Loss, accuracy and softmax probabilities over a whole split, in large batches."""
-    x, y = (split.x, split.y) if isinstance(split, Split) else split
-    model.eval()
-    probs, loss_sum = [], torch.zeros((), device=device)
-    for i in range(0, len(y), batch_size):
-        xb = tfm(x[i : i + batch_size].to(device, non_blocking=True), train=False)
-        yb = y[i : i + batch_size].to(device, non_blocking=True)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        views = list(tta_views(xb, tta, tta_shift)) if tta != "none" else [xb]
-        with autocast(device, precision):
-            logits = [model(v).float() for v in views]
-        loss_sum += F.cross_entropy(logits[0], yb, reduction="sum")
-        p = torch.stack([lg.softmax(1) for lg in logits]).mean(0)
-        probs.append(p)
-    prob = torch.cat(probs).cpu() if probs else torch.zeros((0, 7))
-    pred = prob.argmax(1)
-    n = max(len(y), 1)
-    return {
-        "loss": loss_sum.item() / n,
-        "acc": (pred == y.cpu()).float().sum().item() / n,
-        "probs": prob,
-        "pred": pred,
-    }
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class State:
-    """Everything needed to continue a run exactly where its last completed epoch left it."""
-
-    epoch: int = -1  # last completed epoch
-    epochs: int = 0  # the run's length: trainer.epochs, or its time budget's latest plan
-    history: dict[str, list[float]] = field(
-        default_factory=lambda: {
-            k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
-        }
-    )
-    best_val_acc: float = -1.0
-    best_epoch: int = -1
-    best_weights: dict[str, torch.Tensor] | None = None
-    best_changed: bool = False  # best_weights not yet in a checkpoint
-    best_val_loss: float = math.inf  # early stopping watches the validation loss ...
-    bad_epochs: int = 0  # ... and counts the epochs since it last improved
-    floor_epochs: int = 0  # epochs spent with the plateau scheduler at its lowest rate
-    stop_reason: str = "epochs"  # epochs | early_stopping | min_lr | time_budget
-
-
-def save_checkpoint(
-    path: Path,
-    state: State,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    device: torch.device,
-    ema: AveragedModel | None = None,
-) -> None:
-    """Atomic: write a temporary file beside the target, then rename over it. The best weights
-    go to their own file (``best_path``), rewritten only when they changed since the last
-    checkpoint: most epochs of a long run do not beat the best."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if state.best_changed and state.best_weights is not None:
-        _atomic_save(state.best_weights, best_path(path))
-        state.best_changed = False
-    blob = {
-        "epoch": state.epoch,
-        "epochs": state.epochs,
-        "history": state.history,
-        "best_val_acc": state.best_val_acc,
-        "best_epoch": state.best_epoch,
-        "best_val_loss": state.best_val_loss,
-        "bad_epochs": state.bad_epochs,
-        "floor_epochs": state.floor_epochs,
-        "stop_reason": state.stop_reason,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict() if sched is not None else None,
-        "ema": ema.state_dict() if ema is not None else None,
-        "rng_cpu": torch.get_rng_state(),
-        # The training device's generator only: a list of every visible GPU's would not fit a
-        # resume that sees another number of GPUs, and a CPU job must not initialise CUDA.
-        "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-    _atomic_save(blob, path)
-
-
-def best_path(path: Path) -> Path:
-    """<run id>.best.pt beside <run id>.pt."""
-    return path.with_name(f"{path.stem}.best{path.suffix}")
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(
-    path: Path,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: Any,
-    device: torch.device,
-    ema: AveragedModel | None = None,
-) -> State:
-    """Restore model, optimizer, scheduler, weight-average and RNG states; weights_only (no
-    arbitrary pickles)."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        best = best_path(path)
-        best_weights = (
-            torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None
-        )
-    except Exception as err:
-        raise FerSweepError(
-            f"checkpoint {path} cannot be read ({err}); delete it and start the "
-            "run afresh (trainer.resume=null)."
-        ) from None
-    if ema is not None and blob.get("ema") is None:
-        raise FerSweepError(
-            f"checkpoint {path} holds no weight average but trainer.ema_decay asks for one; "
-            "resume with the run's own settings, or start it afresh (trainer.resume=null)."
-        )
-    model.load_state_dict(blob["model"])
-    if ema is not None:
-        ema.load_state_dict(blob["ema"])
-    opt.load_state_dict(blob["optimizer"])
-    if sched is not None and blob["scheduler"] is not None:
-        sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng_cpu"])
-    if blob.get("rng_device") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(blob["rng_device"], device)
-    return State(
-        epoch=blob["epoch"],
-        epochs=blob.get("epochs", 0),
-        history=blob["history"],
-        best_val_acc=blob["best_val_acc"],
-        best_epoch=blob["best_epoch"],
-        best_weights=best_weights,
-        best_val_loss=blob.get("best_val_loss", math.inf),
-        bad_epochs=blob.get("bad_epochs", 0),
-        floor_epochs=blob.get("floor_epochs", 0),
-        stop_reason=blob.get("stop_reason", "epochs"),
-    )
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -444,6 +177,8 @@ def train_epoch(
     takes in every new weight. ``eager``, the uncompiled module of a compiled ``model`` (or the
     model itself), takes an epoch's shorter last batch: compiled, it would cost a second,
     dynamic-shape graph.
+
+    The hot loop, kept whole on purpose: every step's work is visible in one place.
     """
     device = x.device
     model.train()
@@ -582,23 +317,36 @@ def build(
     return model, step_model, opt, channels_last
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so a timer measures work done, not work launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def follow_plan(
+    planned: int, state: State, sched: Any, opt: Any, conf: Config, steps_per_epoch: int
+) -> Any:
+    """A time budget's new plan after an epoch: stop when no further epoch fits, or retarget
+    the schedule to the new count; returns the schedule to go on with."""
+    done = state.epoch + 1
+    if planned <= done < state.epochs:  # no further epoch fits
+        state.stop_reason = "time_budget"
+    elif planned > done and planned != state.epochs:
+        sched = retarget(sched, opt, conf.scheduler, planned, steps_per_epoch)
+        state.epochs = planned
+        log.info("time budget: %d epochs planned now (%d done)", planned, done)
+    return sched
 
 
-def use_cuda_kernels(deterministic: bool) -> None:
-    """cuDNN autotuning (cudnn.benchmark: the fastest convolution for each fixed shape; every
-    batch but an epoch's last has the same shape) unless deterministic kernels are asked for,
-    which cost speed (docs/gpu.md). A CUDA run's process setting; CPU runs are deterministic."""
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+def say_epoch(state: State, epoch: int, metrics: dict[str, float], progress: bool) -> None:
+    """The epoch's line under the progress bar, and why the run stops when it does."""
+    if progress:
+        tqdm.write(
+            f"epoch {epoch + 1}/{state.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+            f"val_acc {metrics['val_acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)"
+        )
+    if state.stop_reason != "epochs":
+        log.info(
+            "stopping after epoch %d of %d: %s",
+            epoch + 1,
+            state.epochs,
+            STOP_REASONS[state.stop_reason],
+        )
 
 
 def fit(
@@ -618,6 +366,10 @@ def fit(
     (a time budget's, budget.Pacer) returns after every epoch how many epochs the run should
     have in all: the schedule is retargeted to a new count, and a count already reached
     stops the run.
+
+    Longer than most functions on purpose: one loop, read top to bottom (nanoGPT's train.py):
+    set-up, then each epoch's train -> validate -> schedule -> stop? -> checkpoint -> report in
+    the order they happen.
     """
     tc = conf.trainer
     device = pick_device(tc.device)
@@ -687,13 +439,7 @@ def fit(
             record_epoch(state, epoch, metrics, kept)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if replan is not None and state.stop_reason == "epochs":
-                planned = replan(state)
-                if planned <= epoch + 1 < state.epochs:  # no further epoch fits
-                    state.stop_reason = "time_budget"
-                elif planned > epoch + 1 and planned != state.epochs:
-                    sched = retarget(sched, opt, conf.scheduler, planned, steps_per_epoch)
-                    state.epochs = planned
-                    log.info("time budget: %d epochs planned now (%d done)", planned, epoch + 1)
+                sched = follow_plan(replan(state), state, sched, opt, conf, steps_per_epoch)
             last = state.stop_reason != "epochs" or epoch + 1 == state.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):
@@ -701,19 +447,8 @@ def fit(
                 saved_at = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
-            if tc.progress:
-                tqdm.write(
-                    f"epoch {epoch + 1}/{state.epochs}  train_loss {train_loss:.4f}  "
-                    f"train_acc {metrics['train_acc']:.4f}  val_loss {v['loss']:.4f}  "
-                    f"val_acc {v['acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)"
-                )
+            say_epoch(state, epoch, metrics, tc.progress)
             if state.stop_reason != "epochs":
-                log.info(
-                    "stopping after epoch %d of %d: %s",
-                    epoch + 1,
-                    state.epochs,
-                    STOP_REASONS[state.stop_reason],
-                )
                 break
     return Result(
         model=kept,

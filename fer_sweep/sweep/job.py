@@ -26,20 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep.core import budget, figures, interrupt, runtime
 from fer_sweep.core.augment import check_crop
+from fer_sweep.core.checkpoint import State, best_path
 from fer_sweep.core.config import Config, validate
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.dataset import CLASSES, Dataset, Split
+from fer_sweep.core.device import device_name, pick_device, resolve_precision
+from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.models import describe, summary_text
-from fer_sweep.core.train import (
-    Result,
-    State,
-    best_path,
-    device_name,
-    evaluate,
-    fit,
-    pick_device,
-    resolve_precision,
-)
+from fer_sweep.core.train import Result, fit
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store, tracking
 
@@ -210,45 +204,20 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def _run_job(cfg: DictConfig) -> float:
+    """The job's steps in order; each names what it decides before the next one starts."""
     started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
     key = config_hash(cfg)  # "the same run" for trainer.resume and sweep.resume
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
-    device = pick_device(conf.trainer.device)  # a GPU that is not there: named before any data
-    # What trainer.amp means on this device, decided (and refused, if impossible) up front.
-    conf.trainer.amp = resolve_precision(conf.trainer.amp, device)
     multirun, sweep_dir, job_num, overrides = hydra_job()
-    if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
-        # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.
-        conf.trainer.device = f"cuda:{job_num % torch.cuda.device_count()}"
-    if conf.trainer.device == "auto":
-        conf.trainer.device = str(device)
-    log.info(
-        "device %s (%s), precision %s",
-        conf.trainer.device,
-        device_name(torch.device(conf.trainer.device)),
-        conf.trainer.amp,
-    )
+    _place(conf, multirun, job_num)
     client = store.connect(conf.mlflow.tracking_uri)
-    parent = tracking.parent_info(sweep_dir) if sweep_dir else None
-    parent_id = None
-    if (
-        parent
-        and parent["tracking_uri"] == conf.mlflow.tracking_uri
-        and parent["experiment"] == conf.mlflow.experiment
-    ):
-        exp_id, parent_id = parent["experiment_id"], parent["parent_run_id"]
-    else:
-        exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
-    if parent_id and parent.get("resumed"):  # sweep.resume: this job may be done already
-        ckpt_dir = Path(conf.trainer.checkpoint_dir)
-        done, interrupted = earlier_runs(client, exp_id, parent_id, key, ckpt_dir)
+    exp_id, parent_id, resumed = _experiment(client, conf, sweep_dir)
+    if parent_id and resumed:
+        done = _resume_in_sweep(client, conf, exp_id, parent_id, key, job_num)
         if done is not None:
-            log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
-            return float(client.get_run(done).data.metrics.get("best_val_acc", math.nan))
-        if interrupted is not None:  # it continues in its own run (trainer.resume semantics)
-            conf.trainer.resume = interrupted
+            return done
 
     data = load_dataset(conf.data)
     log.info(
@@ -261,32 +230,107 @@ def _run_job(cfg: DictConfig) -> float:
         data.std,
         "cache hit" if data.info.get("cache_hit") else "decoded",
     )
-
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
     resume_id = resumable_run(client, exp_id, conf, key)
-    resuming = resume_id is not None
-    plan = None
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
-    if conf.trainer.time_budget_min is not None and resuming:
-        # the interrupted process's latest plan, kept in its checkpoint (no deadline: its
-        # clock is gone, so the plan no longer changes); its first plan for a checkpoint
-        # written before plans were kept there
-        params = client.get_run(resume_id).data.params
-        conf.trainer.epochs = int(params.get("trainer.epochs_planned", cap))
-        log.info("resuming the epochs its time budget last planned (no deadline)")
-    elif conf.trainer.time_budget_min is not None:  # before the run exists: "no epoch fits"
-        speed = budget.measure(conf, data, torch.device(conf.trainer.device))  # is bad input
-        plan = budget.plan(conf, data, speed, time.perf_counter() - started)
-        log.info(plan.describe(conf.trainer.time_budget_min))
-        conf.trainer.epochs = plan.epochs
-
+    plan = _plan_epochs(client, conf, data, resume_id, started)
     run_id = open_run(client, exp_id, conf, cfg, key, parent_id, overrides, resume_id)
+    pacer = None
+    if plan is not None:
+        pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
+    return _train_and_log(client, run_id, conf, cfg, data, plan, pacer, resume_id is not None)
+
+
+def _place(conf: Config, multirun: bool, job_num: int) -> None:
+    """Decide the device and precision once, up front (a GPU that is not there, or bf16 where
+    it cannot run, is named before any data is read), and write them into ``conf``."""
+    device = pick_device(conf.trainer.device)
+    conf.trainer.amp = resolve_precision(conf.trainer.amp, device)
+    if multirun and conf.trainer.device == "auto" and torch.cuda.device_count() > 1:
+        # Parallel jobs on a multi-GPU machine: job N takes GPU N mod count.
+        conf.trainer.device = f"cuda:{job_num % torch.cuda.device_count()}"
+    if conf.trainer.device == "auto":
+        conf.trainer.device = str(device)
+    log.info(
+        "device %s (%s), precision %s",
+        conf.trainer.device,
+        device_name(torch.device(conf.trainer.device)),
+        conf.trainer.amp,
+    )
+
+
+def _experiment(
+    client: MlflowClient, conf: Config, sweep_dir: Path | None
+) -> tuple[str, str | None, bool]:
+    """(experiment id, the sweep's parent run id or None, whether sweep.resume reopened that
+    parent): a job of a multirun logs under the parent that the sweep's callback opened, in
+    the same store and experiment."""
+    parent = tracking.parent_info(sweep_dir) if sweep_dir else None
+    if (
+        parent
+        and parent["tracking_uri"] == conf.mlflow.tracking_uri
+        and parent["experiment"] == conf.mlflow.experiment
+    ):
+        return parent["experiment_id"], parent["parent_run_id"], bool(parent.get("resumed"))
+    return store.ensure_experiment(client, conf.mlflow.experiment), None, False
+
+
+def _resume_in_sweep(
+    client: MlflowClient, conf: Config, exp_id: str, parent_id: str, key: str, job_num: int
+) -> float | None:
+    """sweep.resume: a job FINISHED already is skipped (its best validation accuracy is
+    returned); an interrupted one continues in its own run (trainer.resume semantics)."""
+    done, interrupted = earlier_runs(
+        client, exp_id, parent_id, key, Path(conf.trainer.checkpoint_dir)
+    )
+    if done is not None:
+        log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
+        return float(client.get_run(done).data.metrics.get("best_val_acc", math.nan))
+    if interrupted is not None:
+        conf.trainer.resume = interrupted
+    return None
+
+
+def _plan_epochs(
+    client: MlflowClient, conf: Config, data: Dataset, resume_id: str | None, started: float
+) -> budget.Plan | None:
+    """trainer.time_budget_min: the epochs that fit, written into conf.trainer.epochs before the
+    run exists ("no epoch fits" is bad input). A resumed run takes the interrupted process's
+    latest plan (its clock is gone, so the plan no longer changes) and gets no plan here."""
+    if conf.trainer.time_budget_min is None:
+        return None
+    if resume_id is not None:
+        # its first plan for a checkpoint written before plans were kept there
+        params = client.get_run(resume_id).data.params
+        conf.trainer.epochs = int(params.get("trainer.epochs_planned", conf.trainer.epochs))
+        log.info("resuming the epochs its time budget last planned (no deadline)")
+        return None
+    speed = budget.measure(conf, data, torch.device(conf.trainer.device))
+    plan = budget.plan(conf, data, speed, time.perf_counter() - started)
+    log.info(plan.describe(conf.trainer.time_budget_min))
+    conf.trainer.epochs = plan.epochs
+    return plan
+
+
+def _train_and_log(
+    client: MlflowClient,
+    run_id: str,
+    conf: Config,
+    cfg: DictConfig,
+    data: Dataset,
+    plan: budget.Plan | None,
+    pacer: budget.Pacer | None,
+    resuming: bool,
+) -> float:
+    """fit with MLflow as its epoch callback, then the test metrics; the run ends FINISHED,
+    or KILLED / FAILED with the reason (see _mark_stopped).
+
+    Long by its nested callbacks, which close over the run they log to."""
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
     replan = None
     try:
-        if plan is not None:
-            pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
+        if pacer is not None and plan is not None:
 
             def replan(state: State) -> int:
                 planned = pacer(state)
@@ -327,29 +371,37 @@ def _run_job(cfg: DictConfig) -> float:
         log_results(client, run_id, conf, cfg, data, result)
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except BaseException as err:
-        signal_err = interrupt.interruption(err)
-        killed = signal_err is not None
-        with interrupt.deferred():  # a second signal must not stop the run from being marked
-            tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
-        if killed and ckpt.exists():
-            print(
-                f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
-                f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
-                file=sys.stderr,
-            )
-        elif killed:
-            print(
-                f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED before its first "
-                f"checkpoint (one per trainer.checkpoint_every_s={conf.trainer.checkpoint_every_s}"
-                " s): run the command again.",
-                file=sys.stderr,
-            )
-        if signal_err is not None and signal_err is not err:
-            raise signal_err from err  # exit 128 + signum, not a library's error
+        _mark_stopped(client, run_id, err, ckpt, conf.trainer.checkpoint_every_s)
         raise
     ckpt.unlink(missing_ok=True)
     best_path(ckpt).unlink(missing_ok=True)
     return result.state.best_val_acc
+
+
+def _mark_stopped(
+    client: MlflowClient, run_id: str, err: BaseException, ckpt: Path, every_s: float
+) -> None:
+    """The run ends KILLED (a signal: how to continue it is printed) or FAILED (the error);
+    a signal that a library wrapped in its own error is raised as itself (exit 128 + signum)."""
+    signal_err = interrupt.interruption(err)
+    killed = signal_err is not None
+    with interrupt.deferred():  # a second signal must not stop the run from being marked
+        tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
+    if killed and ckpt.exists():
+        print(
+            f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
+            f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
+            file=sys.stderr,
+        )
+    elif killed:
+        print(
+            f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED before its first "
+            f"checkpoint (one per trainer.checkpoint_every_s={every_s} s): run the command "
+            "again.",
+            file=sys.stderr,
+        )
+    if signal_err is not None and signal_err is not err:
+        raise signal_err from err
 
 
 def _data_json(data: Dataset) -> str:
@@ -390,10 +442,13 @@ def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> se
     return {e for e in logged if e > state.epoch}
 
 
-def log_results(
-    client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset, result: Result
-) -> None:
-    """Test metrics for the best-validation weights (and the last epoch's), figures, model."""
+def test_metrics(
+    conf: Config, data: Dataset, result: Result
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, the best weights' evaluation): test accuracy and loss of the best-validation
+    weights (loaded into result.model) and of the last epoch's, per class and per usage, and
+    with test-time augmentation, which, like the weight average, is also measured on
+    validation, where whether it pays is decided."""
     model, state, dev = result.model, result.state, result.device
     tc = conf.trainer
 
@@ -439,15 +494,21 @@ def log_results(
             mask = usage == code
             if mask.any():
                 metrics[f"test_acc_{name}"] = (pred[mask] == y[mask]).float().mean().item()
-    if result.raw_model is not None:
-        # the weight average's gain, measured on validation: its last epoch's val_acc beside
-        # the un-averaged last weights'
+    if result.raw_model is not None:  # the un-averaged last weights, beside the average
         metrics["val_acc_raw"] = test(split=data.val, net=result.raw_model)["acc"]
     if conf.eval.tta != "none":
-        # on the validation split too: whether test-time augmentation pays is decided there
         metrics["val_acc_tta"] = test(conf.eval.tta, data.val)["acc"]
         tta = test(conf.eval.tta)
         metrics["test_acc_tta"], metrics["test_loss_tta"] = tta["acc"], tta["loss"]
+    return metrics, best
+
+
+def log_results(
+    client: MlflowClient, run_id: str, conf: Config, cfg: DictConfig, data: Dataset, result: Result
+) -> None:
+    """Test metrics for the best-validation weights (and the last epoch's), figures, model."""
+    state = result.state
+    metrics, best = test_metrics(conf, data, result)
     tracking.log_metrics(client, run_id, metrics, step=state.epoch)
     tracking.set_tags(client, run_id, {"fer_sweep.stop_reason": state.stop_reason})
     log.info(
@@ -455,21 +516,21 @@ def log_results(
         best["acc"],
         state.best_epoch + 1,
         state.best_val_acc,
-        last["acc"],
+        metrics["test_acc_last"],
     )
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "data.json").write_text(_data_json(data))
         (out / "config.yaml").write_text(OmegaConf.to_yaml(_job_config(cfg), resolve=True))
-        model_cpu = model.to("cpu", memory_format=torch.contiguous_format).float()
+        model_cpu = result.model.to("cpu", memory_format=torch.contiguous_format).float()
         (out / "model_summary.txt").write_text(
             f"{describe(model_cpu)}\n\n{summary_text(model_cpu)}\n"
         )
         np.savez_compressed(
             out / "predictions.npz",
             test_probs=best["probs"].numpy(),
-            test_y=y.numpy(),
+            test_y=data.test.y.numpy(),
             classes=np.array(CLASSES),
         )
         if conf.mlflow.figures:
@@ -478,13 +539,15 @@ def log_results(
                 state.history, out / "curves.png", title=title, best_epoch=state.best_epoch
             )
             figures.confusion_matrix(
-                y,
-                pred,
+                data.test.y,
+                best["pred"],
                 CLASSES,
                 out / "confusion_matrix.png",
                 title=f"{title}: test accuracy {best['acc']:.1%}",
             )
-            figures.misclassification_panels(data.test.x, y, pred, CLASSES, out / "misclassified")
+            figures.misclassification_panels(
+                data.test.x, data.test.y, best["pred"], CLASSES, out / "misclassified"
+            )
         client.log_artifacts(run_id, str(out))
     if conf.mlflow.log_model:
         _log_model(conf.mlflow.tracking_uri, run_id, model_cpu)

@@ -292,6 +292,9 @@ class MultirunParentCallback(Callback):
     """Create the sweep's parent run up front; close it with a summary when the sweep ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the whole sweep, then open (or reopen) its parent run, as a sweep starts.
+
+        Kept whole on purpose: every check must come before the first write to the store."""
         from fer_sweep.core.config import validate  # local: keep Hydra's plugin discovery light
         from fer_sweep.core.sources import check_source
         from fer_sweep.sweep.validation import grid_jobs, grid_key, validate_jobs

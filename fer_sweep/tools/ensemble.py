@@ -140,7 +140,10 @@ def log_ensemble(
     metrics: dict[str, float],
     classes: Sequence[str],
 ) -> str:
-    """The ensemble as its own FINISHED run (under the parent when given)."""
+    """The ensemble as its own FINISHED run (under the parent when given).
+
+    Kept whole on purpose: the run is created, filled and closed in one place, so no path
+    leaves it RUNNING."""
     synthetic = any(m.run.data.tags.get("synthetic") == "true" for m in members)
     ids = [m.run_id for m in members]
     name = f"ensemble-top{len(members)}-{by}"

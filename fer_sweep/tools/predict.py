@@ -40,8 +40,8 @@ from PIL import UnidentifiedImageError
 
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES, IMAGE_EXTENSIONS, IMAGE_SIZE
+from fer_sweep.core.device import autocast, pick_device, resolve_precision
 from fer_sweep.core.sources import decode_image
-from fer_sweep.core.train import autocast, pick_device, resolve_precision
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.tools.cli import add_store_args, user_errors

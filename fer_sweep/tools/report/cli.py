@@ -48,7 +48,9 @@ def write_report(
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
     accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
     (files under report/). ``more_parents``: further sweeps whose jobs join the report (e.g. the
-    same rows trained in another precision), which is then logged on the first parent only."""
+    same rows trained in another precision), which is then logged on the first parent only.
+
+    Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
 
     exp_id = parent.info.experiment_id

@@ -248,7 +248,9 @@ Column = tuple[str, bool, Callable[[int, "Group"], Any]]  # title, right-aligned
 def _group_columns(
     keys: Sequence[str], extra: Sequence[tuple[str, str]], tta: set[str]
 ) -> list[Column]:
-    """The main table's columns: one row per group of replicates."""
+    """The main table's columns: one row per group of replicates.
+
+    Long by its list of columns (a declaration, one entry each), not by logic."""
 
     def study(g: Group) -> StudyRow | None:
         return g.first.study
