@@ -4,6 +4,7 @@ and MLflow store in a temporary folder (../shared is read-only in CI)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,30 @@ os.environ.setdefault("FER_SWEEP_CACHE", tempfile.mkdtemp(prefix="fer_sweep_cach
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+_TEMPLATE: dict[str, Path] = {}
+
+
+def migrated_store(db: Path) -> str:
+    """The URI of a sqlite MLflow store at ``db`` whose schema is already in place: a copy of
+    one store migrated once per test process. MLflow's ~2.5 s of migrations for a new store are
+    paid once, not by every test whose subject is not the store's creation; those that are
+    (test_conventions, the parallel writers in test_reliability) still start from nothing."""
+    if "db" not in _TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow_template_")) / "template.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+        _TEMPLATE["db"] = template
+    shutil.copyfile(_TEMPLATE["db"], db)
+    return f"sqlite:///{db}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end (slow) tests first, each file's in its own order: parallel workers then
+    start the long ones early and fill the end with the short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def real_data() -> bool:
     root = os.environ.get("FER2013_ROOT")
     return bool(root) and (Path(root) / "train").is_dir()
@@ -46,6 +71,24 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def data_overrides() -> list[str]:
     """Real FER2013 when FER2013_ROOT points at it, else data=synthetic."""
     return [] if real_data() else ["data=synthetic"]
+
+
+def tiny_run(
+    limit_per_class: int,
+    epochs: int | None = 1,
+    figures: bool = False,
+    synthetic: bool = False,
+) -> list[str]:
+    """The overrides of a quiet tiny run: a few images per class, no progress bar, no logged
+    model, no figures unless asked (``epochs=None`` keeps the config's own)."""
+    out = ["data=synthetic"] if synthetic else []
+    out.append(f"data.limit_per_class={limit_per_class}")
+    if epochs is not None:
+        out.append(f"trainer.epochs={epochs}")
+    out += ["trainer.progress=false", "mlflow.log_model=false"]
+    if not figures:
+        out.append("mlflow.figures=false")
+    return out
 
 
 def run_cli(

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from fer_sweep.core.sources import load_source
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
@@ -361,7 +361,7 @@ class Runner:
         cwd = self.base / name
         cwd.mkdir()
         root = case.build(cwd)
-        uri = f"sqlite:///{cwd / 'm.db'}"
+        uri = migrated_store(cwd / "m.db")
         common = {
             "data.root": str(root),
             "data.cache_dir": str(cwd / "cache"),

@@ -150,7 +150,7 @@ def test_load_times_and_markdown_table(bench) -> None:
 def test_malloc_tuning_is_on_by_default_recorded_and_can_be_turned_off(bench) -> None:
     result, stdout = bench
     assert result["malloc_tuned"] is True and "tuned glibc malloc" in stdout
-    probe = "from fer_sweep import runtime; print(runtime.tune()['malloc'] == 'tuned')"
+    probe = "from fer_sweep.core import runtime; print(runtime.tune()['malloc'] == 'tuned')"
     for value, expected in (("0", "False"), ("1", "True")):
         proc = subprocess.run(
             [sys.executable, "-c", probe],

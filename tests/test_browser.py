@@ -28,6 +28,7 @@ ARGS = [
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
+    pytest.mark.xdist_group("mlflow_server"),  # one shared server
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
     ),

@@ -26,7 +26,7 @@ from fer_sweep.core.train import fit, make_scheduler, retarget
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.sweep import job
 from fer_sweep.sweep.compose import CONF_DIR, compose_config
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli
 
 SMALL = ["model=cnn2", "transforms=norm", "trainer.batch_size=32", "trainer.progress=false"]
 
@@ -154,7 +154,7 @@ def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
 ) -> None:
     """`python -m fer_sweep trainer.time_budget_min=...`: the plan is shown and logged; a run of
     the planned epochs without a budget computes exactly the same (measuring changed nothing)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     common = [
         "data=synthetic",
         f"data.root='{synthetic_root}'",
@@ -185,7 +185,7 @@ def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
 def test_too_small_a_budget_stops_before_the_run_exists(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     args = ["data=synthetic", f"data.root='{synthetic_root}'", *SMALL, f"mlflow.tracking_uri={uri}"]
     proc = run_cli([*args, "trainer.time_budget_min=0.2"], cwd=tmp_path)
     assert proc.returncode != 0
@@ -204,7 +204,7 @@ def test_a_resumed_run_keeps_its_plan(
     measured 4 and re-planned 6 after its first epoch), whatever a new measurement would plan
     now, and does not spend time measuring the machine again. A checkpoint written before
     plans were kept in it (its run never re-planned) continues its first plan."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     overrides = [
         "data=synthetic",
         f"data.root='{synthetic_root}'",

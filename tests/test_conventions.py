@@ -7,18 +7,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
-TINY = [
-    "data=synthetic",
-    "data.limit_per_class=3",
-    "trainer.epochs=1",
-    "trainer.progress=false",
-    "mlflow.log_model=false",
-    "mlflow.figures=false",
-]
+TINY = tiny_run(limit_per_class=3, synthetic=True)
 
 
 def test_missing_data_stops_a_sweep_once_before_its_parent_run(tmp_path: Path) -> None:

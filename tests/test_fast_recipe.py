@@ -30,7 +30,7 @@ from fer_sweep.core.train import (
 from fer_sweep.errors import ConfigError, DataError, FerSweepError
 from fer_sweep.sweep import job
 from fer_sweep.sweep.compose import CONF_DIR, compose_config
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli
 
 
 def _conf(root: Path, *overrides: str) -> Config:
@@ -393,7 +393,7 @@ def test_a_job_trains_on_sealed_data_and_tests_after(
 
     monkeypatch.setattr(job, "fit", spy_fit)
     monkeypatch.setattr(job, "log_results", spy_log)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="config",

@@ -17,7 +17,7 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli, tiny_run
 from tests.mlflow_server import (
     EXPERIMENT,
     PID_LOGS,
@@ -29,15 +29,9 @@ from tests.mlflow_server import (
     sweep_on,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]  # one shared server
 
-TINY = [
-    "trainer.epochs=1",
-    "data.limit_per_class=5",
-    "trainer.progress=false",
-    "mlflow.log_model=false",
-    "mlflow.figures=false",
-]
+TINY = tiny_run(limit_per_class=5)
 
 
 @pytest.fixture(scope="session")
@@ -81,7 +75,7 @@ def test_joblib_runs_jobs_in_parallel_processes(
 
 
 def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: list[str]) -> None:
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
         [
@@ -153,7 +147,7 @@ def test_optuna_records_a_failed_trial_and_searches_on(
 ) -> None:
     """A trial that fails (here: dropout 1.5 is rejected) is a FAILED Optuna trial, not a crash:
     the other trials run, the parent is FAILED with the failures listed, the exit is non-zero."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
         [

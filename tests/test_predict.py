@@ -20,7 +20,7 @@ from fer_sweep.core.dataset import CLASSES
 from fer_sweep.core.device import autocast
 from fer_sweep.core.sources import load_source
 from fer_sweep.tools.predict import decode_image, main
-from tests.conftest import real_data, run_cli
+from tests.conftest import migrated_store, real_data, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
@@ -38,7 +38,7 @@ def _smooth(rng: np.random.Generator, h: int, w: int, channels: int = 0) -> np.n
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two FINISHED job runs (and their sweep's parent run) plus the images to predict."""
     tmp = tmp_path_factory.mktemp("predict")
-    uri = f"sqlite:///{tmp / 'm.db'}"
+    uri = migrated_store(tmp / "m.db")
     data = [] if real_data() else ["data=synthetic"]
     proc = run_cli(
         [

@@ -13,16 +13,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
-TINY = [
-    "data.limit_per_class=8",
-    "trainer.progress=false",
-    "mlflow.log_model=false",
-    "mlflow.figures=false",
-]
+TINY = tiny_run(limit_per_class=8, epochs=None)
 
 
 def _runs(uri: str, experiment: str, role: str = "job") -> list:
@@ -43,7 +38,7 @@ def _history(uri: str, run_id: str, key: str) -> list[float]:
 def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
     tmp_path: Path, data_overrides: list[str]
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     proc = run_cli(
         [
             "-m",
@@ -85,12 +80,12 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
         "mlflow.figures=false",
         *data_overrides,
     ]
-    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
+    ref_uri = migrated_store(tmp_path / "ref.db")
     ref = run_cli([*args, f"mlflow.tracking_uri={ref_uri}"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
     (ref_run,) = _runs(ref_uri, "fer_sweep")
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     # Create the store first: this test polls it while the job runs, and two processes that
     # first touch a new sqlite file race in MLflow's schema migration.
     MlflowClient(uri).search_experiments()
@@ -166,7 +161,7 @@ def test_eight_parallel_writers_on_a_new_default_store(
 def test_artifact_failure_keeps_metrics_and_marks_the_run_failed(
     tmp_path: Path, data_overrides: list[str]
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("artifacts cannot be written below a file")
     client = MlflowClient(uri)

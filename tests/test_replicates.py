@@ -12,15 +12,9 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from fer_sweep.tools.replicates import group, summarize, welch
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli, tiny_run
 
-TINY = [
-    "trainer.epochs=2",
-    "data.limit_per_class=20",
-    "trainer.progress=false",
-    "mlflow.log_model=false",
-    "mlflow.figures=false",
-]
+TINY = tiny_run(limit_per_class=20, epochs=2)
 
 
 def test_summary_mean_sd_and_student_t_interval() -> None:
@@ -61,7 +55,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 def _sweep_and_report(tmp_path: Path, sweep: list[str], log: bool) -> tuple[str, Path]:
     """A tiny multirun of ``sweep`` x trainer.seed=0,1,2, then its report in tmp_path/rep."""
-    uri = f"sqlite:///{tmp_path / 'r.db'}"
+    uri = migrated_store(tmp_path / "r.db")
     proc = run_cli(
         ["-m", *sweep, "trainer.seed=0,1,2", *TINY, f"mlflow.tracking_uri={uri}"], cwd=tmp_path
     )

@@ -19,7 +19,7 @@ from fer_sweep.core.config import validate
 from fer_sweep.core.models import build_model, describe
 from fer_sweep.tools.report.runs import swept_keys
 from fer_sweep.tools.report.study import STUDY_TABLE2, describe_transforms
-from tests.conftest import REPO, real_data, run_cli
+from tests.conftest import REPO, migrated_store, real_data, run_cli
 
 ROWS = [  # the study's Table 2: (model, transforms, epochs)
     ("cnn2", "norm", 50),
@@ -135,7 +135,7 @@ def test_report_names_a_missing_store(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str, Path]:
     cwd = tmp_path_factory.mktemp("table2")
-    uri = f"sqlite:///{cwd / 't.db'}"
+    uri = migrated_store(cwd / "t.db")
     data = [] if real_data() else ["data=synthetic"]
     # No model logging / figures: nothing below reads them, and they are most of a job's time.
     proc = run_cli(

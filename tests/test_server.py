@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import JOB_ARTIFACTS, run_cli
 from tests.mlflow_server import EXPERIMENT, SWEEP_MODELS, Server, free_port, shared_server, sweep_on
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]  # one shared server
 
 
 @pytest.fixture(scope="session")

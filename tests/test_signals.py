@@ -20,15 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.core import interrupt
 from fer_sweep.sweep import tracking
+from tests.conftest import migrated_store, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
-TINY = [
-    "trainer.progress=false",
-    "mlflow.log_model=false",
-    "data=synthetic",
-    "data.limit_per_class=20",
-]
+TINY = tiny_run(limit_per_class=20, epochs=None, figures=True, synthetic=True)
 
 # Two jobs at once in joblib worker processes (a pool that outlives its jobs).
 JOBLIB_PAIR = [
@@ -46,7 +42,7 @@ def _start(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, group: bool = False
 ) -> subprocess.Popen:
     """The CLI; ``group``: in a process group of its own, as a terminal's job is."""
-    uri = f"sqlite:///{cwd / 'm.db'}"
+    uri = migrated_store(cwd / "m.db")
     MlflowClient(uri).search_experiments()  # the store exists before we poll it
     return subprocess.Popen(
         [sys.executable, "-m", "fer_sweep", *args, f"mlflow.tracking_uri={uri}"],
@@ -272,7 +268,7 @@ def test_the_sweep_guard_exits_143_wherever_the_signal_lands(tmp_path: Path) -> 
 def _open_sweep_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MlflowClient, str]:
     """A sweep's parent run as on_multirun_start leaves it: RUNNING in a real store, named in
     the sweep dir's parent file and in the launcher's list of open parents."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     client = MlflowClient(uri)
     exp_id = client.create_experiment("fer_sweep")
     parent = client.create_run(exp_id).info.run_id

@@ -26,10 +26,11 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep.slurm import check_cluster
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, migrated_store, run_cli
 from tests.slurm_cluster import PARTITION, Cluster, one_node_cluster, unavailable
 
 slow = pytest.mark.slow  # tests that start the CLI and submit real SLURM jobs
+pytestmark = pytest.mark.xdist_group("slurm")  # one cluster, in one worker
 
 CPU_JOBS = [
     "hydra/launcher=slurm",
@@ -96,7 +97,7 @@ def _family(uri: str, n: int) -> tuple:
 def test_sweep_lands_finished_runs_tagged_with_their_slurm_jobs(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     sweep = tmp_path / "sweep"
     proc = run_cli(
         [
@@ -152,8 +153,8 @@ def test_preempted_jobs_continue_their_run_with_exactly_the_uninterrupted_metric
         *TINY,
     ]
     env = _env(cluster)
-    ref_uri = f"sqlite:///{tmp_path / 'ref.db'}"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ref_uri = migrated_store(tmp_path / "ref.db")
+    uri = migrated_store(tmp_path / "m.db")
     MlflowClient(uri).search_experiments()  # create the store before polling it
     # the uninterrupted runs (basic launcher) alongside the SLURM sweep
     ref = _popen(
@@ -226,7 +227,7 @@ def test_the_presets_gpu_on_a_partition_without_gpus_is_refused_before_submittin
 ) -> None:
     """The preset's defaults (one GPU per job) on this GPU-less cluster: jobs SLURM would keep
     PENDING forever. One error within seconds, naming the fix; no run, nothing queued."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     name = f"refused-{tmp_path.name}"
     started = time.monotonic()
     error = _refused(cluster, tmp_path, uri, "hydra/launcher=slurm", f"hydra.launcher.name={name}")
@@ -276,7 +277,7 @@ def test_what_the_partition_lacks_is_named_with_its_fix(
 def test_sbatch_refusal_is_one_clear_error(cluster: Cluster, tmp_path: Path) -> None:
     """What only sbatch can judge (here a node that does not exist) is its own error, shown
     once, with the sweep's parent run marked FAILED with it."""
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     error = _refused(
         cluster,
         tmp_path,

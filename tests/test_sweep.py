@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.core.device import resolve_precision
-from tests.conftest import JOB_ARTIFACTS, run_cli
+from tests.conftest import JOB_ARTIFACTS, migrated_store, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
@@ -21,7 +21,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str, 
     from tests.conftest import real_data
 
     cwd = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{cwd / 'm.db'}"
+    uri = migrated_store(cwd / "m.db")
     data = [] if real_data() else ["data=synthetic"]
     proc = run_cli(
         [

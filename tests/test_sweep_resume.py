@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import migrated_store, run_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -40,7 +40,7 @@ def _runs(uri: str, role: str = "job") -> list:
 
 
 def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = migrated_store(tmp_path / "m.db")
     MlflowClient(uri).search_experiments()  # the store exists before we poll it
     proc = subprocess.Popen(
         [sys.executable, "-m", "fer_sweep", *GRID, f"mlflow.tracking_uri={uri}"],

@@ -17,11 +17,12 @@ import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:  # matplotlib loads in ~0.5 s: only a job that draws pays for it (_figure)
+    from matplotlib.figure import Figure
 
 DPI = 120
 
@@ -83,6 +84,13 @@ def _check_classes(classes: Sequence[str], num_classes: int | None = None) -> li
     return names
 
 
+def _figure(**kwargs: Any) -> Figure:
+    """A pyplot-free matplotlib Figure (matplotlib imported on first use)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Write a PNG atomically (temp file + rename), so a reader such as the MLflow UI or a
     report builder polling the run directory never sees a half-written image."""
@@ -105,6 +113,8 @@ def _epoch_axes(ax: Any, n_epochs: int, ylabel: str) -> None:
     if 0 < n_epochs <= 12:
         ax.set_xticks(range(1, n_epochs + 1))
     else:
+        from matplotlib.ticker import MaxNLocator
+
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if n_epochs:
@@ -195,7 +205,7 @@ def learning_curves(
     if best_epoch is not None and not 0 <= int(best_epoch) < max(n_epochs, 1):
         raise ValueError(f"best_epoch {best_epoch} is outside the {n_epochs} recorded epochs")
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = _figure(figsize=(11, 4.2), layout="constrained")
     ax_acc, ax_loss = fig.subplots(1, 2)
     marker = "o" if n_epochs <= 30 else None
     panels = (
@@ -288,7 +298,7 @@ def confusion_matrix(
 
     c = len(names)
     side = max(5.0, 0.75 * c + 2.5)
-    fig = Figure(figsize=(side + 1.2, side), layout="constrained")
+    fig = _figure(figsize=(side + 1.2, side), layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(np.nan_to_num(shown), cmap="Blues", vmin=0.0, vmax=vmax)
     cbar = fig.colorbar(im, ax=ax, shrink=0.8)
@@ -428,7 +438,7 @@ def misclassification_panels(
     paths = []
     for ch in misclassification_choices(t, p, len(names)):
         c, q = names[ch.true_class], names[ch.predicted_class]
-        fig = Figure(figsize=(7.5, 3.1), layout="constrained")
+        fig = _figure(figsize=(7.5, 3.1), layout="constrained")
         axes = fig.subplots(1, 3)
         _tile(axes[0], None if ch.left is None else imgs[ch.left], f"Predicted: {q} (example)")
         _tile(axes[1], imgs[ch.middle], f"True {c}, predicted {q}")
@@ -481,7 +491,7 @@ def accuracy_bars(
     wrapped = ["\n".join(textwrap.wrap(s, 45, break_on_hyphens=False)[:4]) or " " for s in names]
     lines = [w.count("\n") + 1 for w in wrapped]
     height = max(2.8, 1.3 + sum(max(0.55, 0.24 * n) for n in lines))
-    fig = Figure(figsize=(10, height), layout="constrained")
+    fig = _figure(figsize=(10, height), layout="constrained")
     ax = fig.subplots()
     y = np.arange(len(names), dtype=float)
     h = 0.38
@@ -542,7 +552,7 @@ def overlay_curves(
     """Several runs' per-epoch curves on one axis (label -> values, epoch 1-based), to compare
     the runs of a sweep. Values are drawn as given. Up to 10 runs share a compact legend
     inside the plot; more move the legend outside and add line styles so colours may repeat."""
-    fig = Figure(figsize=(9, 4.8), layout="constrained")
+    fig = _figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
     items = [(str(k), _floats(v)) for k, v in curves.items()]
     many = len(items) > 10
