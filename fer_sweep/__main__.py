@@ -22,7 +22,9 @@ log = logging.getLogger("fer_sweep")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Train one configuration; returns the best validation accuracy for Hydra's sweepers.
+    """Train one configuration; returns the best validation accuracy for Hydra's sweepers. A
+    search's worker job (sweep.worker set by the Optuna sweeper) runs trials until the study
+    has its trials instead.
 
     In a multirun a failed job is recorded (MLflow run FAILED, a note for the sweep's summary)
     and NaN is returned so that its siblings still run; the sweep then exits non-zero.
@@ -32,6 +34,10 @@ def main(cfg: DictConfig) -> float:
 
     multirun, sweep_dir, job_num, overrides = hydra_job()
     try:
+        if multirun and cfg.get("sweep", {}).get("worker") is not None:
+            from fer_sweep.sweep import searcher
+
+            return searcher.work(cfg)
         return run_job(cfg)
     except (Interrupted, KeyboardInterrupt) as err:
         if multirun:  # the whole sweep stops: its parent run is marked KILLED too
@@ -47,18 +53,7 @@ def main(cfg: DictConfig) -> float:
             traceback.print_exc()
         print(f"fer_sweep: job #{job_num} failed: {err}", file=sys.stderr)
         tracking.write_job_failure(sweep_dir, job_num, overrides, err, None)
-        if _optuna_sweep():
-            # Optuna records a raised job as a FAILED trial and samples on (hparams_search
-            # configs set max_failure_rate); a NaN return crashes hydra-optuna-sweeper 1.3.0
-            # under optuna 2.10.1, which tells the study the NaN a second time.
-            raise
         return math.nan
-
-
-def _optuna_sweep() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
-    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", ""))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ def tiny_run(
     return out
 
 
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a CLI subprocess: MLflow's variables only when the test passes them (a
+    developer's own, or one an in-process test set, would send the runs elsewhere)."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_EXPERIMENT_NAME"
+    }
+    return {**inherited, "HYDRA_FULL_ERROR": "0", **(env or {})}
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
@@ -98,20 +109,28 @@ def run_cli(
     module: str = "fer_sweep",
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m <module> args`` the way a user does, in ``cwd``; MLflow's variables only
-    when the test passes them (a developer's own, or one an in-process test set, would send
-    the runs elsewhere)."""
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_EXPERIMENT_NAME"
-    }
-    full_env = {**inherited, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    """Run ``python -m <module> args`` the way a user does, in ``cwd``."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=_cli_env(env),
+    )
+
+
+def start_cli(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, new_session: bool = False
+) -> subprocess.Popen[str]:
+    """``python -m fer_sweep args`` in the background, as run_cli runs it (stdout and stderr
+    together); ``new_session``: in a process group of its own, for os.killpg."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fer_sweep", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_cli_env(env),
+        start_new_session=new_session,
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep.slurm import check_cluster
-from tests.conftest import REPO, migrated_store, run_cli
+from tests.conftest import REPO, migrated_store, run_cli, start_cli
 from tests.slurm_cluster import PARTITION, Cluster, one_node_cluster, unavailable
 
 slow = pytest.mark.slow  # tests that start the CLI and submit real SLURM jobs
@@ -317,20 +316,7 @@ def _refused(cluster: Cluster, tmp_path: Path, uri: str, *launcher: str) -> str:
 
 
 def _popen(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    """The CLI in the background, as run_cli runs it (no MLflow variables of the caller)."""
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_EXPERIMENT_NAME"
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "fer_sweep", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**inherited, "HYDRA_FULL_ERROR": "0", **env},
-    )
+    return start_cli(args, cwd, env)
 
 
 def _wait_for_epochs(uri: str, n: int, proc: subprocess.Popen[str], limit: float) -> list:

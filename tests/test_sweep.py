@@ -38,6 +38,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, str, 
         cwd=cwd,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # one sweep-level progress line per finished job, with an ETA until the last
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: job ")]
+    assert [line.split(" · ")[0] for line in progress] == [
+        f"fer_sweep: job {i}/6" for i in range(1, 7)
+    ]
+    assert all(" elapsed · ETA " in line for line in progress[:-1]) and "ETA" not in progress[-1]
     return MlflowClient(uri), uri, cwd
 
 

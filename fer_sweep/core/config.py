@@ -365,6 +365,8 @@ class MlflowConfig:
 class SweepConfig:
     # null | latest | <parent run id>: finish that multirun under the same parent run
     resume: str | None = None
+    # set by the Optuna sweeper on its worker jobs (0..n_jobs-1), never by hand
+    worker: int | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ logged is lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,6 +15,8 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,9 @@ from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.models import describe, summary_text
 from fer_sweep.core.train import Result, fit
 from fer_sweep.errors import FerSweepError
-from fer_sweep.sweep import store, tracking
+from fer_sweep.sweep import progress, store, tracking
+
+TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,24 @@ _VOLATILE = {
     "data.cache_dir",
     "data.root",
 }
+
+
+class Pruned(Exception):  # noqa: N818 (a decision, like optuna.TrialPruned)
+    """A search's pruner stopped this run after ``epoch`` (0-based); not a failure."""
+
+    def __init__(self, epoch: int, best_val_acc: float) -> None:
+        self.epoch, self.best_val_acc = epoch, best_val_acc
+        super().__init__(f"pruned after epoch {epoch + 1}")
+
+
+@dataclass
+class RunHooks:
+    """What a search's trial adds to an ordinary job: its own overrides (for the run's tags),
+    extra tags, and a callback after every epoch, which may raise Pruned."""
+
+    overrides: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -153,14 +176,21 @@ def open_run(
         "fer_sweep.role": "job",
         **tracking.process_tags(),
     }
-    if HydraConfig.initialized():  # the config-group options this job was composed from
-        tags.update(
-            {
-                f"fer_sweep.choice.{k}": str(v)
-                for k, v in HydraConfig.get().runtime.choices.items()
-                if v is not None and not k.startswith("hydra/")
-            }
-        )
+    # the config-group options this job was composed from (a trial: its own composition's)
+    choices = (
+        cfg.hydra.runtime.choices
+        if "hydra" in cfg
+        else HydraConfig.get().runtime.choices
+        if HydraConfig.initialized()
+        else {}
+    )
+    tags.update(
+        {
+            f"fer_sweep.choice.{k}": str(v)
+            for k, v in choices.items()
+            if v is not None and not k.startswith("hydra/")
+        }
+    )
     run_id = tracking.create_run(
         client, exp_id, name, tags, parent_id=parent_id, synthetic=synthetic
     )
@@ -200,10 +230,21 @@ def run_job(cfg: DictConfig) -> float:
     SIGINT/SIGTERM at any moment of it raises Interrupted (the training loop defers it to the
     next step): a run that exists by then ends KILLED."""
     with interrupt.raising("job"):
-        return _run_job(cfg)
+        value = _run_job(cfg)
+    multirun, sweep_dir, job_num, _ = hydra_job()
+    if multirun and sweep_dir is not None:
+        progress.job_finished(sweep_dir, job_num)
+    return value
 
 
-def _run_job(cfg: DictConfig) -> float:
+def run_trial(cfg: DictConfig, hooks: RunHooks) -> float:
+    """One trial of a search, as an ordinary job of the sweep with the trial's hooks; raises
+    Pruned when the pruner stops it (its run then ends FINISHED, tagged PRUNED)."""
+    with interrupt.raising("trial"):
+        return _run_job(cfg, hooks)
+
+
+def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     """The job's steps in order; each names what it decides before the next one starts."""
     started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
@@ -211,10 +252,12 @@ def _run_job(cfg: DictConfig) -> float:
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
     multirun, sweep_dir, job_num, overrides = hydra_job()
+    if hooks is not None:
+        overrides = hooks.overrides
     _place(conf, multirun, job_num)
     client = store.connect(conf.mlflow.tracking_uri)
     exp_id, parent_id, resumed = _experiment(client, conf, sweep_dir)
-    if parent_id and resumed:
+    if parent_id and resumed and hooks is None:  # a search resumes through its study
         done = _resume_in_sweep(client, conf, exp_id, parent_id, key, job_num)
         if done is not None:
             return done
@@ -236,10 +279,14 @@ def _run_job(cfg: DictConfig) -> float:
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     plan = _plan_epochs(client, conf, data, resume_id, started)
     run_id = open_run(client, exp_id, conf, cfg, key, parent_id, overrides, resume_id)
+    if hooks is not None and hooks.tags:
+        tracking.set_tags(client, run_id, hooks.tags)
     pacer = None
     if plan is not None:
         pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
-    return _train_and_log(client, run_id, conf, cfg, data, plan, pacer, resume_id is not None)
+    return _train_and_log(
+        client, run_id, conf, cfg, data, plan, pacer, resume_id is not None, hooks
+    )
 
 
 def _place(conf: Config, multirun: bool, job_num: int) -> None:
@@ -322,9 +369,11 @@ def _train_and_log(
     plan: budget.Plan | None,
     pacer: budget.Pacer | None,
     resuming: bool,
+    hooks: RunHooks | None = None,
 ) -> float:
     """fit with MLflow as its epoch callback, then the test metrics; the run ends FINISHED,
-    or KILLED / FAILED with the reason (see _mark_stopped).
+    or KILLED / FAILED with the reason (see _mark_stopped), or, pruned by a search, FINISHED
+    without test metrics (the test split stays unread).
 
     Long by its nested callbacks, which close over the run they log to."""
     ckpt = Path(conf.trainer.checkpoint_dir) / f"{run_id}.pt"
@@ -354,6 +403,8 @@ def _train_and_log(
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if epoch not in logged:  # redone after a resume: on one CPU, the same values
                 tracking.log_metrics(client, run_id, metrics, step=epoch)
+            if hooks is not None and hooks.on_epoch is not None:
+                hooks.on_epoch(epoch, metrics)  # a search's pruner may stop the run here
 
         def on_resume(state: State) -> None:
             logged.update(_relog_missing_epochs(client, run_id, state))
@@ -369,13 +420,37 @@ def _train_and_log(
             replan=replan,
         )
         log_results(client, run_id, conf, cfg, data, result)
+        if hooks is not None:
+            tracking.set_tags(client, run_id, {TRIAL_STATE: "COMPLETE"})
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
+    except Pruned as stop:
+        _mark_pruned(client, run_id, stop)
+        ckpt.unlink(missing_ok=True)
+        best_path(ckpt).unlink(missing_ok=True)
+        raise
     except BaseException as err:
+        if hooks is not None:  # the run's own mark follows: its trial failed with it
+            with contextlib.suppress(Exception):
+                tracking.set_tags(client, run_id, {TRIAL_STATE: "FAIL"})
         _mark_stopped(client, run_id, err, ckpt, conf.trainer.checkpoint_every_s)
         raise
     ckpt.unlink(missing_ok=True)
     best_path(ckpt).unlink(missing_ok=True)
     return result.state.best_val_acc
+
+
+def _mark_pruned(client: MlflowClient, run_id: str, stop: Pruned) -> None:
+    """A pruned trial's run: FINISHED (a decision, not a failure), its epochs and best
+    validation accuracy logged, tagged fer_sweep.trial_state=PRUNED."""
+    tracking.log_metrics(
+        client,
+        run_id,
+        {"stopped_epoch": stop.epoch + 1, "best_val_acc": stop.best_val_acc},
+        step=stop.epoch,
+    )
+    tracking.set_tags(client, run_id, {TRIAL_STATE: "PRUNED", "fer_sweep.stop_reason": "pruned"})
+    tracking.retry(client.set_terminated, run_id, status="FINISHED")
+    log.info("run %s pruned after epoch %d", run_id, stop.epoch + 1)
 
 
 def _mark_stopped(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -231,7 +232,7 @@ def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> Non
             os.kill(launcher, WORKER_STOPPED)
         return
     close_parent(info["tracking_uri"], info["parent_run_id"], "KILLED")
-    _kill_orphaned_jobs(info["tracking_uri"], info["parent_run_id"])
+    kill_orphaned_jobs(info["tracking_uri"], info["parent_run_id"])
     print(
         f"fer_sweep: sweep interrupted; its parent run {info['parent_run_id']} is marked KILLED. "
         "Finish it with the same command plus sweep.resume=latest (or "
@@ -252,10 +253,10 @@ def stop_interrupted_sweep(sweep_dir: str | os.PathLike[str]) -> None:
         _fail_unclosed_parents()
 
 
-def _kill_orphaned_jobs(uri: str, parent_id: str) -> None:
-    """Mark KILLED the sweep's job runs still RUNNING whose process, on this machine, is gone
-    (a worker ended before it could mark its run). Jobs on other machines (a cluster's) are left
-    to themselves: they may well be running."""
+def kill_orphaned_jobs(uri: str, parent_id: str, tags: Mapping[str, str] | None = None) -> None:
+    """Mark KILLED (and tag with ``tags``) the sweep's job runs still RUNNING whose process, on
+    this machine, is gone (a worker ended before it could mark its run). Jobs on other machines
+    (a cluster's) are left to themselves: they may well be running."""
     client = MlflowClient(tracking_uri=uri)
     host = socket.gethostname()
     running = client.search_runs(
@@ -264,9 +265,11 @@ def _kill_orphaned_jobs(uri: str, parent_id: str) -> None:
         max_results=10_000,
     )
     for run in running:
-        tags = run.data.tags
-        pid = tags.get(f"{TAG_PREFIX}pid")
-        if tags.get(f"{TAG_PREFIX}host") == host and pid and not alive(int(pid)):
+        own = run.data.tags
+        pid = own.get(f"{TAG_PREFIX}pid")
+        if own.get(f"{TAG_PREFIX}host") == host and pid and not alive(int(pid)):
+            if tags:
+                set_tags(client, run.info.run_id, tags)
             retry(client.set_terminated, run.info.run_id, status="KILLED")
 
 
@@ -297,26 +300,34 @@ class MultirunParentCallback(Callback):
         Kept whole on purpose: every check must come before the first write to the store."""
         from fer_sweep.core.config import validate  # local: keep Hydra's plugin discovery light
         from fer_sweep.core.sources import check_source
+        from fer_sweep.sweep import search  # local: keep Hydra's plugin discovery light
         from fer_sweep.sweep.validation import grid_jobs, grid_key, validate_jobs
 
+        sweep_dir = Path(config.hydra.sweep.dir)
+        plan = None
         try:
             conf = validate(config)  # catches what is wrong for every job before any starts
             jobs = grid_jobs(config)  # the grid, expanded once
             validate_jobs(config, jobs)  # ... and what is wrong for one job of the grid
             check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
+            grid = grid_key(jobs)
+            if search.is_search(config):  # "the same sweep" for sweep.resume: the same search
+                sweeper = config.hydra.sweeper
+                space = search.parse_space(sweeper.get("params"), list(config.hydra.overrides.task))
+                grid = search.search_key(space)
             client = store.connect(conf.mlflow.tracking_uri)
             exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
-            grid = grid_key(jobs)
             resumed = (
                 find_resumable(client, exp_id, conf.sweep.resume, grid)
                 if conf.sweep.resume
                 else None
             )
+            if search.is_search(config):  # space, sampler, pruner, storage: before any trial
+                plan, _ = search.check(config, sweep_dir, resumed)
         except FerSweepError as err:
             print(f"fer_sweep: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         # From here on a signal between jobs (or while workers run them) ends the sweep cleanly.
         self.guard = SweepGuard(lambda signum: stop_interrupted_sweep(sweep_dir))
@@ -332,6 +343,8 @@ class MultirunParentCallback(Callback):
         }
         if grid:
             tags[f"{TAG_PREFIX}grid"] = grid
+        if plan is not None:
+            tags.update(search.parent_tags(plan))
         commit = git_commit()
         if commit:
             tags["mlflow.source.git.commit"] = commit
@@ -356,6 +369,8 @@ class MultirunParentCallback(Callback):
                     "launcher_host": socket.gethostname(),
                     "resumed": resumed is not None,
                     "grid_size": None if jobs is None else len(jobs),
+                    "started": time.time(),
+                    **({"search": dataclasses.asdict(plan)} if plan is not None else {}),
                 }
             )
         )
@@ -400,9 +415,8 @@ def find_resumable(client: MlflowClient, exp_id: str, which: str, grid: str | No
     be a sweep of the same grid."""
     if grid is None:
         raise FerSweepError(
-            "sweep.resume works for grid sweeps (Hydra's basic sweeper); an Optuna search "
-            "cannot be resumed (optuna 2.10's study storage does not work with MLflow 3's "
-            "SQLAlchemy 2): run it again."
+            "sweep.resume works for grid sweeps and for searches (hydra/sweeper=optuna); "
+            "this sweeper's jobs cannot be listed, so it cannot be resumed: run it again."
         )
     if which == "latest":
         runs = newest_runs(client, exp_id, f"tags.`{TAG_PREFIX}role` = 'parent'", limit=1)

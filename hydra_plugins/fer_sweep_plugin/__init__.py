@@ -20,9 +20,12 @@ Hydra finds it as a plugin in this namespace package; it is the default grid swe
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from fer_sweep.core.config import SCHEMA_GROUPS, schema_defaults
 
@@ -43,6 +46,32 @@ ConfigStore.instance().store(
     name="basic",
     node=BasicSweeperConf(_target_=f"{__name__}.FerSweepSweeper"),  # Hydra's schema, our class
     provider="fer_sweep",
+)
+
+
+@dataclass
+class OptunaSweeperConf:
+    """X, with
+    hydra-optuna-sweeper's setting names; the sampler and the pruner are option groups
+    (conf/hydra/sweeper/sampler/, conf/hydra/sweeper/pruner/)."""
+
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    _target_: str = "hydra_plugins.fer_sweep_plugin.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False  # the sampler and pruner are built in each worker, not here
+    sampler: Any = MISSING
+    pruner: Any = MISSING
+    direction: str = "maximize"  # the trials' best validation accuracy
+    study_name: str | None = None  # default: search-<sweep folder name>
+    # a journal file path (default <sweep dir>/optuna.journal) or an Optuna RDB URL
+    storage: str | None = None
+    n_trials: int = 20  # trials counted in the study (finished, pruned, failed), resumes too
+    n_jobs: int = 1  # worker jobs = trials at once (through hydra/launcher)
+    timeout_min: float | None = None  # no new trial after this many minutes of the command
+    params: dict[str, str] | None = None  # the search space: key -> choice/range/interval
+
+
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="fer_sweep"
 )
 
 for _group in SCHEMA_GROUPS:

@@ -79,9 +79,6 @@ class SlurmLauncher(HydraSlurmLauncher):
         )
         print(f"fer_sweep: job #{job_num} stopped: {err}", file=sys.stderr, flush=True)
         tracking.write_job_failure(sweep_dir, job_num, sweep_overrides, err, None)
-        if "optuna" in str(self.config.hydra.sweeper.get("_target_", "")):
-            # a NaN crashes hydra-optuna-sweeper 1.3.0 (see fer_sweep.__main__): a failed trial
-            return JobReturn(overrides=sweep_overrides, status=JobStatus.FAILED, _return_value=err)
         return JobReturn(
             overrides=sweep_overrides, status=JobStatus.COMPLETED, _return_value=math.nan
         )

@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
+from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
+from fer_sweep.tools.report import search
 from fer_sweep.tools.report.runs import (
     Group,
     build_groups,
@@ -24,6 +26,7 @@ from fer_sweep.tools.report.runs import (
     compare_groups,
     find_parent,
 )
+from fer_sweep.tools.report.search import is_search
 from fer_sweep.tools.report.tables import (
     class_counts,
     comparison_records,
@@ -33,6 +36,11 @@ from fer_sweep.tools.report.tables import (
     table2_records,
     write_csv,
 )
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def write_report(
@@ -46,9 +54,10 @@ def write_report(
     more_parents: Sequence[Run] = (),
 ) -> list[Group]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
-    accuracy.png, curves.png to ``out``; log them and the groups' aggregates on the parent run
-    (files under report/). ``more_parents``: further sweeps whose jobs join the report (e.g. the
-    same rows trained in another precision), which is then logged on the first parent only.
+    accuracy.png, curves.png (and, for a search, trials.md/.csv and its figures) to ``out``;
+    log them and the groups' aggregates on the parent run (files under report/).
+    ``more_parents``: further sweeps whose jobs join the report (e.g. the same rows trained in
+    another precision), which is then logged on the first parent only.
 
     Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
@@ -56,6 +65,10 @@ def write_report(
     exp_id = parent.info.experiment_id
     parent_id = parent.info.run_id
     runs = children(client, exp_id, parent_id)
+    searched = []
+    if is_search(parent):  # its trials, best trial and Optuna's figures, pruned ones included
+        searched = search.write_search(client, parent, runs, _mkdir(out))
+    runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
     for other in more_parents:
         runs += children(client, other.info.experiment_id, other.info.run_id)
     if not runs:
@@ -79,6 +92,8 @@ def write_report(
     if comparisons:
         write_csv(out / "compare.csv", comparison_records(comparisons))
     (out / "table1.md").write_text(table1_markdown(counts, any(r.synthetic for r in rows)))
+    if searched:
+        print((out / "trials.md").read_text())
 
     syn = " (SYNTHETIC data)" if any(r.synthetic for r in rows) else ""
     accs = [g.stats.get("test_acc") for g in groups]

@@ -1,0 +1,201 @@
+"""A search's report: every trial (number, state, parameters, best validation accuracy, epochs
+trained), the best trial, and Optuna's optimization-history and parameter-importance figures.
+
+Like the rest of the report it reads the store only: the trials are the parent's child runs
+(tagged with their trial number and state), the search space is recorded on the parent, and the
+figures are drawn from an in-memory study rebuilt from those runs, so a report works where the
+study's journal file is not at hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fer_sweep.sweep.job import TRIAL_STATE
+from fer_sweep.sweep.search import DIRECTION_TAG, SPACE_TAG, TRIAL_NUMBER, Space
+from fer_sweep.tools.report.tables import write_csv
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+
+
+@dataclass
+class Trial:
+    number: int
+    state: str
+    params: dict[str, Any]
+    best_val_acc: float | None
+    epochs: int | None
+    curve: dict[int, float]  # epoch -> validation accuracy
+    run_id: str
+
+
+def is_search(parent: Run) -> bool:
+    return SPACE_TAG in parent.data.tags
+
+
+def _value(raw: str | None, dist: Any) -> Any:
+    """A run's param string back to the distribution's type (a choice keeps its own type)."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if raw is None:
+        return None
+    if isinstance(dist, CategoricalDistribution):
+        return next((c for c in dist.choices if str(c) == raw), raw)
+    return int(float(raw)) if isinstance(dist, IntDistribution) else float(raw)
+
+
+def trials(client: MlflowClient, runs: Sequence[Run], space: dict[str, Any]) -> list[Trial]:
+    """The search's trials, by number, from its child runs."""
+    out = []
+    for run in runs:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        if TRIAL_NUMBER not in tags:
+            continue
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        curve = {int(m.step): float(m.value) for m in history}
+        state = tags.get(TRIAL_STATE, "FAIL" if run.info.status == "FAILED" else "RUNNING")
+        if run.info.status in ("FAILED", "KILLED"):
+            state = "FAIL"
+        out.append(
+            Trial(
+                number=int(tags[TRIAL_NUMBER]),
+                state=state,
+                params={
+                    k: _value(params.get(k, params.get(f"{k}.name")), d) for k, d in space.items()
+                },
+                best_val_acc=metrics.get("best_val_acc", max(curve.values(), default=None)),
+                epochs=int(metrics["stopped_epoch"]) if "stopped_epoch" in metrics else len(curve),
+                curve=curve,
+                run_id=run.info.run_id,
+            )
+        )
+    return sorted(out, key=lambda t: (t.number, t.run_id))
+
+
+def best(found: Sequence[Trial]) -> Trial | None:
+    done = [t for t in found if t.state == "COMPLETE" and t.best_val_acc is not None]
+    return max(done, key=lambda t: t.best_val_acc) if done else None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(found: Sequence[Trial], space: dict[str, Any], parent: Run) -> str:
+    keys = list(space)
+    counts = {s: sum(t.state == s for t in found) for s in STATES}
+    top = best(found)
+    epochs = sum(t.epochs or 0 for t in found)
+    lines = [
+        f"# Search {parent.data.tags.get('fer_sweep.study_name', '')} "
+        f"(parent run {parent.info.run_id})",
+        "",
+        f"{len(found)} trials: "
+        + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+        + f"; {epochs} epochs trained in all.",
+        "",
+    ]
+    if top is not None:
+        lines += [
+            f"Best trial: #{top.number}, best validation accuracy {100 * top.best_val_acc:.2f} % "
+            f"(run {top.run_id}): " + ", ".join(f"{k}={_cell(v)}" for k, v in top.params.items()),
+            "",
+        ]
+    lines.append("| trial | state | " + " | ".join(keys) + " | best val acc | epochs |")
+    lines.append("|---:|---|" + "---:|" * len(keys) + "---:|---:|")
+    for t in found:
+        acc = "" if t.best_val_acc is None else f"{100 * t.best_val_acc:.2f} %"
+        cells = [_cell(t.params.get(k)) for k in keys]
+        lines.append(
+            f"| {t.number} | {t.state} | " + " | ".join(cells) + f" | {acc} | {t.epochs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def study(found: Sequence[Trial], space: dict[str, Any], direction: str) -> Any:
+    """An in-memory Optuna study holding the trials as they were (for Optuna's figures)."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = optuna.create_study(direction=direction)
+    for t in found:
+        if t.state not in ("COMPLETE", "PRUNED") or any(v is None for v in t.params.values()):
+            continue
+        out.add_trial(
+            create_trial(
+                state=TrialState[t.state],
+                value=t.best_val_acc if t.state == "COMPLETE" else None,
+                params=t.params,
+                distributions=space,
+                intermediate_values=t.curve,
+            )
+        )
+    return out
+
+
+def figures(found: Sequence[Trial], space: dict[str, Any], direction: str, out: Path) -> list[str]:
+    """optimization_history.png and, with at least two finished trials that differ,
+    param_importances.png (PED-ANOVA: no extra dependency); the files written."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization import matplotlib as vis
+
+    written = []
+    s = study(found, space, direction)
+    complete = [t for t in s.trials if t.value is not None]
+    if not complete:
+        return written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        ax = vis.plot_optimization_history(s)
+        ax.figure.savefig(out / "optimization_history.png", dpi=120, bbox_inches="tight")
+        written.append("optimization_history.png")
+        if len(complete) >= 2 and len({t.value for t in complete}) > 1:
+            try:
+                ax = vis.plot_param_importances(s, evaluator=PedAnovaImportanceEvaluator())
+            except (RuntimeError, ValueError):  # too few trials for an importance
+                ax = None
+            if ax is not None:
+                ax.figure.savefig(out / "param_importances.png", dpi=120, bbox_inches="tight")
+                written.append("param_importances.png")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    return written
+
+
+def write_search(client: MlflowClient, parent: Run, runs: Sequence[Run], out: Path) -> list[str]:
+    """trials.md, trials.csv and the figures in ``out``; the files written."""
+    space = Space.from_json(parent.data.tags[SPACE_TAG])
+    found = trials(client, runs, space)
+    if not found:
+        return []
+    direction = parent.data.tags.get(DIRECTION_TAG, "maximize")
+    (out / "trials.md").write_text(markdown(found, space, parent))
+    write_csv(
+        out / "trials.csv",
+        [
+            {
+                "trial": t.number,
+                "state": t.state,
+                **t.params,
+                "best_val_acc": None if t.best_val_acc is None else round(t.best_val_acc, 6),
+                "epochs": t.epochs,
+                "run_id": t.run_id,
+                "is_best": t is best(found),
+            }
+            for t in found
+        ],
+    )
+    return ["trials.md", "trials.csv", *figures(found, space, direction, out)]

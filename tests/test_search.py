@@ -1,0 +1,287 @@
+"""hydra/sweeper=optuna as a user runs it (the real CLI, real launchers, a real MLflow store, the
+synthetic faces): trials pruned and run side by side without batch barriers, a killed search
+resumed under the same parent, four workers on one sqlite store, the report of a search, and
+bad input refused before any parent run exists."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from fer_sweep.sweep.search import parse_space
+from tests.conftest import migrated_store, run_cli, start_cli, tiny_run
+
+pytestmark = pytest.mark.slow
+
+SEARCH = ["-m", "hparams_search=cnn2_optuna", *tiny_run(limit_per_class=6, synthetic=True)]
+
+
+def _trials(uri: str, experiment: str = "fer_sweep") -> tuple[list[Run], list[Run]]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("fer_sweep.role") == "parent"]
+    trials = [r for r in runs if "fer_sweep.trial_number" in r.data.tags]
+    return parents, trials
+
+
+def _state(run: Run) -> str:
+    return run.data.tags["fer_sweep.trial_state"]
+
+
+def test_space_grammar_is_hydra_optuna_sweepers() -> None:
+    space = parse_space(
+        {
+            "optimizer.lr": "tag(log, interval(0.001, 0.1))",
+            "trainer.batch_size": "choice(32, 64)",
+            "model.dropout": "interval(0.0, 0.5)",
+            "trainer.epochs": "range(2, 11, 4)",
+            "data.limit_per_class": "tag(int, interval(5, 9))",
+        },
+        ["model.dropout=0.25", "transforms=choice(norm, aug)"],
+    )
+    p = space.params
+    assert p["optimizer.lr"].log and (p["optimizer.lr"].low, p["optimizer.lr"].high) == (
+        0.001,
+        0.1,
+    )
+    assert p["trainer.batch_size"].choices == (32, 64)
+    assert (p["trainer.epochs"].low, p["trainer.epochs"].high, p["trainer.epochs"].step) == (
+        2,
+        10,
+        4,
+    )
+    assert (p["data.limit_per_class"].low, p["data.limit_per_class"].high) == (5, 9)
+    assert p["transforms"].choices == ("norm", "aug")
+    assert "model.dropout" not in p and space.fixed == ["model.dropout=0.25"]  # fixed wins
+
+
+def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
+    tmp_path: Path,
+) -> None:
+    """Two joblib workers; trials of 1 or 30 epochs, the long ones pruned after epoch 21 (a
+    threshold nobody reaches): pruned runs end FINISHED with their state and epochs, no test
+    metrics; while a long trial trains, the other worker finishes one trial and starts the
+    next; the report lists every trial and draws Optuna's figures. (Random sampler, seed 4:
+    worker 0 draws a long trial first, worker 1, seeded 5, two short ones.)"""
+    uri = migrated_store(tmp_path / "m.db")
+    proc = run_cli(
+        [
+            *SEARCH,
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=6",
+            "hydra/sweeper/sampler=random",
+            "hydra.sweeper.sampler.seed=4",
+            "trainer.threads=1",
+            "trainer.epochs=choice(1, 30)",
+            "hydra/sweeper/pruner=none",
+            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+            "+hydra.sweeper.pruner.lower=1.01",
+            "+hydra.sweeper.pruner.n_warmup_steps=20",
+            f"mlflow.tracking_uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parents, trials = _trials(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(int(r.data.tags["fer_sweep.trial_number"]) for r in trials) == list(range(6))
+    assert all(r.info.status == "FINISHED" for r in trials)
+    for r in trials:
+        epochs = int(r.data.params["trainer.epochs"])
+        if epochs == 30:
+            assert _state(r) == "PRUNED", r.data.tags
+            assert r.data.metrics["stopped_epoch"] == 21 and "test_acc" not in r.data.metrics
+        else:
+            assert _state(r) == "COMPLETE" and "test_acc" in r.data.metrics
+    assert {_state(r) for r in trials} == {"PRUNED", "COMPLETE"}, "the sampler drew one kind"
+    # No barrier: a trial began after another ended, while a third (a long one) still trained.
+    spans = [(r.info.start_time, r.info.end_time) for r in trials]
+    assert any(
+        s_long < e_x <= s_y < e_long
+        for s_long, e_long in spans
+        for _, e_x in spans
+        for s_y, _ in spans
+        if s_long < s_y
+    ), sorted(spans)
+    assert "trial 6/6" in proc.stderr  # the sweep-level progress line
+    report = run_cli(
+        ["--tracking-uri", uri, "--out", str(tmp_path / "rep")],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (tmp_path / "rep" / "trials.md").read_text()
+    assert table.count("| PRUNED |") == sum(_state(r) == "PRUNED" for r in trials)
+    assert "Best trial: #" in table
+    assert (tmp_path / "rep" / "optimization_history.png").stat().st_size > 0
+    logged = MlflowClient(uri).list_artifacts(parents[0].info.run_id, "report")
+    assert {"report/trials.md", "report/trials.csv"} <= {a.path for a in logged}
+
+
+def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path) -> None:
+    """SIGKILL (no handler runs) while a later trial trains; the same command plus
+    sweep.resume=latest fails the trial left RUNNING, runs its parameters again and completes
+    the search: as many finished trials as asked for, none run twice, one parent."""
+    uri = migrated_store(tmp_path / "m.db")
+    args = [
+        *SEARCH,
+        "hydra.sweeper.n_trials=3",
+        "hydra/sweeper/pruner=none",
+        "trainer.epochs=12",
+        "trainer.threads=1",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("fer_sweep")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        later = [
+            r
+            for r in runs
+            if r.data.tags.get("fer_sweep.trial_number", "0") != "0" and r.info.status == "RUNNING"
+        ]
+        if later and client.get_metric_history(later[0].info.run_id, "val_acc"):
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    again = run_cli(
+        [*args, "sweep.resume=latest", f"hydra.sweep.dir={tmp_path / 'again'}"],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    parents, trials = _trials(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    by_number = {}
+    for r in trials:
+        by_number.setdefault(r.data.tags["fer_sweep.trial_number"], []).append(r)
+    assert all(len(runs) == 1 for runs in by_number.values()), "a trial ran twice"
+    done = [r for r in trials if _state(r) in ("COMPLETE", "PRUNED")]
+    assert len(done) == 3, [(_state(r), r.info.status) for r in trials]
+    (killed,) = [r for r in trials if r.info.status != "FINISHED"]
+    assert killed.info.status == "KILLED" and _state(killed) == "FAIL"
+    assert (
+        killed.data.tags["fer_sweep.trial_number"] == later[0].data.tags["fer_sweep.trial_number"]
+    )
+    rerun = [r for r in done if r.data.params["optimizer.lr"] == killed.data.params["optimizer.lr"]]
+    assert rerun, "the killed trial's parameters were not tried again"
+
+
+def test_a_search_that_lost_one_joblib_worker_resumes_under_the_same_parent(
+    tmp_path: Path,
+) -> None:
+    """One of two joblib workers SIGKILLed mid-trial (what the OOM killer does): the sweep
+    stops; the same command plus sweep.resume=latest ends with all trials finished, none twice,
+    one parent."""
+    uri = migrated_store(tmp_path / "m.db")
+    args = [
+        *SEARCH,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        "hydra/sweeper/pruner=none",
+        "trainer.epochs=12",
+        "trainer.threads=1",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
+    client = MlflowClient(uri)
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("fer_sweep")
+        for r in client.search_runs([exp.experiment_id]) if exp else []:
+            if r.info.status == "RUNNING" and "fer_sweep.trial_number" in r.data.tags:
+                if client.get_metric_history(r.info.run_id, "val_acc"):
+                    victim = r
+                    break
+        time.sleep(0.3)
+    assert victim is not None, proc.communicate()[0][-3000:]
+    os.kill(int(victim.data.tags["fer_sweep.pid"]), signal.SIGKILL)
+    proc.communicate(timeout=120)  # the sweep ends (joblib loses a worker); nothing hangs
+    assert proc.returncode != 0
+
+    again = run_cli(
+        [*args, "sweep.resume=latest", f"hydra.sweep.dir={tmp_path / 'again'}"],
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    parents, trials = _trials(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    numbers = [r.data.tags["fer_sweep.trial_number"] for r in trials]
+    assert len(numbers) == len(set(numbers)), "a trial ran twice"
+    assert sum(_state(r) == "COMPLETE" for r in trials) == 4
+    assert all(r.info.status != "RUNNING" for r in trials)
+
+
+def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
+    """Four joblib workers beside one MLflow sqlite store (and the journal): every trial is in
+    MLflow, FINISHED, and nothing reports a locked database."""
+    uri = migrated_store(tmp_path / "m.db")
+    proc = run_cli(
+        [
+            "-m",
+            "hparams_search=cnn2_optuna",
+            *tiny_run(limit_per_class=2, synthetic=True),
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=4",
+            "hydra.sweeper.n_jobs=4",
+            "hydra.sweeper.n_trials=40",
+            "hydra/sweeper/pruner=none",
+            "trainer.threads=1",
+            f"mlflow.tracking_uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "database is locked" not in proc.stdout + proc.stderr
+    parents, trials = _trials(uri)
+    assert len(parents) == 1
+    assert sorted(int(r.data.tags["fer_sweep.trial_number"]) for r in trials) == list(range(40))
+    assert all(r.info.status == "FINISHED" and _state(r) == "COMPLETE" for r in trials)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "code"),
+    [
+        (["hydra/sweeper/pruner=nope"], "hydra/sweeper/pruner", 1),
+        (["+hydra.sweeper.pruner.bogus=3"], "hydra.sweeper.pruner", 2),
+        (["trainer.epochz=choice(1, 2)"], "search space trainer.epochz", 2),
+        (["model.dropout=interval(0.0, 1.5)"], "search space model.dropout=1.5", 2),
+        (["hydra.sweeper.storage=/proc/fer_sweep/x.journal"], "hydra.sweeper.storage", 2),
+    ],
+    ids=["unknown_pruner", "pruner_option", "unknown_key", "refused_value", "storage"],
+)
+def test_bad_search_input_is_one_error_before_any_parent_run(
+    tmp_path: Path, args: list[str], expected: str, code: int
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = run_cli([*SEARCH, *args, f"mlflow.tracking_uri={uri}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert expected in proc.stderr
+    if code == 2:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: ")]
+        assert len(errors) == 1 and errors[0].startswith("fer_sweep: error: "), proc.stderr
+    if (tmp_path / "m.db").exists():
+        exp = MlflowClient(uri).get_experiment_by_name("fer_sweep")
+        assert exp is None or not MlflowClient(uri).search_runs([exp.experiment_id])
