@@ -148,7 +148,7 @@ def work(cfg: DictConfig) -> float:
         overrides = suggest(trial, space)
         hooks = trial_hooks(trial, [*base, *overrides])  # the run's overrides tag: all
         try:
-            trial_cfg = compose(config_name=hc.job.config_name, overrides=[*base, *overrides])
+            trial_cfg = compose(hc.job.config_name, [*base, *overrides], return_hydra_config=True)
             value = job.run_trial(trial_cfg, hooks)
             study.tell(trial, value)
             best = value if math.isnan(best) else max(best, value)
