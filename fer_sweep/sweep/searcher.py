@@ -110,7 +110,9 @@ def trial_hooks(trial: optuna.Trial, overrides: list[str]) -> RunHooks:
     )
 
 
-def _next_trial(study: optuna.Study, plan: Mapping[str, Any], lock: Any, deadline: float | None):
+def _next_trial(
+    study: optuna.Study, plan: Mapping[str, Any], lock: Any, deadline: float | None
+) -> optuna.Trial | None:
     """A new trial, or None when n_trials are counted or the time is up. Counting and asking
     happen under one lock, so two workers cannot both take the last trial."""
     if deadline is not None and time.time() >= deadline:
