@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def _trials(uri: str, experiment: str = "fer_sweep") -> tuple[list[Run], list[Ru
     parents = [r for r in runs if r.data.tags.get("fer_sweep.role") == "parent"]
     trials = [r for r in runs if "fer_sweep.trial_number" in r.data.tags]
     return parents, trials
+
+
+def _search(
+    args: list[str], cwd: Path, uri: str, folder: str, timeout: float = 600
+) -> tuple[subprocess.CompletedProcess[str], Run, list[Run]]:
+    """A search through the CLI to its end (sweep folder ``cwd/folder``): exit 0 and one
+    FINISHED parent; (the process, the parent, the trial runs)."""
+    proc = run_cli([*args, f"hydra.sweep.dir={cwd / folder}"], cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    parents, trials = _trials(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    return proc, parents[0], trials
 
 
 def _state(run: Run) -> str:
@@ -71,7 +84,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     next; the report lists every trial and draws Optuna's figures. (Random sampler, seed 4:
     worker 0 draws a long trial first, worker 1, seeded 5, two short ones.)"""
     uri = migrated_store(tmp_path / "m.db")
-    proc = run_cli(
+    proc, parent, trials = _search(
         [
             *SEARCH,
             "hydra/launcher=joblib",
@@ -87,14 +100,11 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
             "+hydra.sweeper.pruner.lower=1.01",
             "+hydra.sweeper.pruner.n_warmup_steps=20",
             f"mlflow.tracking_uri={uri}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        cwd=tmp_path,
-        timeout=600,
+        tmp_path,
+        uri,
+        "sweep",
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    parents, trials = _trials(uri)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(int(r.data.tags["fer_sweep.trial_number"]) for r in trials) == list(range(6))
     assert all(r.info.status == "FINISHED" for r in trials)
     for r in trials:
@@ -125,7 +135,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     assert table.count("| PRUNED |") == sum(_state(r) == "PRUNED" for r in trials)
     assert "Best trial: #" in table
     assert (tmp_path / "rep" / "optimization_history.png").stat().st_size > 0
-    logged = MlflowClient(uri).list_artifacts(parents[0].info.run_id, "report")
+    logged = MlflowClient(uri).list_artifacts(parent.info.run_id, "report")
     assert {"report/trials.md", "report/trials.csv"} <= {a.path for a in logged}
 
 
@@ -160,14 +170,7 @@ def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
-    again = run_cli(
-        [*args, "sweep.resume=latest", f"hydra.sweep.dir={tmp_path / 'again'}"],
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-4000:]
-    parents, trials = _trials(uri)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    _, _, trials = _search([*args, "sweep.resume=latest"], tmp_path, uri, "again")
     by_number = {}
     for r in trials:
         by_number.setdefault(r.data.tags["fer_sweep.trial_number"], []).append(r)
@@ -218,14 +221,7 @@ def test_a_search_that_lost_one_joblib_worker_resumes_under_the_same_parent(
     proc.communicate(timeout=120)  # the sweep ends (joblib loses a worker); nothing hangs
     assert proc.returncode != 0
 
-    again = run_cli(
-        [*args, "sweep.resume=latest", f"hydra.sweep.dir={tmp_path / 'again'}"],
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-4000:]
-    parents, trials = _trials(uri)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    _, _, trials = _search([*args, "sweep.resume=latest"], tmp_path, uri, "again")
     numbers = [r.data.tags["fer_sweep.trial_number"] for r in trials]
     assert len(numbers) == len(set(numbers)), "a trial ran twice"
     assert sum(_state(r) == "COMPLETE" for r in trials) == 4
@@ -236,7 +232,7 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
     """Four joblib workers beside one MLflow sqlite store (and the journal): every trial is in
     MLflow, FINISHED, and nothing reports a locked database."""
     uri = migrated_store(tmp_path / "m.db")
-    proc = run_cli(
+    proc, _, trials = _search(
         [
             "-m",
             "hparams_search=cnn2_optuna",
@@ -248,15 +244,13 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
             "hydra/sweeper/pruner=none",
             "trainer.threads=1",
             f"mlflow.tracking_uri={uri}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        cwd=tmp_path,
+        tmp_path,
+        uri,
+        "sweep",
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     assert "database is locked" not in proc.stdout + proc.stderr
-    parents, trials = _trials(uri)
-    assert len(parents) == 1
     assert sorted(int(r.data.tags["fer_sweep.trial_number"]) for r in trials) == list(range(40))
     assert all(r.info.status == "FINISHED" and _state(r) == "COMPLETE" for r in trials)
 
