@@ -249,7 +249,7 @@ def open_storage(url: str) -> Any:
         ) from None
 
 
-def check(config: DictConfig, sweep_dir: Path, resumed: Any | None) -> tuple[Plan, Space]:
+def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None) -> Plan:
     """Everything that can be wrong with a search, before any trial trains and before its
     parent run is created: the settings, the sampler and pruner, every searched key and value
     against the typed schema, and the storage (``resumed``: the parent run sweep.resume
@@ -275,7 +275,6 @@ def check(config: DictConfig, sweep_dir: Path, resumed: Any | None) -> tuple[Pla
         raise FerSweepError(f"hydra.sweeper.direction={sw.direction!r}: maximize or minimize.")
     sampler(sw, 0)
     pruner(sw)
-    space = parse_space(sw.get("params"), list(config.hydra.overrides.task))
     base = validate(config)
     groups = {}
     for key, d in space.params.items():
@@ -314,7 +313,7 @@ def check(config: DictConfig, sweep_dir: Path, resumed: Any | None) -> tuple[Pla
         space=space.to_json(),
         key=search_key(space),
     )
-    return plan, space
+    return plan
 
 
 STORAGE_TAG = "fer_sweep.study_storage"

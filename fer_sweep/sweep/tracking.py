@@ -312,9 +312,11 @@ class MultirunParentCallback(Callback):
             check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
             grid = grid_key(jobs)
-            if search.is_search(config):  # "the same sweep" for sweep.resume: the same search
-                sweeper = config.hydra.sweeper
-                space = search.parse_space(sweeper.get("params"), list(config.hydra.overrides.task))
+            searching = search.is_search(config)
+            if searching:  # "the same sweep" for sweep.resume: the same search
+                space = search.parse_space(
+                    config.hydra.sweeper.get("params"), list(config.hydra.overrides.task)
+                )
                 grid = search.search_key(space)
             client = store.connect(conf.mlflow.tracking_uri)
             exp_id = store.ensure_experiment(client, conf.mlflow.experiment)
@@ -323,8 +325,8 @@ class MultirunParentCallback(Callback):
                 if conf.sweep.resume
                 else None
             )
-            if search.is_search(config):  # space, sampler, pruner, storage: before any trial
-                plan, _ = search.check(config, sweep_dir, resumed)
+            if searching:  # sampler, pruner, every value, the storage: before any trial
+                plan = search.check(config, space, sweep_dir, resumed)
         except FerSweepError as err:
             print(f"fer_sweep: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
