@@ -29,8 +29,9 @@ def main(cfg: DictConfig) -> float:
     In a multirun a failed job is recorded (MLflow run FAILED, a note for the sweep's summary)
     and NaN is returned so that its siblings still run; the sweep then exits non-zero.
     """
+    from fer_sweep.core.config import validate
     from fer_sweep.core.interrupt import Interrupted, exit_status
-    from fer_sweep.sweep.job import hydra_job, run_job
+    from fer_sweep.sweep.compose import hydra_job
 
     multirun, sweep_dir, job_num, overrides = hydra_job()
     try:
@@ -38,6 +39,9 @@ def main(cfg: DictConfig) -> float:
             from fer_sweep.sweep import searcher
 
             return searcher.work(cfg)
+        validate(cfg)  # a setting's error in ~1 s, before torch and MLflow load (~3 s more)
+        from fer_sweep.sweep.job import run_job
+
         return run_job(cfg)
     except (Interrupted, KeyboardInterrupt) as err:
         if multirun:  # the whole sweep stops: its parent run is marked KILLED too

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +38,7 @@ from fer_sweep.core.models import describe, summary_text
 from fer_sweep.core.train import Result, fit
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import progress, store, tracking
+from fer_sweep.sweep.compose import hydra_job
 
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 
@@ -87,20 +87,6 @@ def config_hash(cfg: DictConfig) -> str:
 
 def _job_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-
-
-def hydra_job() -> tuple[bool, Path | None, int, list[str]]:
-    """(multirun?, sweep dir, job number, overrides) of the current Hydra job, if any."""
-    if not HydraConfig.initialized():
-        return False, None, 0, []
-    hc = HydraConfig.get()
-    multirun = hc.mode == RunMode.MULTIRUN
-    return (
-        multirun,
-        Path(hc.sweep.dir) if multirun else None,
-        int(hc.job.get("num", 0) or 0),
-        list(hc.overrides.task),
-    )
 
 
 def resumable_run(client: MlflowClient, exp_id: str, conf: Config, key: str) -> str | None:

@@ -26,11 +26,9 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep.core.interrupt import in_submitit_job
@@ -38,6 +36,17 @@ from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.sweep.signals import WORKER_STOPPED, SweepGuard, alive
 from fer_sweep.sweep.store import newest_runs
+
+if TYPE_CHECKING:  # MLflow loads in ~1.5 s: Hydra imports this module for every command (the
+    # callback below), so a setting's error is named before MLflow or torch loads
+    from mlflow.tracking import MlflowClient
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow import tracking as mlflow_tracking
+
+    return mlflow_tracking.MlflowClient(tracking_uri=uri)
+
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,8 @@ def create_run(
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         retry(client.log_batch, run_id, params=items[i : i + 100])
@@ -141,6 +152,8 @@ def log_metrics(
     client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
 ) -> None:
     """One batched call per step; non-finite values are skipped (some stores reject NaN)."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
     if items:
@@ -148,6 +161,8 @@ def log_metrics(
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
     retry(client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
@@ -201,7 +216,7 @@ def write_job_failure(
 def close_parent(uri: str, run_id: str, status: str, error: str | None = None) -> None:
     """Terminate a sweep's parent run (with an error tag when given) and forget it as open.
     The one way a parent ends: at the sweep's end, on an interruption, or at exit."""
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     if error:
         set_tags(client, run_id, {f"{TAG_PREFIX}error": error})
     retry(client.set_terminated, run_id, status=status)
@@ -257,7 +272,7 @@ def kill_orphaned_jobs(uri: str, parent_id: str, tags: Mapping[str, str] | None 
     """Mark KILLED (and tag with ``tags``) the sweep's job runs still RUNNING whose process, on
     this machine, is gone (a worker ended before it could mark its run). Jobs on other machines
     (a cluster's) are left to themselves: they may well be running."""
-    client = MlflowClient(tracking_uri=uri)
+    client = _client(uri)
     host = socket.gethostname()
     running = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
@@ -278,7 +293,7 @@ def _fail_unclosed_parents() -> None:
     sweeper crash) must not leave its parent run RUNNING forever."""
     for run_id, uri in list(_open_parents.items()):
         try:
-            if MlflowClient(tracking_uri=uri).get_run(run_id).info.status != "RUNNING":
+            if _client(uri).get_run(run_id).info.status != "RUNNING":
                 continue  # a job process already ended it (KILLED by a signal)
             close_parent(
                 uri,
@@ -299,7 +314,6 @@ class MultirunParentCallback(Callback):
 
         Kept whole on purpose: every check must come before the first write to the store."""
         from fer_sweep.core.config import validate  # local: keep Hydra's plugin discovery light
-        from fer_sweep.core.sources import check_source
         from fer_sweep.sweep import search  # local: keep Hydra's plugin discovery light
         from fer_sweep.sweep.validation import grid_jobs, grid_key, validate_jobs
 
@@ -309,6 +323,8 @@ class MultirunParentCallback(Callback):
             conf = validate(config)  # catches what is wrong for every job before any starts
             jobs = grid_jobs(config)  # the grid, expanded once
             validate_jobs(config, jobs)  # ... and what is wrong for one job of the grid
+            from fer_sweep.core.sources import check_source  # torch: after the settings' checks
+
             check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
             grid = grid_key(jobs)
@@ -393,7 +409,7 @@ class MultirunParentCallback(Callback):
             key=lambda f: f["job"],
         )
         if info is not None:
-            client = MlflowClient(tracking_uri=info["tracking_uri"])
+            client = _client(info["tracking_uri"])
             parent = info["parent_run_id"]
             children = client.search_runs(
                 [info["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000
