@@ -111,7 +111,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
         epochs = int(r.data.params["trainer.epochs"])
         if epochs == 30:
             assert _state(r) == "PRUNED", r.data.tags
-            assert r.data.metrics["stopped_epoch"] == 21 and "test_acc" not in r.data.metrics
+            assert r.data.metrics["stopped_epoch"] == 20 and "test_acc" not in r.data.metrics
         else:
             assert _state(r) == "COMPLETE" and "test_acc" in r.data.metrics
     assert {_state(r) for r in trials} == {"PRUNED", "COMPLETE"}, "the sampler drew one kind"
@@ -142,11 +142,13 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
 def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path) -> None:
     """SIGKILL (no handler runs) while a later trial trains; the same command plus
     sweep.resume=latest fails the trial left RUNNING, runs its parameters again and completes
-    the search: as many finished trials as asked for, none run twice, one parent."""
+    the search: as many finished trials as asked for, none run twice, one parent. The trial
+    enqueued by hydra.sweeper.enqueue_trials runs first, and once (not again on resume)."""
     uri = migrated_store(tmp_path / "m.db")
     args = [
         *SEARCH,
         "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.enqueue_trials=[{optimizer.lr:0.0123,model.dropout:0.1}]",
         "hydra/sweeper/pruner=none",
         "trainer.epochs=12",
         "trainer.threads=1",
@@ -184,6 +186,9 @@ def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path)
     )
     rerun = [r for r in done if r.data.params["optimizer.lr"] == killed.data.params["optimizer.lr"]]
     assert rerun, "the killed trial's parameters were not tried again"
+    enqueued = [r for r in trials if r.data.params["optimizer.lr"] == "0.0123"]
+    assert [r.data.tags["fer_sweep.trial_number"] for r in enqueued] == ["0"]
+    assert enqueued[0].data.params["model.dropout"] == "0.1"
 
 
 def test_a_search_that_lost_one_joblib_worker_resumes_under_the_same_parent(
@@ -263,8 +268,13 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
         (["trainer.epochz=choice(1, 2)"], "search space trainer.epochz", 2),
         (["model.dropout=interval(0.0, 1.5)"], "search space model.dropout=1.5", 2),
         (["hydra.sweeper.storage=/proc/fer_sweep/x.journal"], "hydra.sweeper.storage", 2),
+        (
+            ["hydra.sweeper.enqueue_trials=[{optimizer.lr:5.0}]"],
+            "enqueue_trials[0]: optimizer.lr=5.0 is outside its search space",
+            2,
+        ),
     ],
-    ids=["unknown_pruner", "pruner_option", "unknown_key", "refused_value", "storage"],
+    ids=["unknown_pruner", "pruner_option", "unknown_key", "refused_value", "storage", "enqueue"],
 )
 def test_bad_search_input_is_one_error_before_any_parent_run(
     tmp_path: Path, args: list[str], expected: str, code: int

@@ -195,6 +195,7 @@ class Plan:
     timeout_min: float | None
     space: str  # Space.to_json()
     key: str  # fingerprint of the space and the fixed overrides: sweep.resume's "same search"
+    enqueue: tuple[dict[str, Any], ...] = ()  # trials run first (hydra.sweeper.enqueue_trials)
 
 
 def search_key(space: Space) -> str:
@@ -291,6 +292,7 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
                 ) from None
     for key, values in groups.items():  # compose each option: an unknown one is named
         validate_jobs(config, [[*space.fixed, f"{key}={_format(v)}"] for v in values])
+    enqueue = _enqueued(sw.get("enqueue_trials") or [], space)
     if resumed is not None:
         tags = resumed.data.tags
         storage, study_name = tags.get(STORAGE_TAG), tags.get(STUDY_TAG)
@@ -312,8 +314,39 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
         timeout_min=None if sw.timeout_min is None else float(sw.timeout_min),
         space=space.to_json(),
         key=search_key(space),
+        enqueue=enqueue,
     )
     return plan
+
+
+def _enqueued(entries: Any, space: Space) -> tuple[dict[str, Any], ...]:
+    """hydra.sweeper.enqueue_trials, checked: each entry maps searched keys to values inside
+    their distributions (a trial outside the space would fail only when it is asked for)."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for i, entry in enumerate(OmegaConf.to_container(OmegaConf.create(list(entries)))):
+        where = f"hydra.sweeper.enqueue_trials[{i}]"
+        if not isinstance(entry, dict) or not entry:
+            raise FerSweepError(f"{where}={entry!r}: give a mapping of searched keys to values.")
+        for key, value in entry.items():
+            d = space.params.get(key)
+            if d is None:
+                raise FerSweepError(
+                    f"{where}: {key} is not searched (the space has "
+                    f"{', '.join(space.params)}); enqueue only searched keys."
+                )
+            try:
+                inside = d._contains(d.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                raise FerSweepError(
+                    f"{where}: {key}={_format(value)} is outside its search space {d}; "
+                    "widen the space or change the value."
+                )
+        out.append(entry)
+    return tuple(out)
 
 
 STORAGE_TAG = "fer_sweep.study_storage"

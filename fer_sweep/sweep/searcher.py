@@ -66,6 +66,9 @@ def sweep(config: DictConfig, launcher: Any, arguments: list[str]) -> list[Any]:
             counted(study) - len(again),
             again or "none",
         )
+    elif not study.trials:  # a new study: the trials to run first, in order
+        for params in plan.get("enqueue", ()):
+            study.enqueue_trial(params)
     swept = _sweep_overrides(arguments)
     fixed = [a for a in arguments if a not in swept and not a.startswith("sweep.worker=")]
     jobs = [[*fixed, f"sweep.worker={i}"] for i in range(plan["n_jobs"])]
@@ -94,12 +97,15 @@ def write_results(study: optuna.Study, sweep_dir: Path) -> None:
 
 def trial_hooks(trial: optuna.Trial, overrides: list[str]) -> RunHooks:
     """What a trial adds to an ordinary job: its overrides and tags, and an epoch callback that
-    reports the validation accuracy to the study and stops the run when the pruner says so."""
+    reports the validation accuracy to the study and stops the run when the pruner says so.
+    The step reported is the number of epochs trained (fit's ``epoch`` is 0-based), so a
+    pruner's ``min_resource`` or ``n_warmup_steps`` counts epochs: ASHA's rungs at 1, 4, 16 are
+    after 1, 4 and 16 epochs, and Hyperband's auto ``max_resource`` is the trials' length."""
     best = {"val_acc": -math.inf}
 
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         best["val_acc"] = max(best["val_acc"], float(metrics["val_acc"]))
-        trial.report(float(metrics["val_acc"]), epoch)
+        trial.report(float(metrics["val_acc"]), epoch + 1)
         if trial.should_prune():
             raise Pruned(epoch, best["val_acc"])
 

@@ -51,9 +51,9 @@ ConfigStore.instance().store(
 
 @dataclass
 class OptunaSweeperConf:
-    """X, with
-    hydra-optuna-sweeper's setting names; the sampler and the pruner are option groups
-    (conf/hydra/sweeper/sampler/, conf/hydra/sweeper/pruner/)."""
+    """hydra/sweeper=optuna: fer_sweep's own Optuna search, with hydra-optuna-sweeper's setting
+    names; the sampler and the pruner are option groups (conf/hydra/sweeper/sampler/,
+    conf/hydra/sweeper/pruner/)."""
 
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
     _target_: str = "hydra_plugins.fer_sweep_plugin.optuna_sweeper.OptunaSweeper"
@@ -68,6 +68,9 @@ class OptunaSweeperConf:
     n_jobs: int = 1  # worker jobs = trials at once (through hydra/launcher)
     timeout_min: float | None = None  # no new trial after this many minutes of the command
     params: dict[str, str] | None = None  # the search space: key -> choice/range/interval
+    # trials to run first, before the sampler proposes any (e.g. the current recipe): each a
+    # mapping of searched keys to values (keys left out are sampled); Optuna's enqueue_trial
+    enqueue_trials: list[Any] = field(default_factory=list)
 
 
 ConfigStore.instance().store(
