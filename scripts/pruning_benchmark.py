@@ -6,8 +6,9 @@ Both searches: hparams_search=cnn2_optuna (learning rate, weight decay, batch si
 trainer.epochs=30, 24 trials, TPE seeded 0 (worker N: seed N), two joblib workers of one thread
 each. The pruned one uses hydra/sweeper/pruner=asha (or --pruner); the other none. Each search
 logs to its own MLflow experiment in <out>/mlflow.db; the script then reads the trials back and
-writes <out>/pruning.json and <out>/pruning.md: epochs trained, wall time and the best
-validation accuracy of each search, and their ratios. --resume continues searches a stop cut off
+writes <out>/<name>.json and <out>/<name>.md (--name: the pruned search's study and experiment,
+default pruned): epochs trained, wall time and the best validation accuracy of each search, and
+their ratios. --resume continues searches a stop cut off
 (sweep.resume=latest). The pruned search runs first (it is the shorter).
 """
 
@@ -96,6 +97,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/pruning"))
     p.add_argument("--pruner", default="asha")
+    p.add_argument(
+        "--name",
+        default="pruned",
+        help="the pruned search's study and MLflow experiment (another name keeps earlier ones)",
+    )
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--resume", action="store_true")
@@ -103,22 +109,23 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true", help="summarise finished searches")
     p.add_argument("--override", action="append", default=[], help="one more override")
     args = p.parse_args()
-    if not os.environ.get("FER2013_ROOT"):
+    if not args.report_only and not os.environ.get("FER2013_ROOT"):
         p.error("set FER2013_ROOT to the real FER2013 (this benchmark is about real data)")
     args.out.mkdir(parents=True, exist_ok=True)
-    names = {"pruned": args.pruner, "unpruned": "none"}
+    names = {args.name: args.pruner, "unpruned": "none"}
     if not args.report_only:
-        for kind, pruner in names.items():
+        runs = (("pruned", args.name, args.pruner), ("unpruned", "unpruned", "none"))
+        for kind, name, pruner in runs:
             if args.only in (None, kind):
-                search(args.out, kind, pruner, args)
+                search(args.out, name, pruner, args)
     client = MlflowClient(f"sqlite:///{(args.out / 'mlflow.db').resolve()}")
-    result = {kind: summary(client, kind, args.epochs) for kind in names}
-    pr, un = result["pruned"], result["unpruned"]
+    result = {name: summary(client, name, args.epochs) for name in names}
+    pr, un = result[args.name], result["unpruned"]
     result["epochs_ratio"] = round(pr["epochs_trained"] / un["epochs_trained"], 3)
     result["best_val_acc_diff_points"] = round(100 * (pr["best_val_acc"] - un["best_val_acc"]), 2)
     result["host"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     result["settings"] = vars(args) | {"out": str(args.out)}
-    (args.out / "pruning.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     rows = [
         "| search | trials (states) | epochs trained | best val acc | best trial's test acc |",
         "|---|---|---:|---:|---:|",
@@ -134,7 +141,7 @@ def main() -> int:
         f"pruned / unpruned epochs: {result['epochs_ratio']:.3f}; best validation accuracy, "
         f"pruned - unpruned: {result['best_val_acc_diff_points']:+.2f} points"
     )
-    (args.out / "pruning.md").write_text("\n".join(rows) + "\n")
+    (args.out / f"{args.name}.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0
 
