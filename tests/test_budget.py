@@ -149,6 +149,7 @@ def test_fit_follows_the_plan_and_stops_when_no_epoch_fits(synthetic_root: Path)
     assert seen == [0, *range(7), *range(3)]  # asked after every epoch
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
     synthetic_root: Path, tmp_path: Path
 ) -> None:
@@ -182,6 +183,7 @@ def test_a_budgeted_run_logs_its_plan_and_is_the_same_as_its_epochs(
         assert a.data.metrics[key] == b.data.metrics[key], key
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_too_small_a_budget_stops_before_the_run_exists(
     synthetic_root: Path, tmp_path: Path
 ) -> None:

@@ -32,6 +32,10 @@ from fer_sweep.sweep import job
 from fer_sweep.sweep.compose import CONF_DIR, compose_config
 from tests.conftest import migrated_store, run_cli
 
+# The recipe's own net is ~1 s a step here; tests of training behaviour (the weight average, the
+# schedule, crops, the sealed test split) train the same kind of net, two stages of 8-16 channels.
+SMALL_NET = "model.stages=[{channels:8,blocks:1,stride:1},{channels:16,blocks:1,stride:2}]"
+
 
 def _conf(root: Path, *overrides: str) -> Config:
     return compose_config(
@@ -200,7 +204,7 @@ def test_weight_average_takes_in_every_optimizer_step() -> None:
 def test_weight_average_is_what_the_run_keeps_and_leaves_training_alone(
     synthetic_root: Path,
 ) -> None:
-    base = ("trainer.epochs=1", "trainer.batch_size=32", "trainer.amp=fp32")
+    base = ("trainer.epochs=1", "trainer.batch_size=32", "trainer.amp=fp32", SMALL_NET)
     data = load_dataset(_conf(synthetic_root, *base).data)
     plain = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0"), data)
     avg = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0.9"), data)
@@ -219,7 +223,7 @@ def test_weight_average_is_what_the_run_keeps_and_leaves_training_alone(
 
 
 def test_weight_average_resumes_exactly(synthetic_root: Path, tmp_path: Path) -> None:
-    base = ("trainer.epochs=3", "trainer.batch_size=32", "trainer.checkpoint_every_s=0")
+    base = ("trainer.epochs=3", "trainer.batch_size=32", "trainer.checkpoint_every_s=0", SMALL_NET)
     conf = _conf(synthetic_root, *base, "trainer.ema_decay=0.9")
     data = load_dataset(conf.data)
     straight = fit(conf, data)
@@ -282,7 +286,7 @@ def test_onecycle_warms_up_peaks_and_anneals_per_step(tmp_path: Path) -> None:
 
 def test_fit_steps_onecycle_once_per_optimizer_step(synthetic_root: Path) -> None:
     """The schedule spans exactly the run: OneCycleLR raises if stepped past its total."""
-    conf = _conf(synthetic_root, "trainer.epochs=3", "trainer.batch_size=16")
+    conf = _conf(synthetic_root, "trainer.epochs=3", "trainer.batch_size=16", SMALL_NET)
     data = load_dataset(conf.data)
     result = fit(conf, data)
     steps = math.ceil(len(data.train) / 16)
@@ -370,7 +374,7 @@ def test_sealed_test_split_knows_its_size_but_refuses_reads(synthetic_root: Path
         with pytest.raises(DataError, match="test split was read"):
             getattr(sealed.test, name)
     assert sealed.train is data.train and sealed.val is data.val
-    fit(_conf(synthetic_root, "trainer.epochs=1"), sealed)  # training never needs it
+    fit(_conf(synthetic_root, "trainer.epochs=1", SMALL_NET), sealed)  # training never needs it
 
 
 def test_a_job_trains_on_sealed_data_and_tests_after(
@@ -402,6 +406,7 @@ def test_a_job_trains_on_sealed_data_and_tests_after(
                 "data=synthetic",
                 f"data.root='{synthetic_root}'",
                 "trainer.epochs=1",
+                SMALL_NET,
                 "trainer.progress=false",
                 "trainer.ema_decay=0.5",
                 f"trainer.checkpoint_dir='{tmp_path / 'ckpt'}'",
@@ -494,7 +499,13 @@ def test_fit_trains_on_crops_evaluates_whole_images_and_the_budget_times_crops(
     budget times the step on the crops it will train on."""
     from fer_sweep.core import budget, train
 
-    conf = _conf(synthetic_root, "transforms=aug_crop", "trainer.epochs=1", "trainer.batch_size=32")
+    conf = _conf(
+        synthetic_root,
+        "transforms=aug_crop",
+        "trainer.epochs=1",
+        "trainer.batch_size=32",
+        SMALL_NET,
+    )
     data = load_dataset(conf.data)
     steps: list[tuple[int, ...]] = []
     step = train.train_step
@@ -527,6 +538,7 @@ def test_crop_settings_are_checked(tmp_path: Path, overrides: list[str], message
         _conf(tmp_path, *overrides)
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_a_crop_larger_than_the_images_fails_before_the_run_exists(
     tmp_path: Path, synthetic_root: Path
 ) -> None:
