@@ -138,6 +138,50 @@ def test_sweep_lands_finished_runs_tagged_with_their_slurm_jobs(
 
 
 @slow
+def test_a_search_runs_its_workers_as_slurm_tasks_sharing_one_journal(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """hydra/sweeper=optuna on the cluster: two worker tasks of one array job take trials from
+    one study (a journal in the sweep folder, on the file system the nodes share) until the
+    study has its trials; each trial is a FINISHED child run that names its SLURM task."""
+    uri = migrated_store(tmp_path / "m.db")
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        [
+            "-m",
+            "hparams_search=cnn2_optuna",
+            *CPU_JOBS,
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=4",
+            "hydra/sweeper/pruner=none",
+            "trainer.epochs=1",
+            "trainer.threads=1",
+            *TINY,
+            f"mlflow.tracking_uri={uri}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+        env=_env(cluster),
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:] + cluster.logs()
+    runs = _runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("fer_sweep.role") == "parent"]
+    trials = [r for r in runs if "fer_sweep.trial_number" in r.data.tags]
+    assert parent.info.status == "FINISHED", parent.data.tags.get("fer_sweep.error")
+    assert parent.data.tags["fer_sweep.study_storage"] == str(sweep / "optuna.journal")
+    assert sorted(int(r.data.tags["fer_sweep.trial_number"]) for r in trials) == [0, 1, 2, 3]
+    for r in trials:
+        assert r.info.status == "FINISHED" and r.data.tags["fer_sweep.trial_state"] == "COMPLETE"
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    tasks = {r.data.tags["fer_sweep.slurm_job_id"] for r in trials}
+    array = next(iter(tasks)).split("_")[0]
+    assert tasks <= {f"{array}_0", f"{array}_1"}, tasks  # the workers: one array job's tasks
+    for jid in (f"{array}_0", f"{array}_1"):
+        assert "JobState=COMPLETED" in _ended(cluster, jid)
+
+
+@slow
 def test_preempted_jobs_continue_their_run_with_exactly_the_uninterrupted_metrics(
     cluster: Cluster, tmp_path: Path
 ) -> None:
