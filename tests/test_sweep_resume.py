@@ -67,6 +67,7 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-3000:]
     assert "sweep.resume=latest" in out
+    assert "trainer.resume=" not in out  # the sweep says how to continue, not each job
     before = {r.info.run_id: r for r in _runs(uri)}
     (parent,) = _runs(uri, "parent")
     assert parent.info.status == "KILLED"

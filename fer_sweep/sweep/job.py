@@ -443,12 +443,16 @@ def _mark_stopped(
     client: MlflowClient, run_id: str, err: BaseException, ckpt: Path, every_s: float
 ) -> None:
     """The run ends KILLED (a signal: how to continue it is printed) or FAILED (the error);
-    a signal that a library wrapped in its own error is raised as itself (exit 128 + signum)."""
+    a signal that a library wrapped in its own error is raised as itself (exit 128 + signum).
+    In a multirun the sweep says how to continue (sweep.resume), for a search's trials too,
+    which are run again by their study, not resumed by trainer.resume."""
     signal_err = interrupt.interruption(err)
     killed = signal_err is not None
     with interrupt.deferred():  # a second signal must not stop the run from being marked
         tracking.record_failure(client, run_id, err, status="KILLED" if killed else "FAILED")
-    if killed and ckpt.exists():
+    if killed and hydra_job()[0]:
+        log.info("run %s marked KILLED (the sweep says how to continue)", run_id)
+    elif killed and ckpt.exists():
         print(
             f"fer_sweep: interrupted; MLflow run {run_id} marked KILLED. Continue it with "
             f"trainer.resume={run_id} (or trainer.resume=auto) and the same overrides.",
