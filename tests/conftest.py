@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.forkserver import Client, Forked
+
 REPO = Path(__file__).resolve().parent.parent
 
 # What every finished job logs beside its metrics (job.log_results).
@@ -102,6 +104,10 @@ def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
     return {**inherited, "HYDRA_FULL_ERROR": "0", **(env or {})}
 
 
+# One warm interpreter per test process, started on the first CLI run.
+_FORK = Client(str(REPO), _cli_env(None))
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
@@ -109,28 +115,44 @@ def run_cli(
     module: str = "fer_sweep",
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m <module> args`` the way a user does, in ``cwd``."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_cli_env(env),
-    )
+    """Run ``python -m <module> args`` the way a user does, in ``cwd`` (forked from a warm
+    interpreter where that is the same thing: tests/forkserver.py)."""
+    full_env = _cli_env(env)
+    proc = _FORK.spawn(module, args, str(cwd), full_env, merge_stderr=False, new_session=False)
+    if proc is None:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, new_session: bool = False
-) -> subprocess.Popen[str]:
+) -> subprocess.Popen[str] | Forked:
     """``python -m fer_sweep args`` in the background, as run_cli runs it (stdout and stderr
     together); ``new_session``: in a process group of its own, for os.killpg."""
+    full_env = _cli_env(env)
+    proc = _FORK.spawn("fer_sweep", args, str(cwd), full_env, True, new_session)
+    if proc is not None:
+        return proc
     return subprocess.Popen(
         [sys.executable, "-m", "fer_sweep", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_cli_env(env),
+        env=full_env,
         start_new_session=new_session,
     )

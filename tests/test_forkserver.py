@@ -1,0 +1,91 @@
+"""The tests' warm interpreter (tests/forkserver.py): a forked ``python -m fer_sweep`` must be
+indistinguishable from a started one in what the CLI tests read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import conftest
+from tests.conftest import _FORK, _cli_env, run_cli, start_cli
+from tests.forkserver import Forked
+
+pytestmark = pytest.mark.skipif(_FORK.broken, reason="FER_SWEEP_TEST_FORK=0")
+
+
+def _fresh(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fer_sweep", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=_cli_env(env),
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["trainer.epochs=0"],  # a settings error: exit 2, one line on stderr
+        ["trainer.epochs=abc"],
+        ["-m", "trainer.epochs=1,0"],
+    ],
+)
+def test_forked_cli_prints_and_exits_as_a_started_one(tmp_path: Path, args: list[str]) -> None:
+    forked = _FORK.spawn("fer_sweep", args, str(tmp_path), _cli_env(None), False, False)
+    assert isinstance(forked, Forked)
+    out, err = forked.communicate(timeout=120)
+    fresh = _fresh(args, tmp_path)
+    assert (forked.returncode, out, err) == (fresh.returncode, fresh.stdout, fresh.stderr)
+
+
+def test_cwd_environment_and_session_are_the_requests(tmp_path: Path) -> None:
+    """The child runs in the given folder with the given environment (an MLflow variable picks
+    the store), in a session of its own when asked, under its own pid."""
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    proc = start_cli(
+        ["data=synthetic", "data.limit_per_class=2", "trainer.epochs=1", "trainer.progress=false"],
+        tmp_path,
+        env={"MLFLOW_TRACKING_URI": uri},
+        new_session=True,
+    )
+    assert isinstance(proc, Forked) and proc.pid != os.getpid()
+    assert os.getpgid(proc.pid) == proc.pid  # its own process group, for os.killpg
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert (tmp_path / "env.db").is_file() and (tmp_path / "outputs").is_dir()
+
+
+def test_signals_reach_the_child_and_its_status_says_so(tmp_path: Path) -> None:
+    """SIGKILL from the test ends the child with -9, as Popen reports it."""
+    proc = start_cli(
+        ["data=synthetic", "trainer.epochs=50", "trainer.progress=false"],
+        tmp_path,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'k.db'}"},
+    )
+    assert isinstance(proc, Forked)
+    time.sleep(1)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+
+
+def test_an_interpreter_setting_gets_a_started_interpreter(tmp_path: Path) -> None:
+    """A variable read at interpreter start (here PYTHONPATH) cannot be given to a forked
+    child: run_cli starts an ordinary process instead, which honours it."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    env = {"PYTHONPATH": f"{extra}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    assert _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False) is None
+    assert conftest.run_cli(["--help"], tmp_path, env=env).returncode == 0
+    assert run_cli(["--help"], tmp_path).returncode == 0
