@@ -49,18 +49,15 @@ PRELOAD = (
     "fer_sweep.tools.report.cli",
 )
 
-# Variables an interpreter reads when it starts or when torch, NumPy, matplotlib import.
+# Variables an interpreter reads when it starts or when torch, NumPy, matplotlib import (not
+# TORCHINDUCTOR_CACHE_DIR and the like: read when used, and set by importing torchvision).
 STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "MALLOC_")
 STARTUP_NAMES = ("MPLBACKEND", "MPLCONFIGDIR", "CUDA_VISIBLE_DEVICES", "PATH")
 
 
 def startup_env(env: dict[str, str]) -> dict[str, str]:
     """The part of an environment that only a new interpreter would honour."""
-    return {
-        k: v
-        for k, v in env.items()
-        if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES or k.startswith("TORCH")
-    }
+    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
 
 
 def forkable(module: str) -> bool:

@@ -89,3 +89,14 @@ def test_an_interpreter_setting_gets_a_started_interpreter(tmp_path: Path) -> No
     assert _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False) is None
     assert conftest.run_cli(["--help"], tmp_path, env=env).returncode == 0
     assert run_cli(["--help"], tmp_path).returncode == 0
+
+
+def test_in_process_imports_do_not_turn_forking_off(tmp_path: Path) -> None:
+    """Importing torchvision sets TORCHINDUCTOR_CACHE_DIR in the test process, which every CLI
+    run inherits; a variable read only when used must not send runs to fresh interpreters."""
+    import torchvision  # noqa: F401
+
+    assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(None), False, False)
+    assert isinstance(forked, Forked)
+    assert forked.communicate(timeout=60)[0]
