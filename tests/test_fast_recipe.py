@@ -110,6 +110,32 @@ def test_experiment_fast_is_the_chosen_recipe(tmp_path: Path) -> None:
     assert (conf.eval.tta, conf.eval.tta_shift) == ("flip_x_shift", 3)
 
 
+def test_experiment_fast43_is_the_searched_trial_on_the_recipe(tmp_path: Path) -> None:
+    """experiment=fast43: the search's trial 12 exactly as its 3 seeds ran (docs/fast-log.md,
+    round 13), 43 fixed epochs, everything else the recipe's."""
+    fast = _conf(tmp_path)
+    conf = _conf(tmp_path, "experiment=fast43")
+    searched = {
+        "optimizer.lr": 0.26135961589650064,
+        "optimizer.weight_decay": 0.00032955792061339993,
+        "trainer.label_smoothing": 0.06046743135607286,
+        "trainer.ema_decay": 0.990232083729765,
+        "scheduler.warmup": 0.31959982413757504,
+        "trainer.epochs": 43,
+        "trainer.time_budget_min": None,
+    }
+    for key, value in searched.items():
+        group, name = key.split(".")
+        assert getattr(getattr(conf, group), name) == value, key
+    assert (conf.model, conf.transforms, conf.eval, conf.data) == (
+        fast.model,
+        fast.transforms,
+        fast.eval,
+        fast.data,
+    )
+    assert conf.trainer.batch_size == fast.trainer.batch_size == 512
+
+
 def test_stem_stride_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stem_stride"):
         _conf(tmp_path, "model.stem_stride=0")
