@@ -56,8 +56,13 @@ STARTUP_NAMES = ("MPLBACKEND", "MPLCONFIGDIR", "CUDA_VISIBLE_DEVICES", "PATH")
 
 
 def startup_env(env: dict[str, str]) -> dict[str, str]:
-    """The part of an environment that only a new interpreter would honour."""
-    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
+    """The part of an environment that only a new interpreter would honour, as fer_sweep's
+    CLI completes it before torch loads OpenMP (core/runtime.tune: OMP_WAIT_POLICY=PASSIVE
+    unless set). The server starts with that completion, so its children's OpenMP threads
+    sleep as a started CLI's do, and a test process where tune() ran still forks."""
+    out = {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
+    out.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return out
 
 
 def forkable(module: str) -> bool:
@@ -308,7 +313,7 @@ class Client:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "tests.forkserver", path],
                 cwd=self.repo,
-                env=self.env,
+                env={**startup_env(self.env), **self.env},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 text=True,

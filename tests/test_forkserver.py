@@ -100,3 +100,17 @@ def test_in_process_imports_do_not_turn_forking_off(tmp_path: Path) -> None:
     forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(None), False, False)
     assert isinstance(forked, Forked)
     assert forked.communicate(timeout=60)[0]
+
+
+def test_a_test_process_where_the_cli_tuning_ran_still_forks(tmp_path: Path) -> None:
+    """core.runtime.tune() (run in-process by some tests) sets OMP_WAIT_POLICY=PASSIVE, which
+    the server already has, as a started CLI would before torch loads."""
+    from fer_sweep.core import runtime
+
+    runtime.tune()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(None), False, False)
+    assert isinstance(forked, Forked)
+    assert forked.communicate(timeout=60)[0]
+    server_env = open(f"/proc/{_FORK.server.pid}/environ", "rb").read().split(b"\0")
+    assert b"OMP_WAIT_POLICY=PASSIVE" in server_env
