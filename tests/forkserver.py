@@ -301,6 +301,7 @@ class Client:
         self.path: str | None = None
         self.server = None
         self.broken = os.environ.get("FER_SWEEP_TEST_FORK", "1") == "0"
+        self.why = ""  # why the last spawn gave an ordinary subprocess (for debugging)
 
     def _start(self) -> str | None:
         import subprocess
@@ -341,10 +342,14 @@ class Client:
         merge_stderr: bool,
         new_session: bool,
     ) -> Forked | None:
-        if not forkable(module) or startup_env(env) != startup_env(self.env):
+        ours, theirs = startup_env(env), startup_env(self.env)
+        if not forkable(module) or ours != theirs:
+            changed = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+            self.why = f"module {module}" if not forkable(module) else f"changed {changed}"
             return None
         path = self._start()
         if path is None:
+            self.why = "no server"
             return None
         out_r, out_w = os.pipe()
         err_r, err_w = (None, out_w) if merge_stderr else os.pipe()
@@ -362,8 +367,9 @@ class Client:
             }
             socket.send_fds(conn, [json.dumps(request).encode()], [stdin, out_w, err_w])
             answer = conn.recv(64).decode()
-        except OSError:
+        except OSError as exc:
             self.broken = True  # the server is gone: fresh interpreters from now on
+            self.why = f"server gone: {exc}"
         finally:
             for fd in {stdin, out_w, err_w}:
                 os.close(fd)

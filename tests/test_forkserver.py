@@ -13,10 +13,28 @@ from pathlib import Path
 import pytest
 
 from tests import conftest
-from tests.conftest import _FORK, _cli_env, run_cli, start_cli
-from tests.forkserver import Forked
+from tests.conftest import REPO, _cli_env
+from tests.forkserver import Client, Forked
 
-pytestmark = pytest.mark.skipif(_FORK.broken, reason="FER_SWEEP_TEST_FORK=0")
+pytestmark = pytest.mark.skipif(conftest._FORK.broken, reason="FER_SWEEP_TEST_FORK=0")
+
+# A server of this module's own: what earlier tests did to the shared one (tests/conftest.py's
+# _FORK) is not this module's subject.
+_FORK = Client(str(REPO), _cli_env(None))
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
+    proc = _FORK.spawn("fer_sweep", args, str(cwd), _cli_env(env), False, False)
+    if proc is None:
+        return conftest.run_cli(args, cwd, env=env)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_cli(args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False):
+    proc = _FORK.spawn("fer_sweep", args, str(cwd), _cli_env(env), True, new_session)
+    assert proc is not None, _FORK.why
+    return proc
 
 
 def _fresh(
@@ -43,7 +61,7 @@ def _fresh(
 )
 def test_forked_cli_prints_and_exits_as_a_started_one(tmp_path: Path, args: list[str]) -> None:
     forked = _FORK.spawn("fer_sweep", args, str(tmp_path), _cli_env(None), False, False)
-    assert isinstance(forked, Forked)
+    assert isinstance(forked, Forked), _FORK.why
     out, err = forked.communicate(timeout=120)
     fresh = _fresh(args, tmp_path)
     assert (forked.returncode, out, err) == (fresh.returncode, fresh.stdout, fresh.stderr)
@@ -87,8 +105,8 @@ def test_an_interpreter_setting_gets_a_started_interpreter(tmp_path: Path) -> No
     extra.mkdir()
     env = {"PYTHONPATH": f"{extra}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     assert _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False) is None
-    assert conftest.run_cli(["--help"], tmp_path, env=env).returncode == 0
-    assert run_cli(["--help"], tmp_path).returncode == 0
+    assert "PYTHONPATH" in _FORK.why
+    assert run_cli(["--help"], tmp_path, env=env).returncode == 0
 
 
 def test_in_process_imports_do_not_turn_forking_off(tmp_path: Path) -> None:
@@ -98,7 +116,7 @@ def test_in_process_imports_do_not_turn_forking_off(tmp_path: Path) -> None:
 
     assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
     forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(None), False, False)
-    assert isinstance(forked, Forked)
+    assert isinstance(forked, Forked), _FORK.why
     assert forked.communicate(timeout=60)[0]
 
 
@@ -110,7 +128,7 @@ def test_a_test_process_where_the_cli_tuning_ran_still_forks(tmp_path: Path) -> 
     runtime.tune()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(None), False, False)
-    assert isinstance(forked, Forked)
+    assert isinstance(forked, Forked), _FORK.why
     assert forked.communicate(timeout=60)[0]
     server_env = open(f"/proc/{_FORK.server.pid}/environ", "rb").read().split(b"\0")
     assert b"OMP_WAIT_POLICY=PASSIVE" in server_env
