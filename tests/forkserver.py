@@ -50,8 +50,9 @@ PRELOAD = (
 )
 
 # Variables an interpreter reads when it starts or when torch, NumPy, matplotlib import (not
-# TORCHINDUCTOR_CACHE_DIR and the like: read when used, and set by importing torchvision).
-STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "LD_", "MALLOC_")
+# TORCHINDUCTOR_CACHE_DIR, set by importing torchvision, nor KMP_*, set by importing sklearn or
+# inductor for an Intel OpenMP that this torch, on GNU OpenMP, does not load).
+STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "GOMP_", "OPENBLAS_", "LD_", "MALLOC_")
 STARTUP_NAMES = ("MPLBACKEND", "MPLCONFIGDIR", "CUDA_VISIBLE_DEVICES", "PATH")
 
 

@@ -132,3 +132,12 @@ def test_a_test_process_where_the_cli_tuning_ran_still_forks(tmp_path: Path) -> 
     assert forked.communicate(timeout=60)[0]
     server_env = open(f"/proc/{_FORK.server.pid}/environ", "rb").read().split(b"\0")
     assert b"OMP_WAIT_POLICY=PASSIVE" in server_env
+
+
+def test_intel_openmp_variables_do_not_turn_forking_off(tmp_path: Path) -> None:
+    """Importing sklearn (Optuna's importances) or inductor sets KMP_* for an Intel OpenMP this
+    torch does not load; seen in the full suite to send a worker's runs to fresh interpreters."""
+    env = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE"}
+    forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False)
+    assert isinstance(forked, Forked), _FORK.why
+    assert forked.communicate(timeout=60)[0]
