@@ -32,8 +32,11 @@ import runpy
 import select
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 import traceback
 
 PRELOAD = (
@@ -244,8 +247,6 @@ class Forked:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import subprocess
-
         if not self._take_exit(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout)
         assert self.returncode is not None
@@ -264,8 +265,6 @@ class Forked:
     def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
         """Read stdout (and stderr) to their ends, then wait, as Popen.communicate does
         (universal newlines; TimeoutExpired leaves what was read for the next call)."""
-        import subprocess
-        import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._fds:
@@ -305,9 +304,6 @@ class Client:
         self.why = ""  # why the last spawn gave an ordinary subprocess (for debugging)
 
     def _start(self) -> str | None:
-        import subprocess
-        import tempfile
-
         with self.lock:
             if self.broken or self.path:
                 return self.path
