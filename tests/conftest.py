@@ -114,11 +114,15 @@ def run_cli(
     timeout: float = 900,
     module: str = "fer_sweep",
     env: dict[str, str] | None = None,
+    client: Client | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <module> args`` the way a user does, in ``cwd`` (forked from a warm
-    interpreter where that is the same thing: tests/forkserver.py)."""
+    interpreter where that is the same thing: tests/forkserver.py; ``client``: another server
+    than this process's shared one)."""
     full_env = _cli_env(env)
-    proc = _FORK.spawn(module, args, str(cwd), full_env, merge_stderr=False, new_session=False)
+    proc = (client or _FORK).spawn(
+        module, args, str(cwd), full_env, merge_stderr=False, new_session=False
+    )
     if proc is None:
         return subprocess.run(
             [sys.executable, "-m", module, *args],
@@ -139,12 +143,16 @@ def run_cli(
 
 
 def start_cli(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, new_session: bool = False
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+    client: Client | None = None,
 ) -> subprocess.Popen[str] | Forked:
     """``python -m fer_sweep args`` in the background, as run_cli runs it (stdout and stderr
     together); ``new_session``: in a process group of its own, for os.killpg."""
     full_env = _cli_env(env)
-    proc = _FORK.spawn("fer_sweep", args, str(cwd), full_env, True, new_session)
+    proc = (client or _FORK).spawn("fer_sweep", args, str(cwd), full_env, True, new_session)
     if proc is not None:
         return proc
     return subprocess.Popen(

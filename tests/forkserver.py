@@ -39,6 +39,8 @@ import threading
 import time
 import traceback
 
+from fer_sweep.core.runtime import OMP_WAIT_POLICY_DEFAULT
+
 PRELOAD = (
     "torch",
     "torch._dynamo",
@@ -65,7 +67,7 @@ def startup_env(env: dict[str, str]) -> dict[str, str]:
     unless set). The server starts with that completion, so its children's OpenMP threads
     sleep as a started CLI's do, and a test process where tune() ran still forks."""
     out = {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
-    out.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
     return out
 
 

@@ -23,20 +23,6 @@ pytestmark = pytest.mark.skipif(conftest._FORK.broken, reason="FER_SWEEP_TEST_FO
 _FORK = Client(str(REPO), _cli_env(None))
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None):
-    proc = _FORK.spawn("fer_sweep", args, str(cwd), _cli_env(env), False, False)
-    if proc is None:
-        return conftest.run_cli(args, cwd, env=env)
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def start_cli(args: list[str], cwd: Path, env: dict[str, str], new_session: bool = False):
-    proc = _FORK.spawn("fer_sweep", args, str(cwd), _cli_env(env), True, new_session)
-    assert proc is not None, _FORK.why
-    return proc
-
-
 def _fresh(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -71,11 +57,12 @@ def test_cwd_environment_and_session_are_the_requests(tmp_path: Path) -> None:
     """The child runs in the given folder with the given environment (an MLflow variable picks
     the store), in a session of its own when asked, under its own pid."""
     uri = f"sqlite:///{tmp_path / 'env.db'}"
-    proc = start_cli(
+    proc = conftest.start_cli(
         ["data=synthetic", "data.limit_per_class=2", "trainer.epochs=1", "trainer.progress=false"],
         tmp_path,
         env={"MLFLOW_TRACKING_URI": uri},
         new_session=True,
+        client=_FORK,
     )
     assert isinstance(proc, Forked) and proc.pid != os.getpid()
     assert os.getpgid(proc.pid) == proc.pid  # its own process group, for os.killpg
@@ -86,10 +73,11 @@ def test_cwd_environment_and_session_are_the_requests(tmp_path: Path) -> None:
 
 def test_signals_reach_the_child_and_its_status_says_so(tmp_path: Path) -> None:
     """SIGKILL from the test ends the child with -9, as Popen reports it."""
-    proc = start_cli(
+    proc = conftest.start_cli(
         ["data=synthetic", "trainer.epochs=50", "trainer.progress=false"],
         tmp_path,
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'k.db'}"},
+        client=_FORK,
     )
     assert isinstance(proc, Forked)
     time.sleep(1)
@@ -106,7 +94,7 @@ def test_an_interpreter_setting_gets_a_started_interpreter(tmp_path: Path) -> No
     env = {"PYTHONPATH": f"{extra}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     assert _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False) is None
     assert "PYTHONPATH" in _FORK.why
-    assert run_cli(["--help"], tmp_path, env=env).returncode == 0
+    assert conftest.run_cli(["--help"], tmp_path, env=env, client=_FORK).returncode == 0
 
 
 def test_in_process_imports_do_not_turn_forking_off(tmp_path: Path) -> None:

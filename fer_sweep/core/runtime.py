@@ -36,6 +36,10 @@ def keep_freed_memory() -> bool:
     )
 
 
+# What tune() sets unless the user did (tests/forkserver.py starts its warm interpreter with it).
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
 def tune() -> dict[str, str]:
     """Apply the tuning once per process; returns what is in force (for logs and records).
 
@@ -47,7 +51,7 @@ def tune() -> dict[str, str]:
     """
     global _applied
     if _applied is None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY_DEFAULT)
         _applied = {
             "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"],
             "malloc": "tuned" if keep_freed_memory() else "default",
