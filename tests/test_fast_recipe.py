@@ -248,6 +248,25 @@ def test_weight_average_is_what_the_run_keeps_and_leaves_training_alone(
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
 
 
+def test_val_raw_scores_the_unaveraged_weights_every_epoch(synthetic_root: Path) -> None:
+    """trainer.val_raw: the last weights' validation beside the average's, every epoch, without
+    changing the training or what is kept; without an average it is the validation itself."""
+    base = ("trainer.epochs=2", "trainer.batch_size=32", "trainer.amp=fp32", SMALL_NET)
+    data = load_dataset(_conf(synthetic_root, *base).data)
+    avg = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0.9", "trainer.val_raw=true"), data)
+    avg_off = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0.9"), data)
+    plain = fit(_conf(synthetic_root, *base, "trainer.ema_decay=0", "trainer.val_raw=true"), data)
+    h, plain_h = avg.state.history, plain.state.history
+    assert "val_acc_raw" not in avg_off.state.history
+    for key in ("train_loss", "val_loss", "val_acc"):  # scoring more changes nothing else
+        assert h[key] == avg_off.state.history[key]
+    # the averaged run's raw weights are the plain run's weights (the average touches none)
+    assert h["val_loss_raw"] == plain_h["val_loss"] and h["val_acc_raw"] == plain_h["val_acc"]
+    assert h["val_loss_raw"] != h["val_loss"] and len(h["val_loss_raw"]) == 2
+    assert plain_h["val_loss_raw"] == plain_h["val_loss"]
+    assert plain_h["val_acc_raw"] == plain_h["val_acc"]
+
+
 def test_weight_average_resumes_exactly(synthetic_root: Path, tmp_path: Path) -> None:
     base = ("trainer.epochs=3", "trainer.batch_size=32", "trainer.checkpoint_every_s=0", SMALL_NET)
     conf = _conf(synthetic_root, *base, "trainer.ema_decay=0.9")

@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.sweep.search import parse_space
-from tests.conftest import migrated_store, run_cli, start_cli, tiny_run
+from tests.conftest import REPO, migrated_store, run_cli, start_cli, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +73,23 @@ def test_space_grammar_is_hydra_optuna_sweepers() -> None:
     assert (p["data.limit_per_class"].low, p["data.limit_per_class"].high) == (5, 9)
     assert p["transforms"].choices == ("norm", "aug")
     assert "model.dropout" not in p and space.fixed == ["model.dropout=0.25"]  # fixed wins
+
+
+@pytest.mark.parametrize("name", ["cnn2_optuna", "resnet_optuna", "fast_search", "fast43_search"])
+def test_every_shipped_search_passes_its_own_checks(tmp_path: Path, name: str) -> None:
+    """conf/hparams_search/*: each composes, and its space, sampler, pruner and prune_on pass
+    the checks a search runs before its first trial."""
+    from hydra import compose, initialize_config_dir
+
+    from fer_sweep.sweep.search import check
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        config = compose("config", [f"hparams_search={name}"], return_hydra_config=True)
+    plan = check(config, parse_space(config.hydra.sweeper.params, []), tmp_path, None)
+    assert plan.n_trials == config.hydra.sweeper.n_trials
+    if name == "fast43_search":
+        assert plan.prune_on == "val_acc_raw" and config.trainer.val_raw
+        assert config.trainer.epochs == 43 and config.trainer.time_budget_min is None
 
 
 def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
@@ -260,6 +277,51 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
     assert all(r.info.status == "FINISHED" and _state(r) == "COMPLETE" for r in trials)
 
 
+def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Path) -> None:
+    """hydra.sweeper.prune_on=val_acc_raw: every epoch the trial reports the un-averaged
+    weights' validation accuracy (what its run logs as val_acc_raw), while the trial's value
+    stays the best accuracy of the averaged weights. A decay of 0.999 keeps the average near
+    the initial weights, so the two accuracies differ."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from fer_sweep.sweep.search import STORAGE_TAG, STUDY_TAG
+
+    uri = migrated_store(tmp_path / "m.db")
+    _, parent, trials = _search(
+        [
+            "-m",
+            "hparams_search=cnn2_optuna",
+            *tiny_run(limit_per_class=60, epochs=4, synthetic=True),
+            "hydra.sweeper.n_trials=2",
+            "hydra/sweeper/pruner=none",
+            "hydra.sweeper.prune_on=val_acc_raw",
+            "trainer.val_raw=true",
+            "trainer.ema_decay=0.999",
+            f"mlflow.tracking_uri={uri}",
+        ],
+        tmp_path,
+        uri,
+        "sweep",
+    )
+    tags = parent.data.tags
+    storage = JournalStorage(JournalFileBackend(tags[STORAGE_TAG]))
+    study = optuna.load_study(study_name=tags[STUDY_TAG], storage=storage)
+    client = MlflowClient(uri)
+    differs = False
+    for run in trials:
+        trial = study.trials[int(run.data.tags["fer_sweep.trial_number"])]
+
+        def history(key: str, run_id: str = run.info.run_id) -> dict[int, float]:
+            return {m.step + 1: m.value for m in client.get_metric_history(run_id, key)}
+
+        assert trial.intermediate_values == history("val_acc_raw")
+        assert trial.value == run.data.metrics["best_val_acc"] == max(history("val_acc").values())
+        differs |= history("val_acc_raw") != history("val_acc")
+    assert len(trials) == 2 and differs
+
+
 @pytest.mark.parametrize(
     ("args", "expected", "code"),
     [
@@ -273,8 +335,19 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
             "enqueue_trials[0]: optimizer.lr=5.0 is outside its search space",
             2,
         ),
+        (["hydra.sweeper.prune_on=val_loss"], "hydra.sweeper.prune_on=val_loss: one of", 2),
+        (["hydra.sweeper.prune_on=val_acc_raw"], "add it (or prune_on=val_acc)", 2),
     ],
-    ids=["unknown_pruner", "pruner_option", "unknown_key", "refused_value", "storage", "enqueue"],
+    ids=[
+        "unknown_pruner",
+        "pruner_option",
+        "unknown_key",
+        "refused_value",
+        "storage",
+        "enqueue",
+        "prune_on",
+        "prune_on_raw_unmeasured",
+    ],
 )
 def test_bad_search_input_is_one_error_before_any_parent_run(
     tmp_path: Path, args: list[str], expected: str, code: int

@@ -257,6 +257,11 @@ class TrainerConfig:
     # weight averaging: validate, keep and log an exponential moving average of the weights (and
     # batch-norm statistics), updated after every optimizer step with this decay; 0 = off
     ema_decay: float = 0.0
+    # validate the un-averaged weights too after every epoch: val_acc_raw and val_loss_raw
+    # (~4 % more time with ema_decay; without, they are val_acc and val_loss). A search over
+    # ema_decay prunes on them (hydra.sweeper.prune_on): early on, a long average still holds
+    # the first epochs' weights and would lose to a short one whatever its merit
+    val_raw: bool = False
     eval_batch_size: int = 1000  # evaluation runs without autograd, in large batches
     device: str = "auto"  # auto (cuda > mps > cpu) | cpu | cuda | cuda:N | mps
     seed: int = 0

@@ -276,7 +276,7 @@ def record_epoch(state: State, epoch: int, metrics: dict[str, float], model: nn.
     """Append the epoch to the history; keep a CPU copy of the weights when validation
     accuracy is the best so far."""
     for k, value in metrics.items():
-        state.history[k].append(value)
+        state.history.setdefault(k, []).append(value)  # trainer.val_raw adds keys
     state.epoch = epoch
     if metrics["val_acc"] > state.best_val_acc:
         state.best_val_acc, state.best_epoch = metrics["val_acc"], epoch
@@ -436,6 +436,10 @@ def fit(
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
             }
+            if tc.val_raw:  # the un-averaged weights too (without an average: those just scored)
+                how = (tfm, tc.eval_batch_size, device, precision, channels_last)
+                r = v if ema is None else evaluate(model, val, *how)
+                metrics["val_loss_raw"], metrics["val_acc_raw"] = r["loss"], r["acc"]
             record_epoch(state, epoch, metrics, kept)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if replan is not None and state.stop_reason == "epochs":

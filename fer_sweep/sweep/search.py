@@ -59,6 +59,10 @@ def is_search(config: DictConfig) -> bool:
 # The search space: hydra-optuna-sweeper's grammar, read with Hydra's own override parser
 
 
+# hydra.sweeper.prune_on: fit's per-epoch metrics a trial may report to the pruner
+PRUNE_ON = ("val_acc", "val_acc_raw")
+
+
 @dataclass(frozen=True)
 class Space:
     """The searched keys with their Optuna distributions, and the overrides that stay fixed."""
@@ -196,6 +200,7 @@ class Plan:
     space: str  # Space.to_json()
     key: str  # fingerprint of the space and the fixed overrides: sweep.resume's "same search"
     enqueue: tuple[dict[str, Any], ...] = ()  # trials run first (hydra.sweeper.enqueue_trials)
+    prune_on: str = "val_acc"  # the per-epoch metric reported to the pruner
 
 
 def search_key(space: Space) -> str:
@@ -277,6 +282,17 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
     sampler(sw, 0)
     pruner(sw)
     base = validate(config)
+    prune_on = str(sw.get("prune_on", "val_acc"))
+    if prune_on not in PRUNE_ON:
+        raise FerSweepError(
+            f"hydra.sweeper.prune_on={prune_on}: one of {', '.join(PRUNE_ON)} (the per-epoch "
+            "validation accuracy of the weights fit keeps, or of the un-averaged weights)."
+        )
+    if prune_on == "val_acc_raw" and not base.trainer.val_raw:
+        raise FerSweepError(
+            "hydra.sweeper.prune_on=val_acc_raw reports the un-averaged weights' accuracy, "
+            "which fit measures only with trainer.val_raw=true: add it (or prune_on=val_acc)."
+        )
     groups = {}
     for key, d in space.params.items():
         if "." not in key:  # a config group (model=choice(cnn2, cnn3)): each option composed
@@ -315,6 +331,7 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
         space=space.to_json(),
         key=search_key(space),
         enqueue=enqueue,
+        prune_on=prune_on,
     )
     return plan
 

@@ -95,17 +95,19 @@ def write_results(study: optuna.Study, sweep_dir: Path) -> None:
     (sweep_dir / tracking.OPTUNA_RESULTS).write_text(OmegaConf.to_yaml(OmegaConf.create(results)))
 
 
-def trial_hooks(trial: optuna.Trial, overrides: list[str]) -> RunHooks:
+def trial_hooks(trial: optuna.Trial, overrides: list[str], prune_on: str = "val_acc") -> RunHooks:
     """What a trial adds to an ordinary job: its overrides and tags, and an epoch callback that
-    reports the validation accuracy to the study and stops the run when the pruner says so.
-    The step reported is the number of epochs trained (fit's ``epoch`` is 0-based), so a
-    pruner's ``min_resource`` or ``n_warmup_steps`` counts epochs: ASHA's rungs at 1, 4, 16 are
-    after 1, 4 and 16 epochs, and Hyperband's auto ``max_resource`` is the trials' length."""
+    reports the validation accuracy (``prune_on``: fit's metric of that name) to the study and
+    stops the run when the pruner says so. The trial's value stays the best val_acc whatever
+    the pruner compares. The step reported is the number of epochs trained (fit's ``epoch`` is
+    0-based), so a pruner's ``min_resource`` or ``n_warmup_steps`` counts epochs: ASHA's rungs
+    at 1, 4, 16 are after 1, 4 and 16 epochs, and Hyperband's auto ``max_resource`` is the
+    trials' length."""
     best = {"val_acc": -math.inf}
 
     def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
         best["val_acc"] = max(best["val_acc"], float(metrics["val_acc"]))
-        trial.report(float(metrics["val_acc"]), epoch + 1)
+        trial.report(float(metrics[prune_on]), epoch + 1)
         if trial.should_prune():
             raise Pruned(epoch, best["val_acc"])
 
@@ -154,7 +156,8 @@ def work(cfg: DictConfig) -> float:
     best = math.nan
     while (trial := _next_trial(study, plan, lock, deadline)) is not None:
         overrides = suggest(trial, space)
-        hooks = trial_hooks(trial, [*base, *overrides])  # the run's overrides tag: all
+        # the run's overrides tag: all; a plan written before prune_on existed prunes on val_acc
+        hooks = trial_hooks(trial, [*base, *overrides], plan.get("prune_on", "val_acc"))
         try:
             trial_cfg = compose(hc.job.config_name, [*base, *overrides], return_hydra_config=True)
             value = job.run_trial(trial_cfg, hooks)

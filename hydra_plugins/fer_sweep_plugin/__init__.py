@@ -67,6 +67,9 @@ class OptunaSweeperConf:
     n_trials: int = 20  # trials counted in the study (finished, pruned, failed), resumes too
     n_jobs: int = 1  # worker jobs = trials at once (through hydra/launcher)
     timeout_min: float | None = None  # no new trial after this many minutes of the command
+    # the per-epoch metric a trial reports to the pruner: val_acc (the weights fit validates
+    # and keeps) or val_acc_raw (the un-averaged ones; needs trainer.val_raw=true)
+    prune_on: str = "val_acc"
     params: dict[str, str] | None = None  # the search space: key -> choice/range/interval
     # trials to run first, before the sampler proposes any (e.g. the current recipe): each a
     # mapping of searched keys to values (keys left out are sampled); Optuna's enqueue_trial
