@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.core import interrupt
-from fer_sweep.sweep import tracking
+from fer_sweep.sweep import signals, tracking
 from tests.conftest import migrated_store, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
@@ -263,6 +263,54 @@ def test_the_sweep_guard_exits_143_wherever_the_signal_lands(tmp_path: Path) -> 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "parent marked 15" in err and "AttributeError" not in err
+
+
+WAITING = r"""
+import subprocess, sys, time
+from fer_sweep.sweep.signals import SweepGuard
+
+IGNORES = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True);"
+    " time.sleep(300)"
+)
+ACTS = (  # a worker marking its run: a second's work after the signal, then exit
+    "import signal, sys, time\n"
+    "def stop(*_):\n    time.sleep(1); open(sys.argv[1], 'w').write('marked'); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, stop)\nprint('up', flush=True)\ntime.sleep(300)"
+)
+tracker = subprocess.Popen([sys.executable, "-c", IGNORES], stdout=subprocess.PIPE)
+tracker.stdout.readline()
+worker = subprocess.Popen([sys.executable, "-c", ACTS, sys.argv[1]], stdout=subprocess.PIPE)
+worker.stdout.readline()
+print(tracker.pid, flush=True)
+SweepGuard(lambda signum: print("parent marked", signum, file=sys.stderr), grace=120).install()
+time.sleep(300)
+"""
+
+
+def test_the_guard_waits_for_workers_but_not_for_processes_that_ignore_the_signal(
+    tmp_path: Path,
+) -> None:
+    """multiprocessing's and loky's resource trackers ignore SIGTERM: the guard waits for the
+    workers that act on it (here one that takes a second to mark its run), not for those, and
+    kills what is left (before: every interrupted joblib sweep sat out the 30 s grace)."""
+    script, marked = tmp_path / "waiting.py", tmp_path / "marked"
+    script.write_text(WAITING)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marked)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    tracker = int(proc.stdout.readline())
+    assert signals.ignores(tracker, signal.SIGTERM) and not signals.ignores(tracker, signal.SIGINT)
+    assert not signals.ignores(proc.pid, signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # not the 120 s grace
+    assert proc.returncode == 143 and "parent marked 15" in err, err
+    assert marked.read_text() == "marked"  # the acting worker was waited for
+    time.sleep(0.2)
+    assert not signals.alive(tracker)  # the ignoring one was killed, not left behind
 
 
 def _open_sweep_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[MlflowClient, str]:

@@ -88,8 +88,12 @@ class SweepGuard:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
+        # Wait for those that can act on the signal: the resource trackers of multiprocessing
+        # and loky ignore SIGINT and SIGTERM, and waiting for them made every interrupted joblib
+        # sweep sit out the whole grace period.
+        acting = [pid for pid in workers if not ignores(pid, signum)]
         deadline = time.monotonic() + self.grace
-        while time.monotonic() < deadline and not self.hurry and any(alive(p) for p in workers):
+        while time.monotonic() < deadline and not self.hurry and any(alive(p) for p in acting):
             time.sleep(0.2)
         for pid in workers:  # before on_signal, which marks the runs they left RUNNING
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -117,3 +121,15 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def ignores(pid: int, signum: int) -> bool:
+    """Whether ``pid`` ignores ``signum`` (SIG_IGN: its SigIgn mask in /proc; False where that
+    cannot be read)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
