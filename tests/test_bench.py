@@ -21,7 +21,8 @@ import torch
 from fer_sweep.core.device import resolve_precision
 from tests.conftest import real_data, run_cli
 
-pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+# every test here starts the CLI or trains; one worker, so the module's benchmark runs once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench")]
 
 MODELS, TRANSFORMS, PIPELINES = ("cnn2", "cnn3"), ("norm", "aug"), ("ceiling", "fer_sweep", "naive")
 REPEATS, STEPS = 2, 2

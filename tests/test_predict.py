@@ -22,7 +22,8 @@ from fer_sweep.core.sources import load_source
 from fer_sweep.tools.predict import decode_image, main
 from tests.conftest import migrated_store, real_data, run_cli
 
-pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
+# every test here starts the CLI or trains; one worker, so the module's store is trained once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
 
 LRS = ("0.00001", "0.003")  # adam, 1 epoch: near chance vs. clearly learning
 
