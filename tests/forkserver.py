@@ -213,8 +213,8 @@ if __name__ == "__main__":
 
 class Forked:
     """The part of ``subprocess.Popen`` the tests use, for a child of the fork server: pid,
-    poll, wait, communicate, send_signal/terminate/kill, returncode, and ``stdout`` as a text
-    stream when the output is not captured by ``communicate``."""
+    poll, wait, communicate, send_signal/terminate/kill, returncode, and ``stdout``'s readline
+    and read (unbuffered, so that what they leave is still there for ``communicate``)."""
 
     def __init__(
         self, args: list[str], conn: socket.socket, pid: int, out_fd: int, err_fd: int | None
@@ -225,7 +225,7 @@ class Forked:
         self._conn = conn
         self._fds = {"out": out_fd, **({"err": err_fd} if err_fd is not None else {})}
         self._chunks: dict[str, list[bytes]] = {k: [] for k in self._fds}
-        self.stdout = os.fdopen(out_fd, "r", encoding="utf-8", errors="replace", closefd=False)
+        self.stdout = _Lines(out_fd)
 
     def __del__(self) -> None:
         for fd in self._fds.values():
@@ -286,6 +286,26 @@ class Forked:
         self.wait(left)
         out = {k: _text(b"".join(v)) for k, v in self._chunks.items()}
         return out["out"], out.get("err")
+
+
+class _Lines:
+    """A child's stdout read a byte at a time: a buffered text stream would take more than the
+    line asked for, which ``communicate`` (reading the descriptor) would then never see."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def readline(self) -> str:
+        line = bytearray()
+        while not line.endswith(b"\n") and (byte := os.read(self.fd, 1)):
+            line += byte
+        return _text(bytes(line))
+
+    def read(self) -> str:
+        chunks = []
+        while data := os.read(self.fd, 1 << 16):
+            chunks.append(data)
+        return _text(b"".join(chunks))
 
 
 def _text(data: bytes) -> str:

@@ -129,3 +129,14 @@ def test_intel_openmp_variables_do_not_turn_forking_off(tmp_path: Path) -> None:
     forked = _FORK.spawn("fer_sweep", ["--help"], str(tmp_path), _cli_env(env), False, False)
     assert isinstance(forked, Forked), _FORK.why
     assert forked.communicate(timeout=60)[0]
+
+
+def test_a_line_read_leaves_the_rest_to_communicate(tmp_path: Path) -> None:
+    """A test reads the first lines as they come (stdout.readline), then the rest: together
+    they are the whole output, as with Popen."""
+    proc = conftest.start_cli(["--help"], tmp_path, client=_FORK)
+    assert isinstance(proc, Forked), _FORK.why
+    first = proc.stdout.readline()
+    rest, _ = proc.communicate(timeout=120)
+    fresh = _fresh(["--help"], tmp_path)
+    assert first and first + rest == fresh.stdout + fresh.stderr

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import migrated_store, run_cli, tiny_run
+from tests.conftest import migrated_store, run_cli, start_cli, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
@@ -89,13 +87,7 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     # Create the store first: this test polls it while the job runs, and two processes that
     # first touch a new sqlite file race in MLflow's schema migration.
     MlflowClient(uri).search_experiments()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fer_sweep", *args, f"mlflow.tracking_uri={uri}"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli([*args, f"mlflow.tracking_uri={uri}"], tmp_path)
     # Wait until two epochs are logged, then interrupt in the middle of the third.
     deadline = time.time() + 300
     run_id = None
@@ -108,9 +100,9 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
         time.sleep(0.05)
     assert run_id is not None, "the run never reached its second epoch"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)  # stdout and stderr together
     assert proc.returncode != 0
-    assert "KILLED" in err and "trainer.resume" in err
+    assert "KILLED" in out and "trainer.resume" in out
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "KILLED"
     assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()

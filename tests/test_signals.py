@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.core import interrupt
 from fer_sweep.sweep import signals, tracking
-from tests.conftest import migrated_store, tiny_run
+from tests.conftest import migrated_store, start_cli, tiny_run
+from tests.forkserver import Forked
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -40,19 +41,12 @@ JOBLIB_PAIR = [
 
 def _start(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, group: bool = False
-) -> subprocess.Popen:
-    """The CLI; ``group``: in a process group of its own, as a terminal's job is."""
+) -> subprocess.Popen[str] | Forked:
+    """The CLI (stdout and stderr together); ``group``: in a process group of its own, as a
+    terminal's job is."""
     uri = migrated_store(cwd / "m.db")
     MlflowClient(uri).search_experiments()  # the store exists before we poll it
-    return subprocess.Popen(
-        [sys.executable, "-m", "fer_sweep", *args, f"mlflow.tracking_uri={uri}"],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=group,
-    )
+    return start_cli([*args, f"mlflow.tracking_uri={uri}"], cwd, env, new_session=group)
 
 
 def _runs(cwd: Path) -> list:

@@ -4,15 +4,13 @@ done and continuing what was cut off, without re-running the grid."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import migrated_store, run_cli
+from tests.conftest import migrated_store, run_cli, start_cli
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI
 
@@ -42,13 +40,7 @@ def _runs(uri: str, role: str = "job") -> list:
 def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> None:
     uri = migrated_store(tmp_path / "m.db")
     MlflowClient(uri).search_experiments()  # the store exists before we poll it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fer_sweep", *GRID, f"mlflow.tracking_uri={uri}"],
-        cwd=tmp_path,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_cli([*GRID, f"mlflow.tracking_uri={uri}"], tmp_path)
     client = MlflowClient(uri)
 
     def cut_off() -> bool:  # two jobs done, the third one has a checkpoint
