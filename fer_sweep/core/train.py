@@ -434,12 +434,12 @@ def fit(
                 "val_loss": v["loss"],
                 "val_acc": v["acc"],
                 "lr": lr,
-                "epoch_seconds": time.perf_counter() - t0,
             }
             if tc.val_raw:  # the un-averaged weights too (without an average: those just scored)
                 how = (tfm, tc.eval_batch_size, device, precision, channels_last)
                 r = v if ema is None else evaluate(model, val, *how)
                 metrics["val_loss_raw"], metrics["val_acc_raw"] = r["loss"], r["acc"]
+            metrics["epoch_seconds"] = time.perf_counter() - t0  # what a time budget plans with
             record_epoch(state, epoch, metrics, kept)
             state.stop_reason = should_stop(state, v["loss"], sched, tc)
             if replan is not None and state.stop_reason == "epochs":
