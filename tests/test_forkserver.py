@@ -16,7 +16,10 @@ from tests import conftest
 from tests.conftest import REPO, _cli_env
 from tests.forkserver import Client, Forked
 
-pytestmark = pytest.mark.skipif(conftest._FORK.broken, reason="FER_SWEEP_TEST_FORK=0")
+pytestmark = [
+    pytest.mark.slow,  # fresh interpreters beside forked ones: not for the fast lane
+    pytest.mark.skipif(conftest._FORK.broken, reason="FER_SWEEP_TEST_FORK=0"),
+]
 
 # A server of this module's own: what earlier tests did to the shared one (tests/conftest.py's
 # _FORK) is not this module's subject.
