@@ -193,7 +193,10 @@ def test_preempted_jobs_continue_their_run_with_exactly_the_uninterrupted_metric
         "trainer.device=cpu",  # exact resume is a CPU guarantee
         "trainer.threads=1",
         "trainer.checkpoint_every_s=0",  # a checkpoint every epoch
-        *TINY,
+        *(o for o in TINY if not o.startswith("data.limit_per_class=")),
+        # 20 faces a class: epochs long enough (~0.1 s) that both jobs are still training when
+        # the signals go out (at 5, a job on a quiet machine could finish its 40 first)
+        "data.limit_per_class=20",
     ]
     env = _env(cluster)
     ref_uri = migrated_store(tmp_path / "ref.db")
