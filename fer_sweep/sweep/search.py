@@ -200,7 +200,7 @@ class Plan:
     space: str  # Space.to_json()
     key: str  # fingerprint of the space and the fixed overrides: sweep.resume's "same search"
     enqueue: tuple[dict[str, Any], ...] = ()  # trials run first (hydra.sweeper.enqueue_trials)
-    prune_on: str = "val_acc"  # the per-epoch metric reported to the pruner
+    prune_on: str = PRUNE_ON[0]  # the per-epoch metric reported to the pruner
 
 
 def search_key(space: Space) -> str:
@@ -282,7 +282,7 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
     sampler(sw, 0)
     pruner(sw)
     base = validate(config)
-    prune_on = str(sw.get("prune_on", "val_acc"))
+    prune_on = str(sw.prune_on)  # defaulted by the sweeper's schema (OptunaSweeperConf)
     if prune_on not in PRUNE_ON:
         raise FerSweepError(
             f"hydra.sweeper.prune_on={prune_on}: one of {', '.join(PRUNE_ON)} (the per-epoch "

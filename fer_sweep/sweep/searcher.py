@@ -20,6 +20,7 @@ from fer_sweep.sweep.progress import progress_line, say_progress
 from fer_sweep.sweep.search import (
     INTERRUPTED,
     LOCK,
+    PRUNE_ON,
     TRIAL_NUMBER,
     Space,
     counted,
@@ -95,7 +96,7 @@ def write_results(study: optuna.Study, sweep_dir: Path) -> None:
     (sweep_dir / tracking.OPTUNA_RESULTS).write_text(OmegaConf.to_yaml(OmegaConf.create(results)))
 
 
-def trial_hooks(trial: optuna.Trial, overrides: list[str], prune_on: str = "val_acc") -> RunHooks:
+def trial_hooks(trial: optuna.Trial, overrides: list[str], prune_on: str) -> RunHooks:
     """What a trial adds to an ordinary job: its overrides and tags, and an epoch callback that
     reports the validation accuracy (``prune_on``: fit's metric of that name) to the study and
     stops the run when the pruner says so. The trial's value stays the best val_acc whatever
@@ -157,7 +158,7 @@ def work(cfg: DictConfig) -> float:
     while (trial := _next_trial(study, plan, lock, deadline)) is not None:
         overrides = suggest(trial, space)
         # the run's overrides tag: all; a plan written before prune_on existed prunes on val_acc
-        hooks = trial_hooks(trial, [*base, *overrides], plan.get("prune_on", "val_acc"))
+        hooks = trial_hooks(trial, [*base, *overrides], plan.get("prune_on", PRUNE_ON[0]))
         try:
             trial_cfg = compose(hc.job.config_name, [*base, *overrides], return_hydra_config=True)
             value = job.run_trial(trial_cfg, hooks)
