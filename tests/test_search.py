@@ -95,7 +95,7 @@ def test_every_shipped_search_passes_its_own_checks(tmp_path: Path, name: str) -
 def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     tmp_path: Path,
 ) -> None:
-    """Two joblib workers; trials of 1 or 30 epochs, the long ones pruned after epoch 21 (a
+    """Two joblib workers; trials of 1 or 120 epochs, the long ones pruned after epoch 81 (a
     threshold nobody reaches): pruned runs end FINISHED with their state and epochs, no test
     metrics; while a long trial trains, the other worker finishes one trial and starts the
     next; the report lists every trial and draws Optuna's figures. (Random sampler, seed 4:
@@ -111,11 +111,11 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
             "hydra/sweeper/sampler=random",
             "hydra.sweeper.sampler.seed=4",
             "trainer.threads=1",
-            "trainer.epochs=choice(1, 30)",
+            "trainer.epochs=choice(1, 120)",
             "hydra/sweeper/pruner=none",
             "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
             "+hydra.sweeper.pruner.lower=1.01",
-            "+hydra.sweeper.pruner.n_warmup_steps=20",
+            "+hydra.sweeper.pruner.n_warmup_steps=80",  # long enough to span two short trials
             f"mlflow.tracking_uri={uri}",
         ],
         tmp_path,
@@ -126,9 +126,9 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     assert all(r.info.status == "FINISHED" for r in trials)
     for r in trials:
         epochs = int(r.data.params["trainer.epochs"])
-        if epochs == 30:
+        if epochs == 120:
             assert _state(r) == "PRUNED", r.data.tags
-            assert r.data.metrics["stopped_epoch"] == 20 and "test_acc" not in r.data.metrics
+            assert r.data.metrics["stopped_epoch"] == 80 and "test_acc" not in r.data.metrics
         else:
             assert _state(r) == "COMPLETE" and "test_acc" in r.data.metrics
     assert {_state(r) for r in trials} == {"PRUNED", "COMPLETE"}, "the sampler drew one kind"
