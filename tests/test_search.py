@@ -75,7 +75,9 @@ def test_space_grammar_is_hydra_optuna_sweepers() -> None:
     assert "model.dropout" not in p and space.fixed == ["model.dropout=0.25"]  # fixed wins
 
 
-@pytest.mark.parametrize("name", ["cnn2_optuna", "resnet_optuna", "fast_search", "fast43_search"])
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (REPO / "conf/hparams_search").glob("*.yaml"))
+)
 def test_every_shipped_search_passes_its_own_checks(tmp_path: Path, name: str) -> None:
     """conf/hparams_search/*: each composes, and its space, sampler, pruner and prune_on pass
     the checks a search runs before its first trial."""
