@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,7 +75,11 @@ def test_joblib_runs_jobs_in_parallel_processes(
     assert len(pids) == 2 and launcher_pid(sweep.proc.stdout) not in pids
 
 
-def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: list[str]) -> None:
+def _cnn2_search(
+    tmp_path: Path, args: list[str]
+) -> tuple[subprocess.CompletedProcess[str], str, Path]:
+    """hparams_search=cnn2_optuna, 3 tiny trials, into a new sqlite store:
+    (the process, the store's URI, the sweep folder)."""
     uri = migrated_store(tmp_path / "m.db")
     sweep_dir = tmp_path / "sweep"
     proc = run_cli(
@@ -82,16 +87,21 @@ def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: li
             "-m",
             "hparams_search=cnn2_optuna",
             "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.n_jobs=3",
-            "hydra/launcher=submitit_local",
             *TINY,
-            *PID_LOGS,
-            *data_overrides,
+            *args,
             f"mlflow.tracking_uri={uri}",
             f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=tmp_path,
         timeout=600,
+    )
+    return proc, uri, sweep_dir
+
+
+def test_optuna_trials_through_submitit_local(tmp_path: Path, data_overrides: list[str]) -> None:
+    proc, uri, sweep_dir = _cnn2_search(
+        tmp_path,
+        ["hydra.sweeper.n_jobs=3", "hydra/launcher=submitit_local", *PID_LOGS, *data_overrides],
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     parent, children = _parent_and_children(MlflowClient(uri), "fer_sweep", 3)
@@ -150,23 +160,14 @@ def test_optuna_records_a_failed_trial_and_searches_on(
     tell) is a FAILED Optuna trial, not a crash: its run is FAILED and tagged so, the other
     trials run, the parent is FAILED with the failures listed, the exit is non-zero. (Random
     sampler, seed 4: the rates drawn are 0.01, 1e12, 0.01.)"""
-    uri = migrated_store(tmp_path / "m.db")
-    sweep_dir = tmp_path / "sweep"
-    proc = run_cli(
+    proc, uri, sweep_dir = _cnn2_search(
+        tmp_path,
         [
-            "-m",
-            "hparams_search=cnn2_optuna",
-            "hydra.sweeper.n_trials=3",
             "hydra/sweeper/sampler=random",
             "hydra.sweeper.sampler.seed=4",
             "optimizer.lr=choice(0.01, 1e12)",
-            *TINY,
             *data_overrides,
-            f"mlflow.tracking_uri={uri}",
-            f"hydra.sweep.dir={sweep_dir}",
         ],
-        cwd=tmp_path,
-        timeout=600,
     )
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "job(s) failed" in proc.stderr and "the training loss became" in proc.stderr

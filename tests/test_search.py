@@ -23,6 +23,16 @@ pytestmark = pytest.mark.slow
 SEARCH = ["-m", "hparams_search=cnn2_optuna", *tiny_run(limit_per_class=6, synthetic=True)]
 
 
+def _workers(n: int) -> list[str]:
+    """n joblib workers, each trial on one thread (as the docs run searches on 2 cores)."""
+    return [
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={n}",
+        f"hydra.sweeper.n_jobs={n}",
+        "trainer.threads=1",
+    ]
+
+
 def _trials(uri: str, experiment: str = "fer_sweep") -> tuple[list[Run], list[Run]]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -106,13 +116,10 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     proc, parent, trials = _search(
         [
             *SEARCH,
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            "hydra.sweeper.n_jobs=2",
+            *_workers(2),
             "hydra.sweeper.n_trials=6",
             "hydra/sweeper/sampler=random",
             "hydra.sweeper.sampler.seed=4",
-            "trainer.threads=1",
             "trainer.epochs=choice(1, 120)",
             "hydra/sweeper/pruner=none",
             "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
@@ -219,13 +226,10 @@ def test_a_search_that_lost_one_joblib_worker_resumes_under_the_same_parent(
     uri = migrated_store(tmp_path / "m.db")
     args = [
         *SEARCH,
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "hydra.sweeper.n_jobs=2",
+        *_workers(2),
         "hydra.sweeper.n_trials=4",
         "hydra/sweeper/pruner=none",
         "trainer.epochs=12",
-        "trainer.threads=1",
         f"mlflow.tracking_uri={uri}",
     ]
     proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
@@ -261,12 +265,9 @@ def test_four_workers_forty_trials_on_one_sqlite_store(tmp_path: Path) -> None:
             "-m",
             "hparams_search=cnn2_optuna",
             *tiny_run(limit_per_class=2, synthetic=True),
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=4",
-            "hydra.sweeper.n_jobs=4",
+            *_workers(4),
             "hydra.sweeper.n_trials=40",
             "hydra/sweeper/pruner=none",
-            "trainer.threads=1",
             f"mlflow.tracking_uri={uri}",
         ],
         tmp_path,
