@@ -32,7 +32,7 @@ ensemble:  ## top-3 (by validation accuracy) softmax ensemble of the latest swee
 	$(PY) -m fer_sweep.ensemble --latest --top-k 3
 
 bench:  ## fer_sweep vs the model's compute ceiling vs the naive pipeline
-	$(PY) -m fer_sweep.bench
+	$(PY) -m fer_sweep.bench --json bench.json
 
 ui:  ## the MLflow UI over the default store, on 127.0.0.1
 	$(PY) -m fer_sweep.ui
