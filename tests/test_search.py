@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.entities import Run
@@ -56,6 +57,27 @@ def _search(
 
 def _state(run: Run) -> str:
     return run.data.tags["fer_sweep.trial_state"]
+
+
+def _runs_by_trial(trials: list[Run]) -> dict[int, list[Run]]:
+    out: dict[int, list[Run]] = {}
+    for r in trials:
+        out.setdefault(int(r.data.tags["fer_sweep.trial_number"]), []).append(r)
+    return {
+        n: sorted(rs, key=lambda r: int(r.data.params["trainer.seed"])) for n, rs in out.items()
+    }
+
+
+def _study(parent: Run) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from fer_sweep.sweep.search import STORAGE_TAG, STUDY_TAG
+
+    tags = parent.data.tags
+    storage = JournalStorage(JournalFileBackend(tags[STORAGE_TAG]))
+    return optuna.load_study(study_name=tags[STUDY_TAG], storage=storage)
 
 
 def test_space_grammar_is_hydra_optuna_sweepers() -> None:
@@ -285,12 +307,6 @@ def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Pa
     weights' validation accuracy (what its run logs as val_acc_raw), while the trial's value
     stays the best accuracy of the averaged weights. A decay of 0.999 keeps the average near
     the initial weights, so the two accuracies differ."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    from fer_sweep.sweep.search import STORAGE_TAG, STUDY_TAG
-
     uri = migrated_store(tmp_path / "m.db")
     _, parent, trials = _search(
         [
@@ -308,9 +324,7 @@ def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Pa
         uri,
         "sweep",
     )
-    tags = parent.data.tags
-    storage = JournalStorage(JournalFileBackend(tags[STORAGE_TAG]))
-    study = optuna.load_study(study_name=tags[STUDY_TAG], storage=storage)
+    study = _study(parent)
     client = MlflowClient(uri)
     differs = False
     for run in trials:
@@ -323,6 +337,110 @@ def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Pa
         assert trial.value == run.data.metrics["best_val_acc"] == max(history("val_acc").values())
         differs |= history("val_acc_raw") != history("val_acc")
     assert len(trials) == 2 and differs
+
+
+def test_a_search_scores_each_trial_on_several_seeds(tmp_path: Path) -> None:
+    """hydra.sweeper.seeds_per_trial=2 from trainer.seed=5: a trial trains seeds 5 and 6 (two
+    child runs with its number) and its value is their mean best validation accuracy; the
+    pruner watches the first seed, so a pruned trial trains no second seed. The report's table
+    gives each trial's mean and per-seed values."""
+    uri = migrated_store(tmp_path / "m.db")
+    _, parent, trials = _search(
+        [
+            *SEARCH,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.seeds_per_trial=2",
+            "trainer.seed=5",
+            "trainer.epochs=choice(2, 40)",
+            "hydra.sweeper.enqueue_trials=[{trainer.epochs:40},{trainer.epochs:2}]",
+            "hydra/sweeper/pruner=none",
+            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+            "+hydra.sweeper.pruner.lower=1.01",
+            "+hydra.sweeper.pruner.n_warmup_steps=3",
+            f"mlflow.tracking_uri={uri}",
+        ],
+        tmp_path,
+        uri,
+        "sweep",
+    )
+    study = _study(parent)
+    runs = _runs_by_trial(trials)
+    (pruned,) = runs[0]  # 40 epochs: stopped after 3 on seed 5; seed 6 never trained
+    assert pruned.data.params["trainer.seed"] == "5" and _state(pruned) == "PRUNED"
+    assert pruned.data.metrics["stopped_epoch"] == 3
+    assert study.trials[0].state.name == "PRUNED"
+    assert [r.data.params["trainer.seed"] for r in runs[1]] == ["5", "6"]
+    assert all(_state(r) == "COMPLETE" and "test_acc" in r.data.metrics for r in runs[1])
+    assert "trainer.seed=6" in runs[1][1].data.tags["overrides"]
+    values = [r.data.metrics["best_val_acc"] for r in runs[1]]
+    assert study.trials[1].value == pytest.approx(sum(values) / 2)
+    history = MlflowClient(uri).get_metric_history(runs[1][0].info.run_id, "val_acc")
+    assert study.trials[1].intermediate_values == {m.step + 1: m.value for m in history}
+
+    report = run_cli(
+        ["--tracking-uri", uri, "--out", str(tmp_path / "rep")],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    table = (tmp_path / "rep" / "trials.md").read_text()
+    assert "mean best validation accuracy over 2 seeds" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 1 | COMPLETE |"))
+    assert f"{100 * sum(values) / 2:.2f} %" in row
+    assert f"5: {100 * values[0]:.2f}, 6: {100 * values[1]:.2f}" in row
+
+
+def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL while the first trial trains its second seed: on sweep.resume the trial is run
+    again, but its finished first seed is not: that run now carries the new trial's number, and
+    only the second seed trains again. A resume with another seeds_per_trial is refused."""
+    uri = migrated_store(tmp_path / "m.db")
+    args = [
+        *SEARCH,
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.seeds_per_trial=2",
+        "hydra/sweeper/pruner=none",
+        "trainer.epochs=60",  # a window for the kill while seed 1 trains
+        "trainer.threads=1",
+        f"mlflow.tracking_uri={uri}",
+    ]
+    proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
+    client = MlflowClient(uri)
+    second = None
+    deadline = time.monotonic() + 300
+    while second is None and time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("fer_sweep")
+        for r in client.search_runs([exp.experiment_id]) if exp else []:
+            if r.data.params.get("trainer.seed") == "1" and r.info.status == "RUNNING":
+                if client.get_metric_history(r.info.run_id, "val_acc"):
+                    second = r
+        time.sleep(0.3)
+    assert second is not None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    _, first_done = _trials(uri)
+    (seed0,) = [r for r in first_done if r.data.params["trainer.seed"] == "0"]
+    other = run_cli([*args, "sweep.resume=latest", "hydra.sweeper.seeds_per_trial=3"], tmp_path)
+    assert other.returncode == 2 and "resume it with hydra.sweeper.seeds_per_trial=2" in (
+        other.stderr
+    ), other.stderr[-3000:]
+
+    _, parent, trials = _search([*args, "sweep.resume=latest"], tmp_path, uri, "again")
+    runs = _runs_by_trial(trials)
+    assert [_state(r) for r in runs[0]] == ["FAIL"]  # the killed seed-1 run
+    assert runs[0][0].info.run_id == second.info.run_id
+    assert [r.info.run_id for r in runs[1]][0] == seed0.info.run_id  # taken over, not re-run
+    assert [(r.data.params["trainer.seed"], _state(r)) for r in runs[1]] == [
+        ("0", "COMPLETE"),
+        ("1", "COMPLETE"),
+    ]
+    assert len(trials) == 3
+    study = _study(parent)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    values = [r.data.metrics["best_val_acc"] for r in runs[1]]
+    assert study.trials[1].value == pytest.approx(sum(values) / 2)
 
 
 @pytest.mark.parametrize(
@@ -340,6 +458,12 @@ def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Pa
         ),
         (["hydra.sweeper.prune_on=val_loss"], "hydra.sweeper.prune_on=val_loss: one of", 2),
         (["hydra.sweeper.prune_on=val_acc_raw"], "add it (or prune_on=val_acc)", 2),
+        (["hydra.sweeper.seeds_per_trial=0"], "hydra.sweeper.seeds_per_trial=0: give 1", 2),
+        (
+            ["hydra.sweeper.seeds_per_trial=2", "trainer.seed=choice(0, 1)"],
+            "take trainer.seed out of the search space",
+            2,
+        ),
     ],
     ids=[
         "unknown_pruner",
@@ -350,6 +474,8 @@ def test_a_search_over_the_weight_average_prunes_on_the_raw_weights(tmp_path: Pa
         "enqueue",
         "prune_on",
         "prune_on_raw_unmeasured",
+        "seeds_per_trial",
+        "seeds_searched",
     ],
 )
 def test_bad_search_input_is_one_error_before_any_parent_run(

@@ -73,6 +73,7 @@ class RunHooks:
     overrides: list[str]
     tags: dict[str, str] = field(default_factory=dict)
     on_epoch: Callable[[int, dict[str, float]], None] | None = None
+    run_id: str | None = None  # set by the job: the MLflow run it opened
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -265,7 +266,8 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     plan = _plan_epochs(client, conf, data, resume_id, started)
     run_id = open_run(client, exp_id, conf, cfg, key, parent_id, overrides, resume_id)
-    if hooks is not None and hooks.tags:
+    if hooks is not None:
+        hooks.run_id = run_id
         tracking.set_tags(client, run_id, hooks.tags)
     pacer = None
     if plan is not None:

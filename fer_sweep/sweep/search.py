@@ -28,7 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,9 @@ LOCK = "search.lock"
 TRIAL_NUMBER = "fer_sweep.trial_number"
 INTERRUPTED = "fer_sweep.interrupted"  # a trial's user attr: stopped by a signal, run it again
 RETRY_OF = "fer_sweep.retry_of"  # an enqueued trial's user attr: the trial it runs again
+# a trial's user attr with hydra.sweeper.seeds_per_trial > 1: its finished seeds,
+# {seed: {"value": best val_acc, "run_id": MLflow run}}; a retried trial reuses them
+SEED_RUNS = "fer_sweep.seed_runs"
 
 
 def is_search(config: DictConfig) -> bool:
@@ -201,6 +204,14 @@ class Plan:
     key: str  # fingerprint of the space and the fixed overrides: sweep.resume's "same search"
     enqueue: tuple[dict[str, Any], ...] = ()  # trials run first (hydra.sweeper.enqueue_trials)
     prune_on: str = PRUNE_ON[0]  # the per-epoch metric reported to the pruner
+    seeds_per_trial: int = 1  # trainer.seed, +1, ...: the trial's value is their mean
+
+    @classmethod
+    def from_dict(cls, plan: Mapping[str, Any]) -> Plan:
+        """A plan as the sweep folder holds it; fields a plan written by an older fer_sweep
+        lacks take their defaults here."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in plan.items() if k in names})
 
 
 def search_key(space: Space) -> str:
@@ -308,6 +319,17 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
                 ) from None
     for key, values in groups.items():  # compose each option: an unknown one is named
         validate_jobs(config, [[*space.fixed, f"{key}={_format(v)}"] for v in values])
+    seeds = int(sw.seeds_per_trial)
+    if seeds < 1:
+        raise FerSweepError(
+            f"hydra.sweeper.seeds_per_trial={seeds}: give 1 (one run a trial) or more (the "
+            "trial's value is the mean over trainer.seed, trainer.seed + 1, ...)."
+        )
+    if seeds > 1 and "trainer.seed" in space.params:
+        raise FerSweepError(
+            f"hydra.sweeper.seeds_per_trial={seeds} sets each trial's seeds itself: take "
+            "trainer.seed out of the search space (or search it with seeds_per_trial=1)."
+        )
     enqueue = _enqueued(sw.get("enqueue_trials") or [], space)
     if resumed is not None:
         tags = resumed.data.tags
@@ -316,6 +338,13 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
             raise FerSweepError(
                 f"sweep.resume: parent run {resumed.info.run_id} is not a search of this "
                 "sweeper (no study recorded on it)."
+            )
+        was = int(tags.get(SEEDS_TAG, "1"))
+        if was != seeds:
+            raise FerSweepError(
+                f"sweep.resume: the search of parent run {resumed.info.run_id} scores each "
+                f"trial on {was} seed(s), this command on {seeds}: resume it with "
+                f"hydra.sweeper.seeds_per_trial={was}."
             )
     else:
         storage = sw.storage or str((sweep_dir / JOURNAL).resolve())
@@ -332,6 +361,7 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
         key=search_key(space),
         enqueue=enqueue,
         prune_on=prune_on,
+        seeds_per_trial=seeds,
     )
     return plan
 
@@ -370,6 +400,7 @@ STORAGE_TAG = "fer_sweep.study_storage"
 STUDY_TAG = "fer_sweep.study_name"
 SPACE_TAG = "fer_sweep.search_space"
 DIRECTION_TAG = "fer_sweep.study_direction"
+SEEDS_TAG = "fer_sweep.seeds_per_trial"
 
 
 def parent_tags(plan: Plan) -> dict[str, str]:
@@ -379,6 +410,7 @@ def parent_tags(plan: Plan) -> dict[str, str]:
         STUDY_TAG: plan.study_name,
         SPACE_TAG: plan.space,
         DIRECTION_TAG: plan.direction,
+        SEEDS_TAG: str(plan.seeds_per_trial),
     }
 
 
@@ -386,18 +418,18 @@ def parent_tags(plan: Plan) -> dict[str, str]:
 # The study
 
 
-def load_study(plan: Mapping[str, Any], sweeper: DictConfig, worker: int) -> optuna.Study:
+def load_study(plan: Plan, sweeper: DictConfig, worker: int) -> optuna.Study:
     """The shared study, with this process's sampler and pruner (neither is stored with a
     study: every process passes them), built from ``hydra.sweeper``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(
-        study_name=plan["study_name"],
-        storage=open_storage(plan["storage"]),
+        study_name=plan.study_name,
+        storage=open_storage(plan.storage),
         sampler=sampler(sweeper, worker),
         pruner=pruner(sweeper),
-        direction=plan["direction"],
+        direction=plan.direction,
         load_if_exists=True,
     )
 
@@ -418,7 +450,8 @@ def counted(study: optuna.Study) -> int:
 
 def recover(study: optuna.Study) -> list[int]:
     """After a kill: trials left RUNNING are failed (no process runs them any more) and, with
-    the trials a signal stopped, enqueued again with the same parameters (once each)."""
+    the trials a signal stopped, enqueued again with the same parameters (once each), carrying
+    the seeds they had finished (seeds_per_trial > 1), which are not trained again."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -431,6 +464,7 @@ def recover(study: optuna.Study) -> list[int]:
         elif not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)):
             continue
         if t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+            done = t.user_attrs.get(SEED_RUNS, {})
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number, SEED_RUNS: done})
             again.append(t.number)
     return again

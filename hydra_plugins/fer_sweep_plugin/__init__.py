@@ -70,6 +70,9 @@ class OptunaSweeperConf:
     # the per-epoch metric a trial reports to the pruner: val_acc (the weights fit validates
     # and keeps) or val_acc_raw (the un-averaged ones; needs trainer.val_raw=true)
     prune_on: str = "val_acc"
+    # replicates: each trial trains trainer.seed, +1, ... (one after another in its worker);
+    # its value is their mean best validation accuracy; the pruner watches the first seed
+    seeds_per_trial: int = 1
     params: dict[str, str] | None = None  # the search space: key -> choice/range/interval
     # trials to run first, before the sampler proposes any (e.g. the current recipe): each a
     # mapping of searched keys to values (keys left out are sampled); Optuna's enqueue_trial

@@ -9,6 +9,7 @@ study's journal file is not at hand.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.sweep.job import TRIAL_STATE
-from fer_sweep.sweep.search import DIRECTION_TAG, SPACE_TAG, TRIAL_NUMBER, Space
+from fer_sweep.sweep.search import DIRECTION_TAG, SEEDS_TAG, SPACE_TAG, TRIAL_NUMBER, Space
 from fer_sweep.tools.report.tables import write_csv
 
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -29,10 +30,11 @@ class Trial:
     number: int
     state: str
     params: dict[str, Any]
-    best_val_acc: float | None
-    epochs: int | None
-    curve: dict[int, float]  # epoch -> validation accuracy
-    run_id: str
+    best_val_acc: float | None  # with several seeds: the mean of the finished seeds' best
+    epochs: int | None  # all its runs together
+    curve: dict[int, float]  # epoch -> validation accuracy (the first seed's run)
+    run_id: str  # the first seed's run
+    seeds: dict[int, float | None]  # trainer.seed -> that run's best validation accuracy
 
 
 def is_search(parent: Run) -> bool:
@@ -50,32 +52,54 @@ def _value(raw: str | None, dist: Any) -> Any:
     return int(float(raw)) if isinstance(dist, IntDistribution) else float(raw)
 
 
-def trials(client: MlflowClient, runs: Sequence[Run], space: dict[str, Any]) -> list[Trial]:
-    """The search's trials, by number, from its child runs."""
-    out = []
-    for run in runs:
-        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-        if TRIAL_NUMBER not in tags:
-            continue
+def _state(run: Run) -> str:
+    if run.info.status in ("FAILED", "KILLED"):
+        return "FAIL"
+    return run.data.tags.get(TRIAL_STATE, "RUNNING")
+
+
+def _trial(client: MlflowClient, runs: Sequence[Run], space: dict[str, Any], seeds: int) -> Trial:
+    """One trial from its runs (one, or one per seed with hydra.sweeper.seeds_per_trial): pruned
+    or failed if one of them was, complete once ``seeds`` runs are."""
+    runs = sorted(runs, key=lambda r: (int(r.data.params.get("trainer.seed", 0)), r.info.run_id))
+    states = [_state(r) for r in runs]
+    state = next((s for s in ("PRUNED", "FAIL", "RUNNING") if s in states), "COMPLETE")
+    if state == "COMPLETE" and len(runs) < seeds:
+        state = "RUNNING"
+    first, per_seed, epochs, curve = runs[0], {}, 0, {}
+    for run, run_state in zip(runs, states, strict=True):
+        metrics = run.data.metrics
         history = client.get_metric_history(run.info.run_id, "val_acc")
-        curve = {int(m.step): float(m.value) for m in history}
-        state = tags.get(TRIAL_STATE, "FAIL" if run.info.status == "FAILED" else "RUNNING")
-        if run.info.status in ("FAILED", "KILLED"):
-            state = "FAIL"
-        out.append(
-            Trial(
-                number=int(tags[TRIAL_NUMBER]),
-                state=state,
-                params={
-                    k: _value(params.get(k, params.get(f"{k}.name")), d) for k, d in space.items()
-                },
-                best_val_acc=metrics.get("best_val_acc", max(curve.values(), default=None)),
-                epochs=int(metrics["stopped_epoch"]) if "stopped_epoch" in metrics else len(curve),
-                curve=curve,
-                run_id=run.info.run_id,
-            )
-        )
-    return sorted(out, key=lambda t: (t.number, t.run_id))
+        steps = {int(m.step): float(m.value) for m in history}
+        curve = curve or steps  # the first seed's: what the pruner saw
+        epochs += int(metrics["stopped_epoch"]) if "stopped_epoch" in metrics else len(steps)
+        if run_state != "FAIL":
+            seed = int(run.data.params.get("trainer.seed", 0))
+            per_seed[seed] = metrics.get("best_val_acc", max(steps.values(), default=None))
+    values = [v for v in per_seed.values() if v is not None]
+    params = first.data.params
+    return Trial(
+        number=int(first.data.tags[TRIAL_NUMBER]),
+        state=state,
+        params={k: _value(params.get(k, params.get(f"{k}.name")), d) for k, d in space.items()},
+        best_val_acc=statistics.fmean(values) if values else None,
+        epochs=epochs,
+        curve=curve,
+        run_id=first.info.run_id,
+        seeds=per_seed,
+    )
+
+
+def trials(
+    client: MlflowClient, runs: Sequence[Run], space: dict[str, Any], seeds: int = 1
+) -> list[Trial]:
+    """The search's trials, by number, from its child runs (``seeds``: runs a trial trains)."""
+    by_number: dict[str, list[Run]] = {}
+    for run in runs:
+        if TRIAL_NUMBER in run.data.tags:
+            by_number.setdefault(run.data.tags[TRIAL_NUMBER], []).append(run)
+    found = [_trial(client, group, space, seeds) for group in by_number.values()]
+    return sorted(found, key=lambda t: t.number)
 
 
 def best(found: Sequence[Trial]) -> Trial | None:
@@ -89,7 +113,11 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(found: Sequence[Trial], space: dict[str, Any], parent: Run) -> str:
+def _per_seed(t: Trial) -> str:
+    return ", ".join(f"{seed}: {100 * v:.2f}" for seed, v in t.seeds.items() if v is not None)
+
+
+def markdown(found: Sequence[Trial], space: dict[str, Any], parent: Run, seeds: int = 1) -> str:
     keys = list(space)
     counts = {s: sum(t.state == s for t in found) for s in STATES}
     top = best(found)
@@ -103,20 +131,25 @@ def markdown(found: Sequence[Trial], space: dict[str, Any], parent: Run) -> str:
         + f"; {epochs} epochs trained in all.",
         "",
     ]
+    value = "best validation accuracy"
+    if seeds > 1:  # hydra.sweeper.seeds_per_trial
+        value = f"mean best validation accuracy over {seeds} seeds"
+        lines += [f"Each trial trains {seeds} seeds; its value is their mean.", ""]
     if top is not None:
         lines += [
-            f"Best trial: #{top.number}, best validation accuracy {100 * top.best_val_acc:.2f} % "
+            f"Best trial: #{top.number}, {value} {100 * top.best_val_acc:.2f} % "
             f"(run {top.run_id}): " + ", ".join(f"{k}={_cell(v)}" for k, v in top.params.items()),
             "",
         ]
-    lines.append("| trial | state | " + " | ".join(keys) + " | best val acc | epochs |")
-    lines.append("|---:|---|" + "---:|" * len(keys) + "---:|---:|")
+    extra = " per seed (%) |" if seeds > 1 else ""
+    head = "| trial | state | " + " | ".join(keys)
+    lines.append(head + (" | mean" if seeds > 1 else "") + " best val acc | epochs |" + extra)
+    lines.append("|---:|---|" + "---:|" * len(keys) + "---:|---:|" + ("---|" if extra else ""))
     for t in found:
         acc = "" if t.best_val_acc is None else f"{100 * t.best_val_acc:.2f} %"
         cells = [_cell(t.params.get(k)) for k in keys]
-        lines.append(
-            f"| {t.number} | {t.state} | " + " | ".join(cells) + f" | {acc} | {t.epochs} |"
-        )
+        row = f"| {t.number} | {t.state} | " + " | ".join(cells) + f" | {acc} | {t.epochs} |"
+        lines.append(row + (f" {_per_seed(t)} |" if extra else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -178,11 +211,12 @@ def figures(found: Sequence[Trial], space: dict[str, Any], direction: str, out: 
 def write_search(client: MlflowClient, parent: Run, runs: Sequence[Run], out: Path) -> list[str]:
     """trials.md, trials.csv and the figures in ``out``; the files written."""
     space = Space.from_json(parent.data.tags[SPACE_TAG])
-    found = trials(client, runs, space)
+    seeds = int(parent.data.tags.get(SEEDS_TAG, "1"))
+    found = trials(client, runs, space, seeds)
     if not found:
         return []
     direction = parent.data.tags.get(DIRECTION_TAG, "maximize")
-    (out / "trials.md").write_text(markdown(found, space, parent))
+    (out / "trials.md").write_text(markdown(found, space, parent, seeds))
     write_csv(
         out / "trials.csv",
         [
@@ -192,6 +226,7 @@ def write_search(client: MlflowClient, parent: Run, runs: Sequence[Run], out: Pa
                 **t.params,
                 "best_val_acc": None if t.best_val_acc is None else round(t.best_val_acc, 6),
                 "epochs": t.epochs,
+                "seeds": " ".join(f"{k}:{v:.6f}" for k, v in t.seeds.items() if v is not None),
                 "run_id": t.run_id,
                 "is_best": t is best(found),
             }
