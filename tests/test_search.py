@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,40 @@ def _search(
     parents, trials = _trials(uri)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     return proc, parents[0], trials
+
+
+def _training(proc: Any, uri: str, match: Callable[[Run], bool]) -> Run:
+    """While the search ``proc`` runs: the first RUNNING trial run that ``match``es and has
+    logged an epoch (the moment to kill it)."""
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        exp = client.get_experiment_by_name("fer_sweep")
+        for r in client.search_runs([exp.experiment_id]) if exp else []:
+            if r.info.status == "RUNNING" and "fer_sweep.trial_number" in r.data.tags and match(r):
+                if client.get_metric_history(r.info.run_id, "val_acc"):
+                    return r
+        time.sleep(0.3)
+    raise AssertionError(proc.communicate()[0][-3000:] if proc.poll() is not None else "timeout")
+
+
+def _prune_after(epochs: int) -> list[str]:
+    """A pruner that stops every trial after ``epochs`` (a threshold no accuracy reaches)."""
+    return [
+        "hydra/sweeper/pruner=none",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "+hydra.sweeper.pruner.lower=1.01",
+        f"+hydra.sweeper.pruner.n_warmup_steps={epochs}",
+    ]
+
+
+def _report(uri: str, out: Path) -> str:
+    """python -m fer_sweep.report on the store's search: its trials.md."""
+    report = run_cli(
+        ["--tracking-uri", uri, "--out", str(out)], cwd=out.parent, module="fer_sweep.report"
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    return (out / "trials.md").read_text()
 
 
 def _state(run: Run) -> str:
@@ -143,10 +178,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
             "hydra/sweeper/sampler=random",
             "hydra.sweeper.sampler.seed=4",
             "trainer.epochs=choice(1, 120)",
-            "hydra/sweeper/pruner=none",
-            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
-            "+hydra.sweeper.pruner.lower=1.01",
-            "+hydra.sweeper.pruner.n_warmup_steps=80",  # long enough to span two short trials
+            *_prune_after(80),  # long enough to span two short trials
             f"mlflow.tracking_uri={uri}",
         ],
         tmp_path,
@@ -173,13 +205,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
         if s_long < s_y
     ), sorted(spans)
     assert "trial 6/6" in proc.stderr  # the sweep-level progress line
-    report = run_cli(
-        ["--tracking-uri", uri, "--out", str(tmp_path / "rep")],
-        cwd=tmp_path,
-        module="fer_sweep.report",
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    table = (tmp_path / "rep" / "trials.md").read_text()
+    table = _report(uri, tmp_path / "rep")
     assert table.count("| PRUNED |") == sum(_state(r) == "PRUNED" for r in trials)
     assert "Best trial: #" in table
     assert (tmp_path / "rep" / "optimization_history.png").stat().st_size > 0
@@ -203,20 +229,7 @@ def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path)
         f"mlflow.tracking_uri={uri}",
     ]
     proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
-    client = MlflowClient(uri)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        exp = client.get_experiment_by_name("fer_sweep")
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        later = [
-            r
-            for r in runs
-            if r.data.tags.get("fer_sweep.trial_number", "0") != "0" and r.info.status == "RUNNING"
-        ]
-        if later and client.get_metric_history(later[0].info.run_id, "val_acc"):
-            break
-        time.sleep(0.3)
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    later = _training(proc, uri, lambda r: r.data.tags["fer_sweep.trial_number"] != "0")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -229,9 +242,7 @@ def test_a_search_killed_mid_trial_resumes_under_the_same_parent(tmp_path: Path)
     assert len(done) == 3, [(_state(r), r.info.status) for r in trials]
     (killed,) = [r for r in trials if r.info.status != "FINISHED"]
     assert killed.info.status == "KILLED" and _state(killed) == "FAIL"
-    assert (
-        killed.data.tags["fer_sweep.trial_number"] == later[0].data.tags["fer_sweep.trial_number"]
-    )
+    assert killed.data.tags["fer_sweep.trial_number"] == later.data.tags["fer_sweep.trial_number"]
     rerun = [r for r in done if r.data.params["optimizer.lr"] == killed.data.params["optimizer.lr"]]
     assert rerun, "the killed trial's parameters were not tried again"
     enqueued = [r for r in trials if r.data.params["optimizer.lr"] == "0.0123"]
@@ -255,18 +266,7 @@ def test_a_search_that_lost_one_joblib_worker_resumes_under_the_same_parent(
         f"mlflow.tracking_uri={uri}",
     ]
     proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
-    client = MlflowClient(uri)
-    victim = None
-    deadline = time.monotonic() + 300
-    while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        exp = client.get_experiment_by_name("fer_sweep")
-        for r in client.search_runs([exp.experiment_id]) if exp else []:
-            if r.info.status == "RUNNING" and "fer_sweep.trial_number" in r.data.tags:
-                if client.get_metric_history(r.info.run_id, "val_acc"):
-                    victim = r
-                    break
-        time.sleep(0.3)
-    assert victim is not None, proc.communicate()[0][-3000:]
+    victim = _training(proc, uri, lambda r: True)
     os.kill(int(victim.data.tags["fer_sweep.pid"]), signal.SIGKILL)
     proc.communicate(timeout=120)  # the sweep ends (joblib loses a worker); nothing hangs
     assert proc.returncode != 0
@@ -353,10 +353,7 @@ def test_a_search_scores_each_trial_on_several_seeds(tmp_path: Path) -> None:
             "trainer.seed=5",
             "trainer.epochs=choice(2, 40)",
             "hydra.sweeper.enqueue_trials=[{trainer.epochs:40},{trainer.epochs:2}]",
-            "hydra/sweeper/pruner=none",
-            "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
-            "+hydra.sweeper.pruner.lower=1.01",
-            "+hydra.sweeper.pruner.n_warmup_steps=3",
+            *_prune_after(3),
             f"mlflow.tracking_uri={uri}",
         ],
         tmp_path,
@@ -377,13 +374,7 @@ def test_a_search_scores_each_trial_on_several_seeds(tmp_path: Path) -> None:
     history = MlflowClient(uri).get_metric_history(runs[1][0].info.run_id, "val_acc")
     assert study.trials[1].intermediate_values == {m.step + 1: m.value for m in history}
 
-    report = run_cli(
-        ["--tracking-uri", uri, "--out", str(tmp_path / "rep")],
-        cwd=tmp_path,
-        module="fer_sweep.report",
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    table = (tmp_path / "rep" / "trials.md").read_text()
+    table = _report(uri, tmp_path / "rep")
     assert "mean best validation accuracy over 2 seeds" in table
     row = next(line for line in table.splitlines() if line.startswith("| 1 | COMPLETE |"))
     assert f"{100 * sum(values) / 2:.2f} %" in row
@@ -407,17 +398,7 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
         f"mlflow.tracking_uri={uri}",
     ]
     proc = start_cli([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], tmp_path, new_session=True)
-    client = MlflowClient(uri)
-    second = None
-    deadline = time.monotonic() + 300
-    while second is None and time.monotonic() < deadline and proc.poll() is None:
-        exp = client.get_experiment_by_name("fer_sweep")
-        for r in client.search_runs([exp.experiment_id]) if exp else []:
-            if r.data.params.get("trainer.seed") == "1" and r.info.status == "RUNNING":
-                if client.get_metric_history(r.info.run_id, "val_acc"):
-                    second = r
-        time.sleep(0.3)
-    assert second is not None, proc.communicate()[0][-3000:]
+    second = _training(proc, uri, lambda r: r.data.params.get("trainer.seed") == "1")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     _, first_done = _trials(uri)
