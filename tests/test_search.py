@@ -207,6 +207,7 @@ def test_pruned_trials_finish_as_pruned_and_workers_never_wait_for_each_other(
     assert "trial 6/6" in proc.stderr  # the sweep-level progress line
     table = _report(uri, tmp_path / "rep")
     assert table.count("| PRUNED |") == sum(_state(r) == "PRUNED" for r in trials)
+    assert "| trainer.epochs | best val acc | epochs |" in table
     assert "Best trial: #" in table
     assert (tmp_path / "rep" / "optimization_history.png").stat().st_size > 0
     logged = MlflowClient(uri).list_artifacts(parent.info.run_id, "report")
@@ -386,7 +387,8 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
 ) -> None:
     """SIGKILL while the first trial trains its second seed: on sweep.resume the trial is run
     again, but its finished first seed is not: that run now carries the new trial's number, and
-    only the second seed trains again. A resume with another seeds_per_trial is refused."""
+    only the second seed trains again (the first seed's epochs are reported to the retried
+    trial, for the pruner). A resume with another seeds_per_trial is refused."""
     uri = migrated_store(tmp_path / "m.db")
     args = [
         *SEARCH,
@@ -422,6 +424,8 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
     values = [r.data.metrics["best_val_acc"] for r in runs[1]]
     assert study.trials[1].value == pytest.approx(sum(values) / 2)
+    history = MlflowClient(uri).get_metric_history(seed0.info.run_id, "val_acc")
+    assert study.trials[1].intermediate_values == {m.step + 1: m.value for m in history}
 
 
 @pytest.mark.parametrize(

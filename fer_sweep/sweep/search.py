@@ -121,6 +121,11 @@ def _distribution(key: str, override: Any) -> Any:
     )
 
 
+def override_key(line: str) -> str:
+    """The key an override line sets (``+a.b=1``, ``~a.b``, ``a.b=choice(1, 2)`` -> ``a.b``)."""
+    return line.split("=", 1)[0].lstrip("+~")
+
+
 def parse_space(params: Mapping[str, Any] | None, overrides: Sequence[str]) -> Space:
     """``hydra.sweeper.params`` plus the command line's sweep overrides (which win) -> Space.
     Overrides that sweep nothing stay fixed for every trial."""
@@ -138,7 +143,7 @@ def parse_space(params: Mapping[str, Any] | None, overrides: Sequence[str]) -> S
         key = override.get_key_element()
         if override.is_sweep_override():
             space[key] = _distribution(key, override)
-            fixed = [f for f in fixed if f.split("=", 1)[0].lstrip("+~") != key]  # it wins
+            fixed = [f for f in fixed if override_key(f) != key]  # it wins
         else:
             space.pop(key, None)  # a fixed value on the command line takes the key out
             fixed.append(override.input_line)
@@ -464,7 +469,9 @@ def recover(study: optuna.Study) -> list[int]:
         elif not (t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)):
             continue
         if t.number not in retried:
-            done = t.user_attrs.get(SEED_RUNS, {})
-            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number, SEED_RUNS: done})
+            attrs = {RETRY_OF: t.number}
+            if t.user_attrs.get(SEED_RUNS):  # seeds it finished: not trained again
+                attrs[SEED_RUNS] = t.user_attrs[SEED_RUNS]
+            study.enqueue_trial(t.params, user_attrs=attrs)
             again.append(t.number)
     return again

@@ -27,6 +27,7 @@ from fer_sweep.sweep.search import (
     Space,
     counted,
     load_study,
+    override_key,
     recover,
     suggest,
 )
@@ -137,38 +138,42 @@ def run_seeds(trial: optuna.Trial, config_name: str, overrides: list[str], plan:
     if plan.seeds_per_trial == 1:
         return job.run_trial(cfg, trial_hooks(trial, overrides, plan.prune_on))
     first = int(cfg.trainer.seed)
-    others = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "trainer.seed"]
+    others = [o for o in overrides if override_key(o) != "trainer.seed"]
     done = dict(trial.user_attrs.get(SEED_RUNS, {}))  # a retried trial's finished seeds
     if done:
-        _take_over(trial, done)
+        _take_over(trial, done, str(first), cfg.mlflow.tracking_uri, plan.prune_on)
     for seed in range(first, first + plan.seeds_per_trial):
         if str(seed) in done:
             continue
-        log.info(
-            "trial %d: seed %d (%d of %d)",
-            trial.number,
-            seed,
-            seed - first + 1,
-            plan.seeds_per_trial,
-        )
+        n = seed - first + 1
+        log.info("trial %d: seed %d (%d of %d)", trial.number, seed, n, plan.seeds_per_trial)
         seeded = [*others, f"trainer.seed={seed}"]
         hooks = trial_hooks(trial, seeded, plan.prune_on, reports=seed == first)
-        value = job.run_trial(compose(config_name, seeded, return_hydra_config=True), hooks)
+        try:
+            value = job.run_trial(compose(config_name, seeded, return_hydra_config=True), hooks)
+        except Pruned:
+            raise
+        except Exception:  # the trial fails with it; the runs of its earlier seeds stay
+            log.error("trial %d: seed %d of %d failed", trial.number, n, plan.seeds_per_trial)
+            raise
         done[str(seed)] = {"value": value, "run_id": hooks.run_id}
         trial.set_user_attr(SEED_RUNS, done)
     return statistics.fmean(float(d["value"]) for d in done.values())
 
 
-def _take_over(trial: optuna.Trial, done: Mapping[str, Any]) -> None:
+def _take_over(
+    trial: optuna.Trial, done: Mapping[str, Any], first: str, tracking_uri: str, prune_on: str
+) -> None:
     """A retried trial's seeds that the killed trial finished: their runs now carry this
-    trial's number (they are its runs, not run twice)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    info = tracking.parent_info(HydraConfig.get().sweep.dir)
-    client = store.connect(info["tracking_uri"])
+    trial's number (they are its runs, not run twice), and the first seed's epochs are reported
+    again, so later trials' pruners compare with this trial's curve too."""
+    client = store.connect(tracking_uri)
     for seed, d in done.items():
         tracking.set_tags(client, d["run_id"], {TRIAL_NUMBER: str(trial.number)})
         log.info("trial %d: seed %s already trained (run %s)", trial.number, seed, d["run_id"])
+        if seed == first:
+            for m in client.get_metric_history(d["run_id"], prune_on):
+                trial.report(float(m.value), int(m.step) + 1)
 
 
 def _next_trial(

@@ -67,16 +67,16 @@ def _trial(client: MlflowClient, runs: Sequence[Run], space: dict[str, Any], see
     if state == "COMPLETE" and len(runs) < seeds:
         state = "RUNNING"
     first, per_seed, epochs, curve = runs[0], {}, 0, {}
-    for run, run_state in zip(runs, states, strict=True):
+    for run in runs:
         metrics = run.data.metrics
         history = client.get_metric_history(run.info.run_id, "val_acc")
         steps = {int(m.step): float(m.value) for m in history}
-        curve = curve or steps  # the first seed's: what the pruner saw
+        if run is first:
+            curve = steps  # the first seed's: what the pruner saw
         epochs += int(metrics["stopped_epoch"]) if "stopped_epoch" in metrics else len(steps)
-        if run_state != "FAIL":
-            seed = int(run.data.params.get("trainer.seed", 0))
-            per_seed[seed] = metrics.get("best_val_acc", max(steps.values(), default=None))
-    values = [v for v in per_seed.values() if v is not None]
+        seed = int(run.data.params.get("trainer.seed", 0))
+        per_seed[seed] = metrics.get("best_val_acc", max(steps.values(), default=None))
+    values = [v for v in per_seed.values() if v is not None]  # so far, for a running trial
     params = first.data.params
     return Trial(
         number=int(first.data.tags[TRIAL_NUMBER]),
@@ -142,8 +142,8 @@ def markdown(found: Sequence[Trial], space: dict[str, Any], parent: Run, seeds: 
             "",
         ]
     extra = " per seed (%) |" if seeds > 1 else ""
-    head = "| trial | state | " + " | ".join(keys)
-    lines.append(head + (" | mean" if seeds > 1 else "") + " best val acc | epochs |" + extra)
+    acc_head = "mean best val acc" if seeds > 1 else "best val acc"
+    lines.append("| trial | state | " + " | ".join([*keys, acc_head]) + " | epochs |" + extra)
     lines.append("|---:|---|" + "---:|" * len(keys) + "---:|---:|" + ("---|" if extra else ""))
     for t in found:
         acc = "" if t.best_val_acc is None else f"{100 * t.best_val_acc:.2f} %"
