@@ -449,6 +449,11 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
             "take trainer.seed out of the search space",
             2,
         ),
+        (
+            ["hydra.sweeper.seeds_per_trial=2", f"trainer.seed={2**64 - 1}"],
+            f"trainer.seed={2**64} is outside torch.manual_seed's range",
+            2,
+        ),
     ],
     ids=[
         "unknown_pruner",
@@ -461,6 +466,7 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
         "prune_on_raw_unmeasured",
         "seeds_per_trial",
         "seeds_searched",
+        "last_seed_out_of_range",
     ],
 )
 def test_bad_search_input_is_one_error_before_any_parent_run(

@@ -288,6 +288,10 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be a positive integer.")
         _require(
+            -(2**63) <= self.seed < 2**64,
+            f"trainer.seed={self.seed} is outside torch.manual_seed's range [-2**63, 2**64 - 1].",
+        )
+        _require(
             self.time_budget_min is None or self.time_budget_min > 0,
             f"trainer.time_budget_min={self.time_budget_min} must be a positive number of "
             "minutes, or null (train trainer.epochs epochs).",

@@ -335,6 +335,14 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
             f"hydra.sweeper.seeds_per_trial={seeds} sets each trial's seeds itself: take "
             "trainer.seed out of the search space (or search it with seeds_per_trial=1)."
         )
+    if seeds > 1:  # the last seed a trial trains must be a seed too
+        try:
+            with_values(base, {"trainer.seed": base.trainer.seed + seeds - 1})
+        except FerSweepError as err:
+            raise FerSweepError(
+                f"hydra.sweeper.seeds_per_trial={seeds} from trainer.seed={base.trainer.seed}: "
+                f"{err}"
+            ) from None
     enqueue = _enqueued(sw.get("enqueue_trials") or [], space)
     if resumed is not None:
         tags = resumed.data.tags
