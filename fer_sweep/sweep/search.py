@@ -330,13 +330,13 @@ def check(config: DictConfig, space: Space, sweep_dir: Path, resumed: Any | None
             f"hydra.sweeper.seeds_per_trial={seeds}: give 1 (one run a trial) or more (the "
             "trial's value is the mean over trainer.seed, trainer.seed + 1, ...)."
         )
-    if seeds > 1 and "trainer.seed" in space.params:
-        raise FerSweepError(
-            f"hydra.sweeper.seeds_per_trial={seeds} sets each trial's seeds itself: take "
-            "trainer.seed out of the search space (or search it with seeds_per_trial=1)."
-        )
-    if seeds > 1:  # the last seed a trial trains must be a seed too
-        try:
+    if seeds > 1:
+        if "trainer.seed" in space.params:
+            raise FerSweepError(
+                f"hydra.sweeper.seeds_per_trial={seeds} sets each trial's seeds itself: take "
+                "trainer.seed out of the search space (or search it with seeds_per_trial=1)."
+            )
+        try:  # the last seed a trial trains must be a seed too
             with_values(base, {"trainer.seed": base.trainer.seed + seeds - 1})
         except FerSweepError as err:
             raise FerSweepError(

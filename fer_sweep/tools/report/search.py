@@ -30,7 +30,7 @@ class Trial:
     number: int
     state: str
     params: dict[str, Any]
-    best_val_acc: float | None  # with several seeds: the mean of the finished seeds' best
+    best_val_acc: float | None  # with several seeds: the mean of its runs' best (so far)
     epochs: int | None  # all its runs together
     curve: dict[int, float]  # epoch -> validation accuracy (the first seed's run)
     run_id: str  # the first seed's run
