@@ -73,6 +73,8 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
         "trainer.seed=3",
         "trainer.device=cpu",  # exact resume is a CPU guarantee (cuDNN picks kernels freely)
         "trainer.checkpoint_every_s=0",  # a checkpoint every epoch: the third interrupts
+        "scheduler.patience=0",  # the learning rate falls at the first epoch without a better
+        "optimizer.lr=0.2",  # loss, which a high rate reaches after the interruption (epoch 6)
         "trainer.progress=false",
         "mlflow.log_model=false",
         "mlflow.figures=false",
@@ -112,8 +114,13 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     runs = _runs(uri, "fer_sweep")
     assert [r.info.run_id for r in runs] == [run_id]  # the same run continued
     assert runs[0].info.status == "FINISHED"
-    for key in ("train_loss", "val_loss", "val_acc"):
+    for key in ("train_loss", "val_loss", "val_acc", "lr"):
         assert _history(uri, run_id, key) == _history(ref_uri, ref_run.info.run_id, key), key
+    # ReduceLROnPlateau's state came back with the checkpoint: its rate fell after the
+    # interruption at the epoch it falls without one
+    lrs = _history(ref_uri, ref_run.info.run_id, "lr")
+    assert lrs[0] == 0.2 and min(lrs) < 0.2 and lrs.index(min(lrs)) >= 3, lrs
+    assert runs[0].data.tags["fer_sweep.resumes"] == "1"
     for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch"):
         assert runs[0].data.metrics[key] == ref_run.data.metrics[key], key
     assert not (tmp_path / "checkpoints" / f"{run_id}.pt").exists()

@@ -101,3 +101,8 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     assert now[cut].info.status == "FINISHED"
     history = client.get_metric_history(cut, "val_acc")
     assert sorted(m.step for m in history) == list(range(6))
+    # the run says it was resumed once, and from which epoch (the first one it trained again)
+    assert now[cut].data.tags["fer_sweep.resumes"] == "1"
+    (mark,) = client.get_metric_history(cut, "resumes")
+    assert mark.value == 1 and 1 <= mark.step < 6
+    assert all("fer_sweep.resumes" not in now[k].data.tags for k in finished)

@@ -41,6 +41,7 @@ from fer_sweep.sweep import progress, store, tracking
 from fer_sweep.sweep.compose import hydra_job
 
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
+RESUMES = "fer_sweep.resumes"  # how many times a run was continued from its checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,7 @@ def _train_and_log(
 
         def on_resume(state: State) -> None:
             logged.update(_relog_missing_epochs(client, run_id, state))
+            _count_resume(client, run_id, state)
 
         # The test split is sealed while the model is trained and its epoch chosen.
         result = fit(
@@ -509,6 +511,15 @@ def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> se
     return {e for e in logged if e > state.epoch}
 
 
+def _count_resume(client: MlflowClient, run_id: str, state: State) -> None:
+    """Evidence that a run survived its interruptions: tag fer_sweep.resumes counts them, and
+    metric ``resumes`` (the count so far) is logged at the first epoch each resume trains."""
+    count = int(client.get_run(run_id).data.tags.get(RESUMES, "0")) + 1
+    tracking.set_tags(client, run_id, {RESUMES: str(count)})
+    tracking.log_metrics(client, run_id, {"resumes": count}, step=state.epoch + 1)
+    log.info("run %s resumed (%d so far) after epoch %d", run_id, count, state.epoch + 1)
+
+
 def test_metrics(
     conf: Config, data: Dataset, result: Result
 ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -599,6 +610,7 @@ def log_results(
             test_probs=best["probs"].numpy(),
             test_y=data.test.y.numpy(),
             classes=np.array(CLASSES),
+            test_ids=np.array(data.test.ids or (), dtype=str),  # each image's file (bundles)
         )
         if conf.mlflow.figures:
             title = f"{conf.model.name} / {conf.transforms.name}"
