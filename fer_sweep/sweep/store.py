@@ -8,7 +8,10 @@ also the one place that touches MLflow's process-wide state (``use_store``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -64,16 +67,132 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     )
 
 
-def connect(uri: str) -> MlflowClient:
-    """A client for ``uri`` to log to, after a fast reachability check; a sqlite file's folder
-    is created (the store itself is created by MLflow on first use)."""
+# Database schemes MLflow's SQLAlchemy store takes, with the driver module SQLAlchemy 2 loads
+# for each and the package that provides it.
+_DRIVERS = {
+    "postgresql": ("psycopg", "psycopg[binary]"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "mysql": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "pymysql"),
+    "mssql": ("pyodbc", "pyodbc"),
+    "mssql+pyodbc": ("pyodbc", "pyodbc"),
+}
+_OTHER_SCHEMES = ("sqlite", "file", "http", "https", "databricks")
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def redact(uri: str) -> str:
+    """``uri`` with any password replaced by ***, for messages and logs."""
+    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", uri)
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
+def check_uri(uri: str, create: bool) -> None:
+    """Every mistake in a store URI that can be seen without MLflow, named in one line: an
+    unknown scheme, a database driver that is not installed, a sqlite file that is not a
+    database or cannot be created (``create``: a new store may be made here), a database or
+    server that does not answer. MLflow itself would print a traceback, or retry for minutes."""
+    scheme = _scheme(uri)
+    if scheme and scheme not in _DRIVERS and not scheme.startswith(_OTHER_SCHEMES):
+        raise FerSweepError(
+            f"{redact(uri)} is not an MLflow store URI this fer_sweep knows (scheme "
+            f"{scheme!r}). Use sqlite:///path/to/mlflow.db, http(s)://host:port of a tracking "
+            "server, postgresql://user@host/db, or a folder."
+        )
+    if scheme in _DRIVERS:
+        _check_database(uri, *_DRIVERS[scheme])
+        return
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(uri, create)
     check_reachable(uri)
+
+
+def _check_sqlite(uri: str, create: bool) -> None:
+    path = local_path(uri)
+    assert path is not None
+    if path.is_file():
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+        if head and head != _SQLITE_MAGIC:
+            raise FerSweepError(
+                f"{path} is not an SQLite database ({uri}). Point the store at the mlflow.db "
+                "your runs were logged to, or at a new file name."
+            )
+        return
+    if path.exists():
+        raise FerSweepError(f"{path} is not a file ({uri}); name an mlflow.db file.")
+    if create:  # tried, not predicted: permissions say little to root or on a read-only mount
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+        except OSError as err:
+            raise FerSweepError(
+                f"cannot create the store {path} ({uri}): {err.strerror or err} in "
+                f"{path.parent}. Choose a folder you can write to."
+            ) from None
+
+
+def _check_database(uri: str, module: str, package: str) -> None:
+    """The driver is installed and the database answers within seconds."""
+    if importlib.util.find_spec(module) is None:
+        raise FerSweepError(
+            f"the store {redact(uri)} needs the {package!r} package, which is not installed: "
+            f"pip install '{package}' (or the project's extra: pip install -e '.[team]')."
+        )
+    import sqlalchemy
+
+    connect_args = {"connect_timeout": 5} if uri.startswith("postgresql") else {}
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=_null_pool())
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:  # the driver's own errors: refused, auth, unknown database
+        first = str(getattr(err, "orig", err)).strip().splitlines()
+        raise FerSweepError(
+            f"cannot open the database store {redact(uri)}: {first[0] if first else err}. "
+            "Check that it runs and the URL's host, port, user, password and database."
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _null_pool() -> Any:
+    from sqlalchemy.pool import NullPool
+
+    return NullPool
+
+
+def _opened(uri: str) -> MlflowClient:
+    """A client whose store has answered one query: any error MLflow raises while opening it
+    (a store it cannot open, a schema it cannot read) becomes one line naming the URI."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    except FerSweepError:
+        raise
+    except Exception as err:
+        first = str(err).strip().splitlines()
+        raise FerSweepError(
+            f"cannot open the MLflow store {redact(uri)}: {first[0] if first else type(err)}"
+        ) from None
+    return client
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for ``uri`` to log to, after the URI's checks (check_uri); a sqlite file's
+    folder is created (the store itself is created by MLflow on first use)."""
+    check_uri(uri, create=True)
     path = local_path(uri)
     if path is not None and uri.startswith("sqlite:///"):
         path.parent.mkdir(parents=True, exist_ok=True)
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    return _opened(uri)
 
 
 def open_existing(uri: str) -> MlflowClient:
@@ -87,10 +206,8 @@ def open_existing(uri: str) -> MlflowClient:
             "$MLFLOW_TRACKING_URI), e.g. --tracking-uri "
             "sqlite:///path/to/mlflow.db, or run from that folder."
         )
-    check_reachable(uri)
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    check_uri(uri, create=False)
+    return _opened(uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:

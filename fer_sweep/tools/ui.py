@@ -71,16 +71,15 @@ def check_store(uri: str) -> str | None:
             "--tracking-uri takes the server's backend store, e.g. "
             "sqlite:///mlflow.db or postgresql://user@host/db."
         )
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = store.local_path(uri)
-    if not path.parent.is_dir():
+    path = store.local_path(uri) if uri.startswith("sqlite:///") else None
+    if path is not None and not path.parent.is_dir():
         raise FerSweepError(
             f"--tracking-uri={uri}: folder {path.parent} does not exist. "
             "Point it at the sweeps' store (mlflow.tracking_uri), e.g. "
             "sqlite:///mlflow.db from the folder the sweeps ran in."
         )
-    if not path.exists():
+    store.check_uri(uri, create=True)  # a scheme, driver, file or database that cannot work
+    if path is not None and not path.exists():
         return (
             f"fer_sweep: note: {path.resolve()} does not exist yet; the UI starts on an "
             "empty store (run a sweep from this folder, or pass --tracking-uri)."
