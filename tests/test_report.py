@@ -268,7 +268,28 @@ def test_ensemble_refuses_runs_scored_on_different_test_sets(
         cwd=cwd,
         module="fer_sweep.ensemble",
     )
-    assert proc.returncode == 2 and "test metric" in proc.stderr
+    assert proc.returncode == 2 and "computed on the test set" in proc.stderr
+
+
+@pytest.mark.slow
+def test_ensemble_ranks_only_by_validation_metrics(
+    sweep: tuple[MlflowClient, str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every metric a job logs that is not measured on the validation split (test_acc,
+    macro_f1, test_acc_<class>, n_params, ...) is refused by --by, before anything is read."""
+    from fer_sweep.tools.ensemble import RANKABLE, main
+
+    client, uri, _ = sweep
+    logged = set().union(*(r.data.metrics for r in _runs(client, "job")))
+    assert {"test_acc", "macro_f1", "best_val_acc"} <= logged
+    assert all(k.startswith(("val_", "best_val_")) for k in RANKABLE)
+    for key in sorted(logged - set(RANKABLE)):
+        code = main(["--tracking-uri", uri, "--experiment", EXP, "--by", key, "--latest"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--by {key}:" in err and "best_val_acc" in err, (key, err)
+    assert not _runs(client, "ensemble") or all(
+        r.data.params["ensemble.by"] in RANKABLE for r in _runs(client, "ensemble")
+    )
 
 
 @pytest.fixture(scope="module")

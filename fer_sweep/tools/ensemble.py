@@ -31,6 +31,10 @@ from fer_sweep.tools.report.study import STUDY_ENSEMBLE_ACC
 from fer_sweep.tools.report.tables import markdown_table
 
 PREDICTIONS = "predictions.npz"
+# The only metrics members may be ranked by: each is measured on the validation split (the
+# last epoch's, the best epoch's, with TTA, of the un-averaged weights), higher is better.
+# Every other logged metric (test_*, macro_f1, n_params, ...) is refused by name.
+RANKABLE = ("best_val_acc", "val_acc", "val_acc_tta", "val_acc_raw")
 EPS = 1e-12
 
 
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         default="best_val_acc",
         metavar="METRIC",
-        help="validation metric to rank runs by, higher is better (default: %(default)s)",
+        help=f"validation accuracy to rank runs by: {', '.join(RANKABLE)} (default: %(default)s)",
     )
     return p
 
@@ -292,11 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ensemble(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise FerSweepError(f"--top-k {args.top_k}: need at least one member (e.g. 3).")
-    if args.by.startswith("test"):
+    if args.by not in RANKABLE:
+        why = (
+            "it is computed on the test set, and choosing members by it would make the "
+            "ensemble's test accuracy meaningless"
+            if args.by not in ("val_loss", "val_loss_raw")
+            else "a loss is lower-is-better"
+        )
         raise FerSweepError(
-            f"--by {args.by}: ranking members by a test metric would "
-            "choose them on the test set; use a validation metric such as "
-            "best_val_acc."
+            f"--by {args.by}: members are ranked only by a validation accuracy ({why}); "
+            f"use one of {', '.join(RANKABLE)}."
         )
     client = store.open_existing(args.tracking_uri)
     store.use_store(args.tracking_uri)
