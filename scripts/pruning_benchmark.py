@@ -93,6 +93,19 @@ def summary(client: MlflowClient, name: str, epochs_cap: int) -> dict:
     }
 
 
+def percent(value: float | None) -> str:
+    """A fraction as a percentage; "—" where there is none (a pruned best trial has no test
+    accuracy: the test split is never read for it)."""
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def table_row(kind: str, pruner: str, s: dict) -> str:
+    return (
+        f"| {kind} ({pruner}) | {s['trials']} {s['states']} | {s['epochs_trained']} "
+        f"| {percent(s['best_val_acc'])} | {percent(s['best_test_acc'])} |"
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/pruning"))
@@ -130,12 +143,7 @@ def main() -> int:
         "| search | trials (states) | epochs trained | best val acc | best trial's test acc |",
         "|---|---|---:|---:|---:|",
     ]
-    for kind in names:
-        s = result[kind]
-        rows.append(
-            f"| {kind} ({names[kind]}) | {s['trials']} {s['states']} | {s['epochs_trained']} "
-            f"| {100 * s['best_val_acc']:.2f} % | {100 * (s['best_test_acc'] or 0):.2f} % |"
-        )
+    rows += [table_row(kind, names[kind], result[kind]) for kind in names]
     rows.append("")
     rows.append(
         f"pruned / unpruned epochs: {result['epochs_ratio']:.3f}; best validation accuracy, "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,16 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
         # a loaded CI machine may be slower than the 8 minutes a GPU gets
         "GPU_CHECK_BUDGET_S": "900",
         "TMPDIR": str(tmp_path),
+        "PY": sys.executable,  # this interpreter, not whichever `python` the PATH finds first
     }
+    # A `python` first on the PATH that is not this one (a fresh venv, not activated): the
+    # check must not start it.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    for name in ("python", "python3"):
+        (shim / name).write_text("#!/bin/sh\necho 'not the interpreter under test' >&2\nexit 3\n")
+        (shim / name).chmod(0o755)
+    env["PATH"] = f"{shim}:{env.get('PATH', '')}"
     if real_data():
         env.pop("GPU_CHECK_OVERRIDES", None)
     else:

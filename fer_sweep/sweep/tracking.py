@@ -223,13 +223,6 @@ def close_parent(uri: str, run_id: str, status: str, error: str | None = None) -
     _open_parents.pop(run_id, None)
 
 
-def end_parent(sweep_dir: str | os.PathLike[str], status: str) -> None:
-    """Terminate the sweep's parent run (an interrupted sweep never reaches on_multirun_end)."""
-    info = parent_info(sweep_dir)
-    if info is not None:
-        close_parent(info["tracking_uri"], info["parent_run_id"], status)
-
-
 def interrupted_sweep(sweep_dir: str | os.PathLike[str], signum: int = 0) -> None:
     """Mark the sweep's parent KILLED and say how to finish the sweep. Called in a worker
     process (joblib, submitit) that got the signal, it passes the signal on to the process that
