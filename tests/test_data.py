@@ -135,6 +135,20 @@ def test_folder_and_both_csv_variants_load_identically(tiny: Path, tmp_path: Pat
         assert train.class_counts() == [6] * 7 and test.class_counts() == [4] * 7
     # The "Happy" folder is the CSV's emotion 3.
     assert loads["folder"][0].y[3 * 6].item() == CLASSES.index("happy") == 3
+    # Each test image names its file (relative to the root) or its CSV line, in load order.
+    _, test, _ = loads["folder"]
+    for rel, x, y in zip(test.ids, test.x, test.y, strict=True):
+        folder, name = rel.split("/")[1:]
+        assert rel.startswith("test/") and folder.lower() == CLASSES[int(y)]
+        assert np.array_equal(x.numpy(), np.asarray(Image.open(tiny / rel).convert("L")))
+    csv_ids = loads["csv"][1].ids
+    assert len(csv_ids) == len(test) and csv_ids[0].startswith("fer2013.csv:")
+    lines = (tmp_path / "csv" / "fer2013.csv").read_text().splitlines()
+    for ident, y in zip(csv_ids, loads["csv"][1].y, strict=True):
+        assert lines[int(ident.split(":")[1]) - 1].split(",")[0] == str(int(y))
+    # ... and keeps naming them through a subset (limit_per_class)
+    sub = test.subset(torch.tensor([5, 2]))
+    assert sub.ids == (test.ids[5], test.ids[2])
 
 
 def test_test_usage_comes_from_file_names(tmp_path: Path):

@@ -36,6 +36,9 @@ class Split:
     x: torch.Tensor  # uint8 (N, 48, 48)
     y: torch.Tensor  # int64 (N,)
     usage: torch.Tensor | None = None  # int8 (N,): 0 PublicTest, 1 PrivateTest, -1 unknown
+    # where each image came from (test split only): its path relative to the data root
+    # ("test/happy/PrivateTest_1.jpg") or "<csv name>:<line>"; what results bundles cite
+    ids: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -52,8 +55,9 @@ class Split:
         # numpy's gather is several times faster than torch's for this uint8 copy
         i = idx.to(torch.int64).cpu().numpy()
         usage = None if self.usage is None else torch.from_numpy(self.usage.numpy()[i])
+        ids = None if self.ids is None else tuple(self.ids[k] for k in i.tolist())
         return Split(
-            torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]), usage
+            torch.from_numpy(self.x.numpy()[i]), torch.from_numpy(self.y.numpy()[i]), usage, ids
         )
 
 

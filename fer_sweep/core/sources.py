@@ -39,7 +39,7 @@ from fer_sweep.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the test split keeps its images' names (meta test_ids)
 CSV_NAMES = ("fer2013.csv", "icml_face_data.csv")
 _USAGE_CODES = {"Training": None, "PublicTest": 0, "PrivateTest": 1}
 _NPIX = IMAGE_SIZE * IMAGE_SIZE
@@ -146,6 +146,9 @@ def _read_cache(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict] | 
                 raise ValueError(f"{s} arrays have inconsistent shapes")
         if arrays["test_usage"].shape[0] != arrays["test_y"].shape[0]:
             raise ValueError("test usage has the wrong length")
+        ids = meta.get("test_ids")
+        if not isinstance(ids, list) or len(ids) != arrays["test_y"].shape[0]:
+            raise ValueError("test image names are missing or have the wrong length")
         if _checksum(arrays, meta) != obj["crc"]:
             raise ValueError("checksum mismatch")
     except Exception as e:  # any damage at all means: do not trust it, rebuild
@@ -359,6 +362,7 @@ def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.T
     arrays: dict[str, torch.Tensor] = {}
     converted: list[str] = []
     skipped: list[str] = []
+    test_ids: list[str] = []
     for split, folders in listing.files.items():
         paths = [os.path.join(folder, n) for _, folder, names in folders for n in names]
         x, conv, bad = _decode_all(paths, decode_workers(len(paths)))
@@ -372,15 +376,17 @@ def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.T
         skipped.extend(paths[i] for i, _ in bad)
         y = np.concatenate([np.full(len(names), c, dtype=np.int64) for c, _, names in folders])
         arrays[f"{split}_x"], arrays[f"{split}_y"] = torch.from_numpy(x), torch.from_numpy(y)
+        keep = np.ones(len(paths), dtype=bool)
+        keep[[i for i, _ in bad]] = False
         if split == "test":
             arrays["test_usage"] = torch.from_numpy(
                 np.array(
                     [_usage_from_name(n) for _, _, names in folders for n in names], dtype=np.int8
                 )
             )
+            rel = [f"test/{os.path.basename(d)}/{n}" for _, d, names in folders for n in names]
+            test_ids = [r for r, k in zip(rel, keep, strict=True) if k]
         if bad:  # drop skipped images (copying only when there are any)
-            keep = np.ones(len(paths), dtype=bool)
-            keep[[i for i, _ in bad]] = False
             for name in [k for k in arrays if k.startswith(f"{split}_")]:
                 arrays[name] = arrays[name][torch.from_numpy(keep)]
     if converted:
@@ -395,7 +401,7 @@ def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.T
             f"e.g. {skipped[0]}.",
             stacklevel=3,
         )
-    return arrays, {"converted": len(converted), "skipped": len(skipped)}
+    return arrays, {"converted": len(converted), "skipped": len(skipped), "test_ids": test_ids}
 
 
 def _usage_from_name(name: str) -> int:
@@ -471,6 +477,7 @@ def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     Kept whole: header lookup, chunked parse and the error for a bad row share their state."""
     labels: dict[str, list[int]] = {"train": [], "test": []}
     usages: list[int] = []
+    test_ids: list[str] = []  # "<file name>:<line>" of each test row
     chunks: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     pending: dict[str, list[tuple[int, bytes]]] = {"train": [], "test": []}
     usage_codes = {k.encode(): v for k, v in _USAGE_CODES.items()}
@@ -512,6 +519,8 @@ def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             labels[split].append(int(label))
             if usage is not None:
                 usages.append(usage)
+            if usage is not None:
+                test_ids.append(f"{path.name}:{lineno}")
             pending[split].append((lineno, fields[pi]))
             if len(pending[split]) >= _CSV_CHUNK_ROWS:
                 chunks[split].append(_parse_pixel_chunk(path, pending[split]))
@@ -528,7 +537,7 @@ def _load_csv(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         arrays[f"{split}_x"] = torch.from_numpy(x)
         arrays[f"{split}_y"] = torch.tensor(labels[split], dtype=torch.int64)
     arrays["test_usage"] = torch.tensor(usages, dtype=torch.int8)
-    return arrays, {"converted": 0, "skipped": 0}
+    return arrays, {"converted": 0, "skipped": 0, "test_ids": test_ids}
 
 
 # ----------------------------------------------------------------------------- public loaders
@@ -580,7 +589,7 @@ def load_source(
             arrays, meta = _load_csv(source)
         written = _write_cache(path, key, arrays, meta)
     train = Split(arrays["train_x"], arrays["train_y"])
-    test = Split(arrays["test_x"], arrays["test_y"], arrays["test_usage"])
+    test = Split(arrays["test_x"], arrays["test_y"], arrays["test_usage"], tuple(meta["test_ids"]))
     info = {
         "source": fmt,
         "root": str(root),

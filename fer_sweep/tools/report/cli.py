@@ -17,7 +17,7 @@ from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
-from fer_sweep.tools.report import search
+from fer_sweep.tools.report import export, search
 from fer_sweep.tools.report.runs import (
     Group,
     build_groups,
@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "model (default: pairs that differ in exactly one setting)",
     )
     p.add_argument(
+        "--export",
+        metavar="DIR",
+        type=Path,
+        help="instead of the tables: write each finished run of the sweep(s) as a folder "
+        "under DIR that can be checked without the store (config.yaml, history.csv, "
+        "metrics.json, predictions.csv: every test image's path, true and predicted class)",
+    )
+    p.add_argument(
         "--no-log",
         action="store_true",
         help="only write the files; do not log them on the parent run",
@@ -185,6 +193,11 @@ def _report(args: argparse.Namespace) -> int:
     exp_id = store.require_experiment(client, args.experiment)
     parents = [find_parent(client, exp_id, p) for p in args.parent or [None]]
     parent = parents[0]
+    if args.export is not None:
+        runs = [r for p in parents for r in children(client, exp_id, p.info.run_id)]
+        for folder in export.export(client, runs, args.export):
+            print(folder)
+        return 0
     out = args.out or Path("reports") / parent.info.run_id
     groups = write_report(
         client,
