@@ -106,3 +106,15 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     (mark,) = client.get_metric_history(cut, "resumes")
     assert mark.value == 1 and 1 <= mark.step < 6
     assert all("fer_sweep.resumes" not in now[k].data.tags for k in finished)
+    # ... and its exported bundle shows it: epochs 1..6 once each, the resume marked
+    from fer_sweep.tools.report.export import bundle_name, write_bundle
+
+    info = write_bundle(client, now[cut], tmp_path / "bundle" / bundle_name(now[cut]))
+    assert info["epochs_logged"]["exactly_once"] and info["epochs_logged"]["epochs"] == 6
+    assert info["resumes"] == 1
+    assert info["test_acc_recomputed"] == pytest.approx(
+        now[cut].data.metrics["test_acc"], abs=1e-12
+    )
+    lines = (tmp_path / "bundle" / bundle_name(now[cut]) / "history.csv").read_text().splitlines()
+    resumes = [int(line.rsplit(",", 1)[1]) for line in lines[1:]]
+    assert resumes == [0] * mark.step + [1] * (6 - mark.step)
