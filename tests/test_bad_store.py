@@ -2,8 +2,9 @@
 traceback, no minutes of MLflow's retries, and nothing created (no run, no parent, no store).
 
 Each CLI (training, a grid sweep, a search, report, ensemble, predict, ui) meets each bad URI:
-an unknown scheme, a database whose driver or server is missing, a file that is not a
-database, a store in a folder that cannot be written, a tracking server that does not answer.
+an unknown scheme, a database whose driver or server is missing, a password inside the URL,
+a file that is not a database, a store in a folder that cannot be written, a tracking server
+that does not answer.
 """
 
 from __future__ import annotations
@@ -51,18 +52,20 @@ def _bad_uri(kind: str, tmp: Path) -> str:
     if kind == "scheme":
         return "bogus://x"
     if kind == "postgresql":  # no driver here, or (with the team extra) nothing listening
-        return "postgresql://u:secret-pw@127.0.0.1:1/db"
+        return "postgresql://u@127.0.0.1:1/db"
     if kind == "not_sqlite":
         (tmp / "f.db").write_text("these are not the runs you are looking for\n")
         return f"sqlite:///{tmp / 'f.db'}"
     if kind == "unwritable":  # /proc takes no new folder, even from root
         return "sqlite:////proc/fer_sweep_nowhere/mlflow.db"
+    if kind == "password":  # would be saved with every run: refused, whatever the rest
+        return "postgresql://u:secret-pw@127.0.0.1:1/db"
     if kind == "no_server":
         return f"http://127.0.0.1:{_free_port()}"
     raise AssertionError(kind)
 
 
-BAD = ("scheme", "postgresql", "not_sqlite", "unwritable", "no_server")
+BAD = ("scheme", "postgresql", "password", "not_sqlite", "unwritable", "no_server")
 
 
 @pytest.mark.parametrize("bad", BAD)

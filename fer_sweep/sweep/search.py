@@ -256,6 +256,11 @@ def open_storage(url: str) -> Any:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
+    from fer_sweep.sweep import store
+
+    store.refuse_password(url, "hydra.sweeper.storage=")
+    if store.database_driver(url) is not None:  # the driver, and the server answering
+        store.check_database(url, what="the study storage hydra.sweeper.storage=")
     try:
         if "://" not in url or url.startswith("journal://"):
             path = Path(url.removeprefix("journal://")).expanduser()
@@ -265,7 +270,8 @@ def open_storage(url: str) -> Any:
         return optuna.storages.RDBStorage(url)
     except Exception as err:
         raise FerSweepError(
-            f"hydra.sweeper.storage={url!r} cannot be opened ({str(err).splitlines()[0]}): "
+            f"hydra.sweeper.storage={store.redact(url)!r} cannot be opened "
+            f"({str(err).splitlines()[0]}): "
             "give a writable journal file path (the default is <sweep dir>/optuna.journal) "
             "or a database URL Optuna can reach."
         ) from None

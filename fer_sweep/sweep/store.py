@@ -87,6 +87,18 @@ def redact(uri: str) -> str:
     return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", uri)
 
 
+def refuse_password(url: str, what: str) -> None:
+    """A password inside a URL would be saved with the sweep (params, tags, Hydra's config in
+    the sweep folder, logs): refuse it, pointing at the variables that keep it out."""
+    if redact(url) != url:
+        raise FerSweepError(
+            f"{what} {redact(url)} carries a password: it would be saved with every run and in "
+            "the sweep folder. Remove it from the URL and set it in the environment instead: "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for a tracking server, "
+            "PGPASSWORD (or ~/.pgpass) for PostgreSQL."
+        )
+
+
 def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 
@@ -97,6 +109,7 @@ def check_uri(uri: str, create: bool) -> None:
     database or cannot be created (``create``: a new store may be made here), a database or
     server that does not answer. MLflow itself would print a traceback, or retry for minutes."""
     scheme = _scheme(uri)
+    refuse_password(uri, "the store URI")
     if scheme and scheme not in _DRIVERS and not scheme.startswith(_OTHER_SCHEMES):
         raise FerSweepError(
             f"{redact(uri)} is not an MLflow store URI this fer_sweep knows (scheme "
@@ -104,7 +117,7 @@ def check_uri(uri: str, create: bool) -> None:
             "server, postgresql://user@host/db, or a folder."
         )
     if scheme in _DRIVERS:
-        _check_database(uri, *_DRIVERS[scheme])
+        check_database(uri)
         return
     if uri.startswith("sqlite:///"):
         _check_sqlite(uri, create)
@@ -137,11 +150,19 @@ def _check_sqlite(uri: str, create: bool) -> None:
             ) from None
 
 
-def _check_database(uri: str, module: str, package: str) -> None:
+def database_driver(url: str) -> tuple[str, str] | None:
+    """(driver module, package) of a database URL SQLAlchemy would open; None otherwise."""
+    return _DRIVERS.get(_scheme(url))
+
+
+def check_database(uri: str, what: str = "the store") -> None:
     """The driver is installed and the database answers within seconds."""
+    driver = database_driver(uri)
+    assert driver is not None, uri
+    module, package = driver
     if importlib.util.find_spec(module) is None:
         raise FerSweepError(
-            f"the store {redact(uri)} needs the {package!r} package, which is not installed: "
+            f"{what} {redact(uri)} needs the {package!r} package, which is not installed: "
             f"pip install '{package}' (or the project's extra: pip install -e '.[team]')."
         )
     import sqlalchemy
@@ -154,8 +175,9 @@ def _check_database(uri: str, module: str, package: str) -> None:
     except Exception as err:  # the driver's own errors: refused, auth, unknown database
         first = str(getattr(err, "orig", err)).strip().splitlines()
         raise FerSweepError(
-            f"cannot open the database store {redact(uri)}: {first[0] if first else err}. "
-            "Check that it runs and the URL's host, port, user, password and database."
+            f"cannot open {what} {redact(uri)}: {first[0] if first else err}. Check that the "
+            "database runs, the URL's host, port, user and database, and the password "
+            "(PGPASSWORD or ~/.pgpass for PostgreSQL)."
         ) from None
     finally:
         engine.dispose()
@@ -165,6 +187,27 @@ def _null_pool() -> Any:
     from sqlalchemy.pool import NullPool
 
     return NullPool
+
+
+def access_error(err: BaseException, uri: str, doing: str = "open") -> FerSweepError | None:
+    """A tracking server's "who are you" (401) or "not you" (403) as one line naming the user
+    and the fix; None for any other error. MLflow raises both with the HTTP code in the text."""
+    text = str(err)
+    code = getattr(err, "error_code", "")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME unset)"
+    if "error code 401" in text or code == "UNAUTHENTICATED":
+        return FerSweepError(
+            f"the tracking server {redact(uri)} refused the login of user {user} (401). Set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to "
+            "an account of that server."
+        )
+    if "error code 403" in text or code == "PERMISSION_DENIED":
+        return FerSweepError(
+            f"user {user} may not {doing} on the tracking server {redact(uri)} (403): ask the "
+            "experiment's owner or an admin for EDIT permission, or log to another experiment "
+            "(mlflow.experiment=...)."
+        )
+    return None
 
 
 def _opened(uri: str) -> MlflowClient:
@@ -179,7 +222,7 @@ def _opened(uri: str) -> MlflowClient:
         raise
     except Exception as err:
         first = str(err).strip().splitlines()
-        raise FerSweepError(
+        raise access_error(err, uri) or FerSweepError(
             f"cannot open the MLflow store {redact(uri)}: {first[0] if first else type(err)}"
         ) from None
     return client
@@ -213,7 +256,10 @@ def open_existing(uri: str) -> MlflowClient:
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, created (or restored) when missing, tolerating a
     concurrent creator."""
-    exp = client.get_experiment_by_name(name)
+    try:
+        exp = client.get_experiment_by_name(name)
+    except Exception as err:  # a team server's user without READ on it
+        raise access_error(err, client.tracking_uri, f"read experiment {name!r}") or err from None
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)

@@ -137,7 +137,16 @@ def create_run(
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = tags["git_commit"] = commit
-    return retry(client.create_run, exp_id, run_name=name, tags=tags).info.run_id
+    return writable(client, retry, client.create_run, exp_id, run_name=name, tags=tags).info.run_id
+
+
+def writable(client: MlflowClient, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, the first write to a store: a login refused or a read-only
+    permission (a team server's 401/403) becomes one line naming the user, before any run."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as err:
+        raise store.access_error(err, client.tracking_uri, "create runs here") or err from None
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
@@ -365,7 +374,17 @@ class MultirunParentCallback(Callback):
             set_tags(client, run.info.run_id, {f"{TAG_PREFIX}resumed_in": str(sweep_dir)})
             log.info("sweep.resume: continuing the sweep of parent run %s", run.info.run_id)
         else:
-            run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.name}-{name}", tags=tags)
+            try:
+                run = writable(
+                    client,
+                    client.create_run,
+                    exp_id,
+                    run_name=f"sweep-{sweep_dir.name}-{name}",
+                    tags=tags,
+                )
+            except FerSweepError as err:
+                print(f"fer_sweep: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
         if not _open_parents:
             atexit.register(_fail_unclosed_parents)
         _open_parents[run.info.run_id] = conf.mlflow.tracking_uri
