@@ -122,6 +122,10 @@ class TeamServer:
     passwords: dict[str, str]
     root: Path
     proc: subprocess.Popen[bytes] | None = None
+    backend: str | None = None  # the runs' store (default: the "mlflow" database)
+    auth: bool = True  # MLflow's basic-auth app (False: an open server, for comparison)
+    auth_cache_s: int = 60  # how long a worker trusts a checked login (0: re-hash each time)
+    auth_db: str = "auth"  # the users and permissions' database
 
     def env(self, user: str, password: str | None = None) -> dict[str, str]:
         """A user's environment: MLflow's login variables and PostgreSQL's password (for an
@@ -135,8 +139,9 @@ class TeamServer:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-            "--backend-store-uri", self.pg.url("mlflow"),
+            sys.executable, "-m", "mlflow", "server",
+            *(["--app-name", "basic-auth"] if self.auth else []),
+            "--backend-store-uri", self.backend or self.pg.url("mlflow"),
             "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts",
             "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1], "--workers", "2",
         ]  # fmt: skip
@@ -146,13 +151,13 @@ class TeamServer:
         ini.write_text(
             "[mlflow]\n"
             "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = {self.pg.url('auth')}\n"
+            f"database_uri = {self.pg.url(self.auth_db)}\n"
             f"admin_username = {ADMIN}\n"
             f"admin_password = {self.passwords[ADMIN]}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             # a checked login is trusted for 60 s per worker instead of re-hashing the password
             # (~0.1 s of CPU, scrypt) on every request (docs/reliability.md, performance.md)
-            "auth_cache_ttl_seconds = 60\n"
+            f"auth_cache_ttl_seconds = {self.auth_cache_s}\n"
         )
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
@@ -227,3 +232,41 @@ def team_server(tmp: Path) -> Iterator[TeamServer]:
             yield server
         finally:
             server.stop()
+
+
+LOAD = """
+import sys, time
+from mlflow.tracking import MlflowClient
+from fer_sweep.sweep import tracking
+client = MlflowClient(sys.argv[1])
+run = tracking.create_run(client, sys.argv[2], f"load-{sys.argv[3]}", {"fer_sweep.role": "load"})
+t0 = time.perf_counter()
+for epoch in range(100):
+    tracking.log_metrics(client, run, {"train_loss": 1 / (epoch + 1), "train_acc": epoch / 100,
+        "val_loss": 2 / (epoch + 1), "val_acc": epoch / 200, "lr": 0.01, "epoch_seconds": 1.0},
+        step=epoch)
+tracking.retry(client.set_terminated, run)
+print(run, time.perf_counter() - t0)
+"""
+
+
+def load(url: str, env: dict[str, str], exp_id: str, procs: int = 8) -> list[tuple[str, float]]:
+    """``procs`` processes at once (a SLURM array's shape), each one run of 100 epochs of the
+    six per-epoch metrics through ``url``; (run id, seconds) each."""
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD, url, exp_id, str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(procs)
+    ]
+    results = []
+    for p in started:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        run_id, seconds = out.strip().splitlines()[-1].split()  # MLflow may print above it
+        results.append((run_id, float(seconds)))
+    return results

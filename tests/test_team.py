@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli, start_cli
-from tests.team_server import ALICE, BOB, TeamServer, _env, team_server, unavailable
+from tests.team_server import ALICE, BOB, TeamServer, _env, load, team_server, unavailable
 
 pytestmark = [
     pytest.mark.slow,
@@ -229,44 +228,6 @@ def test_restarts_of_the_server_and_the_database_lose_nothing(
     for run in done:
         for key in ("train_loss", "val_acc", "lr"):
             assert _history(server, run.info.run_id, key) == list(range(12)), key
-
-
-LOAD = """
-import sys, time
-from mlflow.tracking import MlflowClient
-from fer_sweep.sweep import tracking
-client = MlflowClient(sys.argv[1])
-run = tracking.create_run(client, sys.argv[2], f"load-{sys.argv[3]}", {"fer_sweep.role": "load"})
-t0 = time.perf_counter()
-for epoch in range(100):
-    tracking.log_metrics(client, run, {"train_loss": 1 / (epoch + 1), "train_acc": epoch / 100,
-        "val_loss": 2 / (epoch + 1), "val_acc": epoch / 200, "lr": 0.01, "epoch_seconds": 1.0},
-        step=epoch)
-tracking.retry(client.set_terminated, run)
-print(run, time.perf_counter() - t0)
-"""
-
-
-def load(url: str, env: dict[str, str], exp_id: str, procs: int = 8) -> list[tuple[str, float]]:
-    """``procs`` processes at once (a SLURM array's shape), each one run of 100 epochs of the
-    six per-epoch metrics through ``url``; (run id, seconds) each."""
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-c", LOAD, url, exp_id, str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(procs)
-    ]
-    results = []
-    for p in started:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        run_id, seconds = out.strip().splitlines()[-1].split()  # MLflow may print above it
-        results.append((run_id, float(seconds)))
-    return results
 
 
 def test_eight_writers_at_once_lose_no_metric(server: TeamServer) -> None:
