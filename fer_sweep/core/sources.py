@@ -276,11 +276,18 @@ def _decode(data: bytes) -> tuple[np.ndarray, bool]:
         if im.mode == "L" and im.size == (IMAGE_SIZE, IMAGE_SIZE):  # the common case
             return np.frombuffer(im.tobytes(), dtype=np.uint8).reshape(im.size), False
         im.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG: decode straight to gray, reduced
-        if im.mode != "L":
-            im = im.convert("L")
-        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8), True
+        return to_model_input(im), True
+
+
+def to_model_input(im: Image.Image) -> np.ndarray:
+    """Any Pillow image -> the 48x48 uint8 grey array a model sees: 'L' mode, then a bilinear
+    resize. Training's decoder ends here, and so does a face cropped from a photo
+    (fer_sweep.tools.faces), so both reach the model through the same steps."""
+    if im.mode != "L":
+        im = im.convert("L")
+    if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+        im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def decode_image(data: bytes) -> np.ndarray:

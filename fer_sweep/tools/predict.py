@@ -29,14 +29,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES, IMAGE_EXTENSIONS, IMAGE_SIZE
@@ -44,6 +44,7 @@ from fer_sweep.core.device import autocast, pick_device, resolve_precision
 from fer_sweep.core.sources import decode_image
 from fer_sweep.errors import ConfigError, FerSweepError
 from fer_sweep.sweep import store
+from fer_sweep.tools import faces
 from fer_sweep.tools.cli import add_store_args, user_errors
 
 PROG = "python -m fer_sweep.predict"
@@ -80,18 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, or folders searched recursively for image files "
         f"({', '.join(sorted(IMAGE_EXTENSIONS))})",
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--run-id",
-        required=True,
         help="MLflow run id of a training run, or 'best': the FINISHED job run of "
         "--experiment with the highest best_val_acc",
+    )
+    which.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="a model written by python -m fer_sweep.export, run with onnxruntime alone",
     )
     add_store_args(p, "the run is in", "experiment searched by --run-id best")
     p.add_argument(
         "--format",
-        choices=("table", "csv", "json"),
+        choices=("table", "csv", "json", "jsonl"),
         default="table",
-        help="output format (default: %(default)s)",
+        help="output format (default: %(default)s; jsonl: one JSON object per line)",
+    )
+    p.add_argument(
+        "--faces",
+        action="store_true",
+        help="the images are ordinary photos: find every face (OpenCV's Haar cascade), frame "
+        "it as FER2013 does and classify each; one record per face",
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=faces.MARGIN,
+        help="with --faces: added around each face box, as a fraction of its width "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--annotate",
+        metavar="DIR",
+        type=Path,
+        help="with --faces: write each photo with its boxes and labels drawn into DIR",
     )
     p.add_argument(
         "--batch-size",
@@ -383,20 +408,22 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     if not files:
         print("fer_sweep: error: no image files to predict.", file=sys.stderr)
         return 1
-    device = pick_device(args.device)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
-    client = store.open_existing(args.tracking_uri)
-    run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
-    mean, std = normalization(run_)
-    model = load_model(run_, args.tracking_uri, device)
+    if args.annotate is not None and not args.faces:
+        raise FerSweepError("--annotate draws the faces that --faces finds: add --faces.")
+    if not 0 <= args.margin <= 2:
+        raise FerSweepError(f"--margin {args.margin}: a fraction of the face's width, 0..2.")
+    detector = faces.cascade() if args.faces else None  # a missing OpenCV: before the model
+    predict, model_id = _predictor(args)
+    if detector is not None:
+        return photos(args, files, detector, predict, model_id, out)
 
     names, x, bad = read_images(files)
     for name, why in bad:
         print(f"fer_sweep: cannot read {name}: {why}", file=sys.stderr)
-    probs = predict_probs(model, x, mean, std, device, args.batch_size, run_precision(run_, device))
+    probs = predict(x)
     preds = [Prediction(n, [float(v) for v in row]) for n, row in zip(names, probs, strict=True)]
-    if args.format == "json":
-        write_json(preds, out, run_.info.run_id, bad)
+    if args.format in ("json", "jsonl"):
+        write_json(preds, out, model_id, bad)
     elif preds:
         (write_table if args.format == "table" else write_csv)(preds, out)
     if bad:
@@ -408,6 +435,94 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         print("fer_sweep: error: none of the files could be read as an image.", file=sys.stderr)
         return 1
     return 0
+
+
+def _predictor(args: argparse.Namespace) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(uint8 (N,48,48) -> probabilities (N,7), the model's run id): the ONNX file with
+    onnxruntime alone, or the run's logged PyTorch model."""
+    if args.onnx:
+        from fer_sweep.tools.onnx_model import onnx_probs, open_onnx
+
+        session, meta = open_onnx(args.onnx)
+        model_id = meta.get("run_id", str(args.onnx))
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return onnx_probs(session, x, args.batch_size)
+    else:
+        device = pick_device(args.device)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
+        client = store.open_existing(args.tracking_uri)
+        run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
+        mean, std = normalization(run_)
+        model = load_model(run_, args.tracking_uri, device)
+        precision, model_id = run_precision(run_, device), run_.info.run_id
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            return predict_probs(model, x, mean, std, device, args.batch_size, precision)
+
+    return predict, model_id
+
+
+def photos(
+    args: argparse.Namespace,
+    files: Sequence[Path],
+    detector: Any,
+    predict: Callable[[np.ndarray], np.ndarray],
+    model_id: str,
+    out: TextIO,
+) -> int:
+    """--faces: every face of every photo, one record each; a photo that cannot be read or has
+    no face is named on stderr and the others go on. Exit 0 when a face was classified, else 1."""
+    records: list[dict[str, Any]] = []
+    unreadable = no_face = 0
+    for path in files:
+        try:
+            photo, scale = faces.open_photo(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            print(f"fer_sweep: cannot read {path}: {err}", file=sys.stderr)
+            unreadable += 1
+            continue
+        found = faces.find_faces(photo, scale, args.margin, detector)
+        if not found:
+            print(f"fer_sweep: no face found in {path}", file=sys.stderr)
+            no_face += 1
+            continue
+        probs = predict(np.stack([f.pixels for f in found]))
+        labels = [CLASSES[int(np.argmax(p))] for p in probs]
+        for face, p, label in zip(found, probs, labels, strict=True):
+            x, y, w, h = face.box
+            records.append(
+                {"file": str(path), "face": face.index, "x": x, "y": y, "width": w, "height": h}
+                | {"emotion": label}
+                | {c: float(v) for c, v in zip(CLASSES, p, strict=True)}
+            )
+        if args.annotate is not None:
+            args.annotate.mkdir(parents=True, exist_ok=True)
+            drawn = faces.annotate(photo, scale, found, labels)
+            drawn.save(args.annotate / f"{path.stem}.jpg", quality=90)
+    write_records(records, out, args.format)
+    print(
+        f"fer_sweep: {len(records)} face(s) in {len(files) - unreadable - no_face} photo(s) "
+        f"(model {model_id}); {no_face} without a face, {unreadable} unreadable.",
+        file=sys.stderr,
+    )
+    return 0 if records else 1
+
+
+def write_records(records: Sequence[dict[str, Any]], out: TextIO, fmt: str) -> None:
+    """Face records as JSON lines, one JSON list, CSV or a table (probabilities to 4 places)."""
+    if fmt == "jsonl":
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    elif fmt == "json":
+        json.dump(list(records), out, indent=2)
+        out.write("\n")
+    elif records:
+        w = csv.DictWriter(
+            out, fieldnames=list(records[0]), delimiter="," if fmt == "csv" else "\t"
+        )
+        w.writeheader()
+        for r in records:
+            w.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in r.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
