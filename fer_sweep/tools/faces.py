@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -51,7 +51,7 @@ def cascade() -> Any:
     return cv2.CascadeClassifier(str(path))
 
 
-def open_photo(path: Path) -> tuple[Image.Image, float]:
+def open_photo(path: Path | IO[bytes]) -> tuple[Image.Image, float]:
     """(the photo upright, at most DETECT_SIDE a side, as RGB; photo pixels per image pixel).
     Raises OSError/ValueError for what is not a readable image (the caller names the file)."""
     with Image.open(path) as im:

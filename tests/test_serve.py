@@ -1,0 +1,106 @@
+"""A run registered as a photo model (python -m fer_sweep.serve) and served by the real
+`mlflow models serve`: a POST of real photos returns their faces; a request that is not a photo
+or lacks the column gets a 400 with the reason, and the server goes on serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import migrated_store, real_data, run_cli, tiny_run
+from tests.mlflow_server import free_port
+from tests.test_faces import PORTRAIT, two_portraits
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cwd = tmp_path_factory.mktemp("serve")
+    uri = migrated_store(cwd / "m.db")
+    args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
+    proc = run_cli([*args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reg = run_cli(
+        ["--run-id", "best", "--tracking-uri", uri, "--name", "fer-faces"],
+        cwd=cwd,
+        module="fer_sweep.serve",
+    )
+    assert reg.returncode == 0 and "models:/fer-faces/1" in reg.stdout, reg.stderr[-3000:]
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    log = (cwd / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/fer-faces/1",
+         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert server.poll() is None, (cwd / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):  # noqa: S310
+                    break
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_served_model_finds_the_faces_of_posted_photos(served: str, tmp_path: Path) -> None:
+    two = two_portraits(tmp_path / "two.jpg")
+    body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(two)], [_b64(PORTRAIT)]]}}
+    status, out = _post(served, body)
+    assert status == 200, out
+    faces = out["predictions"]
+    assert [(f["row"], f["face"]) for f in faces] == [(0, 0), (0, 1), (1, 0)]
+    for f in faces:
+        assert f["emotion"] in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+        assert 150 < f["width"] < 260 and f["height"] == f["width"]
+    # the same through dataframe_records
+    status, out = _post(served, {"dataframe_records": [{"image": _b64(PORTRAIT)}]})
+    assert status == 200 and len(out["predictions"]) == 1
+
+
+def test_bad_requests_get_400_and_the_server_goes_on(served: str) -> None:
+    status, out = _post(served, {"dataframe_split": {"columns": ["photo"], "data": [["x"]]}})
+    assert status == 400 and "column 'image'" in out["message"], out
+    junk = base64.b64encode(b"this is not a photo").decode()
+    status, out = _post(served, {"dataframe_records": [{"image": junk}]})
+    assert status == 400 and "row 0: not a photo" in out["message"], out
+    status, out = _post(served, {"dataframe_records": [{"image": "%%% not base64"}]})
+    assert status == 400 and "not base64" in out["message"], out
+    status, out = _post(served, {"dataframe_records": [{"image": _b64(PORTRAIT)}]})
+    assert status == 200 and len(out["predictions"]) == 1  # still serving
