@@ -40,9 +40,44 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     cwd = tmp_path_factory.mktemp("faces")
     uri = migrated_store(cwd / "m.db")
     args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
-    proc = run_cli([*args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"], cwd=cwd)
+    proc = run_cli(
+        ["-m", "trainer.seed=0,1", *args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, ["--run-id", "best", "--tracking-uri", uri, "--faces"]
+
+
+def test_an_ensemble_classifies_with_its_members_mean(
+    trained: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    cwd, common = trained
+    uri = common[common.index("--tracking-uri") + 1]
+    made = run_cli(
+        ["--tracking-uri", uri, "--latest", "--top-k", "2"], cwd=cwd, module="fer_sweep.ensemble"
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    (ens,) = [
+        r
+        for r in MlflowClient(uri).search_runs(["1"])
+        if r.data.tags.get("fer_sweep.role") == "ensemble"
+    ]
+    members = ens.data.tags["fer_sweep.members"].split(",")
+    photo = str(PORTRAIT)
+    out = {}
+    for run_id in [ens.info.run_id, *members]:
+        proc = run_cli(
+            ["--run-id", run_id, "--tracking-uri", uri, "--faces", photo, "--format", "jsonl"],
+            cwd=cwd,
+            module="fer_sweep.predict",
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
+        out[run_id] = np.array([record[c] for c in faces_classes()])
+    mean = np.mean([out[m] for m in members], axis=0)
+    assert np.allclose(out[ens.info.run_id], mean, atol=1e-6)
 
 
 def _predict(trained: tuple[Path, list[str]], *args: str):  # noqa: ANN202

@@ -23,6 +23,7 @@ from tests.mlflow_server import free_port
 from tests.test_faces import PORTRAIT, two_portraits
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]
+ENSEMBLE: dict = {}  # the store of the served fixture's two runs
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cwd = tmp_path_factory.mktemp("serve")
     uri = migrated_store(cwd / "m.db")
     args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
-    proc = run_cli([*args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"], cwd=cwd)
+    proc = run_cli(
+        ["-m", "trainer.seed=0,1", *args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"],
+        cwd=cwd,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ENSEMBLE.update(cwd=cwd, uri=uri)
     reg = run_cli(
         ["--run-id", "best", "--tracking-uri", uri, "--name", "fer-faces"],
         cwd=cwd,
@@ -104,3 +109,43 @@ def test_bad_requests_get_400_and_the_server_goes_on(served: str) -> None:
     assert status == 400 and "not base64" in out["message"], out
     status, out = _post(served, {"dataframe_records": [{"image": _b64(PORTRAIT)}]})
     assert status == 200 and len(out["predictions"]) == 1  # still serving
+
+
+def test_an_ensemble_registers_as_one_model_of_its_members(served: str, tmp_path: Path) -> None:
+    """fer_sweep.ensemble's run registered: one pyfunc with each member's ONNX inside, whose
+    probabilities are the members' mean (as predict --faces computes it from PyTorch)."""
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+
+    cwd, uri = ENSEMBLE["cwd"], ENSEMBLE["uri"]
+    made = run_cli(["--tracking-uri", uri, "--top-k", "2"], cwd=cwd, module="fer_sweep.ensemble")
+    assert made.returncode == 0, made.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    (ens,) = [
+        r
+        for r in MlflowClient(uri).search_runs(["1"])
+        if r.data.tags.get("fer_sweep.role") == "ensemble"
+    ]
+    reg = run_cli(
+        ["--run-id", ens.info.run_id, "--tracking-uri", uri, "--name", "fer-ensemble"],
+        cwd=cwd,
+        module="fer_sweep.serve",
+    )
+    assert reg.returncode == 0 and "an ensemble of 2" in reg.stdout, reg.stderr[-3000:]
+    from fer_sweep.sweep.store import use_store
+
+    use_store(uri)  # MLflow's registry URI for this process, the environment left as it was
+    model = mlflow.pyfunc.load_model("models:/fer-ensemble/1")
+    (face,) = model.predict(pd.DataFrame({"image": [_b64(PORTRAIT)]})).to_dict("records")
+    proc = run_cli(
+        ["--run-id", ens.info.run_id, "--tracking-uri", uri, "--faces", str(PORTRAIT),
+         "--format", "jsonl"],
+        cwd=cwd,
+        module="fer_sweep.predict",
+    )  # fmt: skip
+    (ref,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    classes = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+    assert np.allclose([face[c] for c in classes], [ref[c] for c in classes], atol=2e-2)
+    assert (face["x"], face["width"]) == (ref["x"], ref["width"])

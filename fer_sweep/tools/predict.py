@@ -50,6 +50,7 @@ from fer_sweep.tools.cli import add_store_args, user_errors
 PROG = "python -m fer_sweep.predict"
 BEST = "best"
 ROLE_TAG = "fer_sweep.role"
+MEMBERS_TAG = "fer_sweep.members"  # an ensemble run's member runs
 MODEL_PATH = "model"
 
 
@@ -249,7 +250,7 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
                 "`mlflow runs list`), pass the --tracking-uri the run was logged "
                 "to, or use --run-id best."
             ) from None
-        if not _has_model(client, run):
+        if run.data.tags.get(ROLE_TAG) != "ensemble" and not _has_model(client, run):
             raise FerSweepError(_no_model(run, uri))
         return run
     exp_id = store.require_experiment(client, experiment)
@@ -439,7 +440,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
 def _predictor(args: argparse.Namespace) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(uint8 (N,48,48) -> probabilities (N,7), the model's run id): the ONNX file with
-    onnxruntime alone, or the run's logged PyTorch model."""
+    onnxruntime alone, or the run's logged PyTorch model; for an ensemble's run (made by
+    fer_sweep.ensemble), the mean of its members' probabilities."""
     if args.onnx:
         from fer_sweep.tools.onnx_model import onnx_probs, open_onnx
 
@@ -448,19 +450,30 @@ def _predictor(args: argparse.Namespace) -> tuple[Callable[[np.ndarray], np.ndar
 
         def predict(x: np.ndarray) -> np.ndarray:
             return onnx_probs(session, x, args.batch_size)
-    else:
-        device = pick_device(args.device)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
-        client = store.open_existing(args.tracking_uri)
-        run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
-        mean, std = normalization(run_)
-        model = load_model(run_, args.tracking_uri, device)
-        precision, model_id = run_precision(run_, device), run_.info.run_id
 
-        def predict(x: np.ndarray) -> np.ndarray:
-            return predict_probs(model, x, mean, std, device, args.batch_size, precision)
+        return predict, model_id
+    device = pick_device(args.device)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
+    client = store.open_existing(args.tracking_uri)
+    run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
+    members = [run_]
+    if run_.data.tags.get(ROLE_TAG) == "ensemble":  # fer_sweep.ensemble's run: its members
+        ids = run_.data.tags.get(MEMBERS_TAG, "").split(",")
+        members = [resolve_run(client, m, args.experiment, args.tracking_uri) for m in ids]
+    models = [
+        (load_model(m, args.tracking_uri, device), *normalization(m), run_precision(m, device))
+        for m in members
+    ]
 
-    return predict, model_id
+    def predict(x: np.ndarray) -> np.ndarray:
+        """The members' mean probability, as fer_sweep.ensemble scores an ensemble."""
+        probs = [
+            predict_probs(model, x, mean, std, device, args.batch_size, precision)
+            for model, mean, std, precision in models
+        ]
+        return np.mean(probs, axis=0)
+
+    return predict, run_.info.run_id
 
 
 def photos(

@@ -5,7 +5,8 @@
     curl -X POST localhost:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a JPEG>"]]}}'
 
-The model is a pyfunc (``FacesModel``) whose artifact is the run's ONNX export
+The model is a pyfunc (``FacesModel``) whose artifact is the run's ONNX export (an ensemble
+run of ``fer_sweep.ensemble``: each member's, their probabilities averaged)
 (``fer_sweep.tools.export``): its input is a column ``image`` of base64-encoded photos, its
 output one record per face (the row, the face's index and box, the emotion, the seven
 probabilities) through the same face path as ``python -m fer_sweep.predict --faces``. A
@@ -46,7 +47,9 @@ class FacesModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from fer_sweep.tools.onnx_model import open_onnx
 
-        self.session, self.meta = open_onnx(context.artifacts["onnx"])
+        names = sorted(k for k in context.artifacts if k.startswith("onnx"))
+        self.sessions = [open_onnx(context.artifacts[k])[0] for k in names]  # 2+: an ensemble
+        self.meta = open_onnx(context.artifacts[names[0]])[1]
         self.detector = faces.cascade()
         self.margin = float(self.meta.get("margin", faces.MARGIN))
 
@@ -64,7 +67,8 @@ class FacesModel(mlflow.pyfunc.PythonModel):
             found = faces.find_faces(photo, scale, self.margin, self.detector)
             if not found:
                 continue
-            probs = onnx_probs(self.session, np.stack([f.pixels for f in found]))
+            x = np.stack([f.pixels for f in found])
+            probs = np.mean([onnx_probs(session, x) for session in self.sessions], axis=0)
             for face, p in zip(found, probs, strict=True):
                 x, y, w, h = face.box
                 records.append(
@@ -86,8 +90,9 @@ class FacesModel(mlflow.pyfunc.PythonModel):
             raise _bad_request(f"row {row}: not a photo Pillow can read ({err})") from None
 
 
-def register(run: Any, uri: str, name: str, onnx_path: Path) -> Any:
-    """Log the pyfunc under ``run`` and register it as a new version of ``name``."""
+def register(run: Any, uri: str, name: str, onnx_paths: Sequence[Path]) -> Any:
+    """Log the pyfunc under ``run`` and register it as a new version of ``name``; several ONNX
+    files (an ensemble's members) are averaged."""
     from fer_sweep.sweep import store
 
     store.use_store(uri)
@@ -95,7 +100,7 @@ def register(run: Any, uri: str, name: str, onnx_path: Path) -> Any:
         info = mlflow.pyfunc.log_model(
             name="faces_model",
             python_model=FacesModel(),
-            artifacts={"onnx": str(onnx_path)},
+            artifacts={f"onnx{i}": str(p) for i, p in enumerate(onnx_paths)},
             registered_model_name=name,
             # served with --env-manager local, in an environment with fer_sweep[serve]
             pip_requirements=["onnxruntime", "opencv-python-headless<5", "pillow", "pandas"],
@@ -123,19 +128,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     from fer_sweep.sweep import store
     from fer_sweep.tools.export import export_onnx
-    from fer_sweep.tools.predict import load_model, normalization, resolve_run
+    from fer_sweep.tools.predict import (
+        MEMBERS_TAG,
+        ROLE_TAG,
+        load_model,
+        normalization,
+        resolve_run,
+    )
 
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
-    mean, std = normalization(run)
-    model = load_model(run, args.tracking_uri, torch.device("cpu"))
-    meta = {"run_id": run.info.run_id, "classes": list(CLASSES), "mean": mean, "std": std}
+    members = [run]
+    if run.data.tags.get(ROLE_TAG) == "ensemble":  # fer_sweep.ensemble's run: its members
+        ids = run.data.tags.get(MEMBERS_TAG, "").split(",")
+        members = [resolve_run(client, m, args.experiment, args.tracking_uri) for m in ids]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, mean, std, path, meta | {"margin": faces.MARGIN})
-        info = register(run, args.tracking_uri, args.name, path)
+        paths = []
+        for i, member in enumerate(members):
+            mean, std = normalization(member)
+            model = load_model(member, args.tracking_uri, torch.device("cpu"))
+            meta = {"run_id": member.info.run_id, "classes": list(CLASSES), "mean": mean}
+            paths.append(Path(tmp) / f"member{i}.onnx")
+            export_onnx(model, mean, std, paths[-1], meta | {"std": std, "margin": faces.MARGIN})
+        info = register(run, args.tracking_uri, args.name, paths)
     version = info.registered_model_version
-    print(f"registered models:/{args.name}/{version} (run {run.info.run_id})")
+    what = f"an ensemble of {len(members)}" if len(members) > 1 else "run"
+    print(f"registered models:/{args.name}/{version} ({what} {run.info.run_id})")
     return 0
 
 
