@@ -135,6 +135,17 @@ def tiny_run(
     return out
 
 
+def runs_with_models(cwd: Path, seeds: int = 1) -> str:
+    """A new store in ``cwd`` with ``seeds`` tiny finished runs (one epoch, 20 images a class)
+    that logged their model, for the tools that use one; the store's URI."""
+    uri = migrated_store(cwd / "m.db")
+    args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
+    sweep = ["-m", f"trainer.seed={','.join(map(str, range(seeds)))}"] if seeds > 1 else []
+    proc = run_cli([*sweep, *args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri
+
+
 def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
     """The environment of a CLI subprocess: MLflow's variables only when the test passes them (a
     developer's own, or one an in-process test set, would send the runs elsewhere)."""

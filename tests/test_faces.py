@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from fer_sweep.tools import faces
-from tests.conftest import migrated_store, real_data, run_cli, tiny_run
+from tests.conftest import run_cli, runs_with_models
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faces")]  # one trained run, shared
 
@@ -38,13 +38,7 @@ def two_portraits(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     cwd = tmp_path_factory.mktemp("faces")
-    uri = migrated_store(cwd / "m.db")
-    args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
-    proc = run_cli(
-        ["-m", "trainer.seed=0,1", *args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"],
-        cwd=cwd,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = runs_with_models(cwd, seeds=2)
     return cwd, ["--run-id", "best", "--tracking-uri", uri, "--faces"]
 
 

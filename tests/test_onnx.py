@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import migrated_store, real_data, run_cli, tiny_run
+from tests.conftest import run_cli, runs_with_models
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("onnx")]  # one trained run, shared
 
@@ -19,10 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("onnx")]  # one trained 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     cwd = tmp_path_factory.mktemp("onnx")
-    uri = migrated_store(cwd / "m.db")
-    args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
-    proc = run_cli([*args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"], cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = runs_with_models(cwd)
     from mlflow.tracking import MlflowClient
 
     (run,) = MlflowClient(uri).search_runs(["1"])

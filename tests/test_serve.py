@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import migrated_store, real_data, run_cli, tiny_run
+from tests.conftest import run_cli, runs_with_models
 from tests.mlflow_server import free_port
 from tests.test_faces import PORTRAIT, two_portraits
 
@@ -29,13 +29,7 @@ ENSEMBLE: dict = {}  # the store of the served fixture's two runs
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cwd = tmp_path_factory.mktemp("serve")
-    uri = migrated_store(cwd / "m.db")
-    args = [a for a in tiny_run(20, epochs=1, synthetic=not real_data()) if "log_model" not in a]
-    proc = run_cli(
-        ["-m", "trainer.seed=0,1", *args, "mlflow.log_model=true", f"mlflow.tracking_uri={uri}"],
-        cwd=cwd,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = runs_with_models(cwd, seeds=2)
     ENSEMBLE.update(cwd=cwd, uri=uri)
     reg = run_cli(
         ["--run-id", "best", "--tracking-uri", uri, "--name", "fer-faces"],

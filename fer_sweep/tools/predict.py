@@ -287,6 +287,15 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
     )
 
 
+def members_of(client: Any, run: Any, experiment: str, uri: str) -> list[Any]:
+    """The runs whose models predict for ``run``: itself, or an ensemble's members (the run
+    fer_sweep.ensemble logs, which has no model of its own)."""
+    if run.data.tags.get(ROLE_TAG) != "ensemble":
+        return [run]
+    ids = run.data.tags.get(MEMBERS_TAG, "").split(",")
+    return [resolve_run(client, m, experiment, uri) for m in ids]
+
+
 def _no_model(run: Any, uri: str) -> str:
     role = run.data.tags.get(ROLE_TAG)
     why = (
@@ -456,10 +465,7 @@ def _predictor(args: argparse.Namespace) -> tuple[Callable[[np.ndarray], np.ndar
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Updating database tables" etc.
     client = store.open_existing(args.tracking_uri)
     run_ = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
-    members = [run_]
-    if run_.data.tags.get(ROLE_TAG) == "ensemble":  # fer_sweep.ensemble's run: its members
-        ids = run_.data.tags.get(MEMBERS_TAG, "").split(",")
-        members = [resolve_run(client, m, args.experiment, args.tracking_uri) for m in ids]
+    members = members_of(client, run_, args.experiment, args.tracking_uri)
     models = [
         (load_model(m, args.tracking_uri, device), *normalization(m), run_precision(m, device))
         for m in members

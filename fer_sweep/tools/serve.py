@@ -128,20 +128,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from fer_sweep.sweep import store
     from fer_sweep.tools.export import export_onnx
-    from fer_sweep.tools.predict import (
-        MEMBERS_TAG,
-        ROLE_TAG,
-        load_model,
-        normalization,
-        resolve_run,
-    )
+    from fer_sweep.tools.predict import load_model, members_of, normalization, resolve_run
 
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
-    members = [run]
-    if run.data.tags.get(ROLE_TAG) == "ensemble":  # fer_sweep.ensemble's run: its members
-        ids = run.data.tags.get(MEMBERS_TAG, "").split(",")
-        members = [resolve_run(client, m, args.experiment, args.tracking_uri) for m in ids]
+    members = members_of(client, run, args.experiment, args.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, member in enumerate(members):
