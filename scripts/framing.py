@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fer_sweep.sweep import store  # noqa: E402
 from fer_sweep.tools import faces  # noqa: E402
+from fer_sweep.tools.export import run_dataset  # noqa: E402
 from fer_sweep.tools.predict import load_model, normalization, predict_probs, resolve_run  # noqa: E402
 
 MARGINS = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -98,14 +98,7 @@ def main() -> None:
     def classes(x: np.ndarray) -> np.ndarray:
         return predict_probs(model, x, mean, std, cpu, 256).argmax(1)
 
-    from omegaconf import OmegaConf
-
-    from fer_sweep.core.config import validate
-    from fer_sweep.core.data import load_dataset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
-    data = load_dataset(validate(cfg).data)
+    data = run_dataset(client, run)
     out: dict[str, object] = {"run_id": run.info.run_id, "n": args.n}
     rng = np.random.default_rng(0)
     val_idx = rng.choice(len(data.val), min(args.n, len(data.val)), replace=False)

@@ -74,8 +74,8 @@ def main() -> None:
             samples: dict[str, list[float]] = {}
             for _ in range(args.repeats):
                 for engine, run in engines.items():
-                    lat = timed(lambda r=run: r(one), args.seconds)
-                    thr = 256 / timed(lambda r=run: r(many), args.seconds)
+                    lat = timed(lambda r=run, x=one: r(x), args.seconds)
+                    thr = 256 / timed(lambda r=run, x=many: r(x), args.seconds)
                     samples.setdefault(f"{engine}_batch1_ms", []).append(lat * 1e3)
                     samples.setdefault(f"{engine}_batch256_img_s", []).append(thr)
             rows[name] = {k: round(statistics.median(v), 2) for k, v in samples.items()}

@@ -146,6 +146,19 @@ def runs_with_models(cwd: Path, seeds: int = 1) -> str:
     return uri
 
 
+def one_error_line(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Assert a CLI stopped as fer_sweep stops on bad input: exit 2, no traceback, exactly one
+    `fer_sweep: error:` line, which holds every needle; returns that line."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: error:")]
+    assert len(lines) == 1, out[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
     """The environment of a CLI subprocess: MLflow's variables only when the test passes them (a
     developer's own, or one an in-process test set, would send the runs elsewhere)."""

@@ -9,14 +9,13 @@ skips this module with the reason (CI's strict skips make a skip there a failure
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, start_cli
+from tests.conftest import one_error_line, run_cli, start_cli
 from tests.team_server import ALICE, BOB, TeamServer, _env, load, team_server, unavailable
 
 pytestmark = [
@@ -63,17 +62,6 @@ def _runs(srv: TeamServer, experiment: str, role: str | None = None) -> list:
 def _history(srv: TeamServer, run_id: str, key: str) -> list[int]:
     with _env(srv.env(ALICE)):
         return sorted(m.step for m in _client(srv).get_metric_history(run_id, key))
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("fer_sweep: error:")]
-    assert len(lines) == 1, out[-3000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_sweep_and_search_log_everything_to_the_team_server(
@@ -173,11 +161,11 @@ def test_bad_logins_and_storage_are_one_line_before_any_run(
     wrong = server.env(ALICE, password="not-" + server.passwords[ALICE])
     for args in ([*TINY, "mlflow.experiment=shared"], [*GRID, *TINY, "mlflow.experiment=shared"]):
         proc = run_cli(args, cwd=tmp_path, env=wrong)
-        _one_error_line(proc, "refused the login of user alice", "401")
+        one_error_line(proc, "refused the login of user alice", "401")
         proc = run_cli(args, cwd=tmp_path, env=server.env(BOB))
-        _one_error_line(proc, "user bob may not", "403", "EDIT permission")
+        one_error_line(proc, "user bob may not", "403", "EDIT permission")
     proc = run_cli(["--experiment", "shared"], cwd=tmp_path, module="fer_sweep.report", env=wrong)
-    _one_error_line(proc, "401")
+    one_error_line(proc, "401")
 
     nodb = server.pg.url("no_such_db")
     proc = run_cli(
@@ -191,7 +179,7 @@ def test_bad_logins_and_storage_are_one_line_before_any_run(
         cwd=tmp_path,
         env=env,
     )
-    _one_error_line(proc, "hydra.sweeper.storage=", "no_such_db")
+    one_error_line(proc, "hydra.sweeper.storage=", "no_such_db")
     assert {r.info.run_id for r in _runs(server, "shared")} == before  # nothing created
 
 

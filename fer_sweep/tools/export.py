@@ -76,8 +76,9 @@ def export_onnx(model: nn.Module, mean: float, std: float, path: Path, meta: dic
     onnx.save_model(proto, str(path), save_as_external_data=False)
 
 
-def _test_split(client: Any, run: Any, data_root: str | None) -> np.ndarray:
-    """The run's own test split (its config; ``data_root`` where the data moved)."""
+def run_dataset(client: Any, run: Any, data_root: str | None = None) -> Any:
+    """The dataset the run trained on (its logged config; ``data_root`` where the data moved):
+    its validation and test splits as the run saw them."""
     from omegaconf import OmegaConf
 
     from fer_sweep.core.config import validate
@@ -87,7 +88,7 @@ def _test_split(client: Any, run: Any, data_root: str | None) -> np.ndarray:
         cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
     if data_root:
         cfg.data.root = data_root
-    return load_dataset(validate(cfg).data).test.x.numpy()
+    return load_dataset(validate(cfg).data)
 
 
 def parity(model: nn.Module, session: Any, x: np.ndarray, mean: float, std: float) -> dict:
@@ -134,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
         "std": std,
         "input": f"uint8 [batch, {IMAGE_SIZE}, {IMAGE_SIZE}] grey pixels (decode_image)",
     }
-    x = None if args.no_check else _test_split(client, run, args.data_root)  # before writing
+    x = None if args.no_check else run_dataset(client, run, args.data_root).test.x.numpy()
     t0 = time.perf_counter()
     export_onnx(model, mean, std, out, meta)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.0f} s)")
