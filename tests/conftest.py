@@ -3,6 +3,7 @@ and MLflow store in a temporary folder (../shared is read-only in CI)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -26,8 +27,11 @@ JOB_ARTIFACTS = {
     "predictions.npz",
 }
 
-# One decoded-data cache for the whole session (subprocesses inherit it).
-os.environ.setdefault("FER_SWEEP_CACHE", tempfile.mkdtemp(prefix="fer_sweep_cache_"))
+# One decoded-data cache for the whole session (subprocesses inherit it), removed at its end
+# by the process that made it (xdist's workers inherit the variable and leave it alone).
+if "FER_SWEEP_CACHE" not in os.environ:
+    os.environ["FER_SWEEP_CACHE"] = tempfile.mkdtemp(prefix="fer_sweep_cache_")
+    atexit.register(shutil.rmtree, os.environ["FER_SWEEP_CACHE"], True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
