@@ -80,6 +80,11 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     )
     assert other.returncode == 2 and "swept another grid" in other.stderr
 
+    # As if fer_sweep had gained a setting since these runs started: their settings' hash is
+    # older code's. Each is still found by the settings it logged (identity.same_run).
+    (cut_id,) = killed
+    for run_id in (cut_id, sorted(finished)[0]):
+        client.set_tag(run_id, "fer_sweep.config_hash", "0ld0c0de0ld0c0de")
     resumed = run_cli([*GRID, f"mlflow.tracking_uri={uri}", "sweep.resume=latest"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (resumed.stdout + resumed.stderr).count("already FINISHED") == len(finished)

@@ -8,7 +8,6 @@ logged is lost.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -36,26 +35,20 @@ from fer_sweep.core.device import device_name, pick_device, resolve_precision
 from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.models import describe, summary_text
 from fer_sweep.core.train import Result, fit
-from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import progress, store, tracking
 from fer_sweep.sweep.compose import hydra_job
+from fer_sweep.sweep.identity import (
+    config_hash,
+    earlier_runs,
+    job_config,
+    resumable_run,
+    settings,
+)
 
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 RESUMES = "fer_sweep.resumes"  # how many times a run was continued from its checkpoint
 
 log = logging.getLogger(__name__)
-
-# Settings that do not change what a run computes: excluded from the resume key.
-_VOLATILE = {
-    "trainer.resume",
-    "trainer.checkpoint_every_s",
-    "sweep.resume",
-    "trainer.progress",
-    "trainer.threads",
-    "trainer.checkpoint_dir",
-    "data.cache_dir",
-    "data.root",
-}
 
 
 class Pruned(Exception):  # noqa: N818 (a decision, like optuna.TrialPruned)
@@ -75,61 +68,6 @@ class RunHooks:
     tags: dict[str, str] = field(default_factory=dict)
     on_epoch: Callable[[int, dict[str, float]], None] | None = None
     run_id: str | None = None  # set by the job: the MLflow run it opened
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Identifies "the same run" for trainer.resume=auto."""
-    flat = {
-        k: v
-        for k, v in tracking.flatten(_job_config(cfg)).items()
-        if k not in _VOLATILE and not k.startswith("mlflow.")
-    }
-    return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _job_config(cfg: DictConfig) -> DictConfig:
-    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-
-
-def resumable_run(client: MlflowClient, exp_id: str, conf: Config, key: str) -> str | None:
-    """The interrupted run that trainer.resume names (auto: this config's newest one that left a
-    checkpoint), checked against its checkpoint and settings (``key``: the job's config_hash);
-    None: a new run. Changes nothing, so a job knows before it measures or creates anything
-    whether it continues a run."""
-    ckpt_dir = Path(conf.trainer.checkpoint_dir)
-    resume = conf.trainer.resume
-    if resume == "auto":
-        runs = store.newest_runs(
-            client,
-            exp_id,
-            f"tags.`fer_sweep.config_hash` = '{key}' and attributes.status != 'FINISHED'",
-        )
-        for run in runs:
-            if (ckpt_dir / f"{run.info.run_id}.pt").exists():
-                resume = run.info.run_id
-                break
-        else:
-            log.info("trainer.resume=auto: no interrupted run of this config; starting a new one")
-            resume = None
-    if resume:
-        try:
-            run = client.get_run(resume)
-        except Exception:
-            raise FerSweepError(
-                f"trainer.resume={resume}: no such run in {conf.mlflow.tracking_uri}."
-            ) from None
-        if not (ckpt_dir / f"{resume}.pt").exists():
-            raise FerSweepError(
-                f"trainer.resume={resume}: no checkpoint {ckpt_dir / resume}.pt "
-                "(it is deleted when a run finishes; set trainer.checkpoint_dir "
-                "to where the run wrote it)."
-            )
-        if run.data.tags.get("fer_sweep.config_hash") != key:
-            raise FerSweepError(
-                f"trainer.resume={resume}: that run was trained with different "
-                "settings; resume it with the same overrides."
-            )
-    return resume or None
 
 
 def open_run(
@@ -186,30 +124,12 @@ def open_run(
         client,
         run_id,
         {
-            **tracking.flatten(_job_config(cfg)),
+            **tracking.flatten(job_config(cfg)),
             "trainer.precision": conf.trainer.amp,
             "trainer.device_used": conf.trainer.device,
         },
     )
     return run_id
-
-
-def earlier_runs(
-    client: MlflowClient, exp_id: str, parent_id: str, key: str, ckpt_dir: Path
-) -> tuple[str | None, str | None]:
-    """In a resumed sweep, this job's earlier runs under the parent: (its FINISHED run, its
-    newest interrupted run that left a checkpoint), each None when there is none."""
-    runs = store.newest_runs(
-        client,
-        exp_id,
-        f"tags.mlflow.parentRunId = '{parent_id}' and tags.`fer_sweep.config_hash` = '{key}'",
-        limit=100,
-    )
-    finished = next((r.info.run_id for r in runs if r.info.status == "FINISHED"), None)
-    resumable = next(
-        (r.info.run_id for r in runs if (ckpt_dir / f"{r.info.run_id}.pt").exists()), None
-    )
-    return finished, resumable
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -236,7 +156,7 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     """The job's steps in order; each names what it decides before the next one starts."""
     started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
-    key = config_hash(cfg)  # "the same run" for trainer.resume and sweep.resume
+    flat = settings(cfg)  # "the same run" for trainer.resume and sweep.resume
     runtime.tune()  # a joblib/submitit worker process is a fresh process: tune it too
     log.info("runtime: %s", runtime.describe())
     multirun, sweep_dir, job_num, overrides = hydra_job()
@@ -246,7 +166,7 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     client = store.connect(conf.mlflow.tracking_uri)
     exp_id, parent_id, resumed = _experiment(client, conf, sweep_dir)
     if parent_id and resumed and hooks is None:  # a search resumes through its study
-        done = _resume_in_sweep(client, conf, exp_id, parent_id, key, job_num)
+        done = _resume_in_sweep(client, conf, exp_id, parent_id, flat, job_num)
         if done is not None:
             return done
 
@@ -263,10 +183,10 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     )
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
-    resume_id = resumable_run(client, exp_id, conf, key)
+    resume_id = resumable_run(client, exp_id, conf, flat)
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     plan = _plan_epochs(client, conf, data, resume_id, started)
-    run_id = open_run(client, exp_id, conf, cfg, key, parent_id, overrides, resume_id)
+    run_id = open_run(client, exp_id, conf, cfg, config_hash(cfg), parent_id, overrides, resume_id)
     if hooks is not None:
         hooks.run_id = run_id
         tracking.set_tags(client, run_id, hooks.tags)
@@ -313,12 +233,17 @@ def _experiment(
 
 
 def _resume_in_sweep(
-    client: MlflowClient, conf: Config, exp_id: str, parent_id: str, key: str, job_num: int
+    client: MlflowClient,
+    conf: Config,
+    exp_id: str,
+    parent_id: str,
+    flat: dict[str, str],
+    job_num: int,
 ) -> float | None:
     """sweep.resume: a job FINISHED already is skipped (its best validation accuracy is
     returned); an interrupted one continues in its own run (trainer.resume semantics)."""
     done, interrupted = earlier_runs(
-        client, exp_id, parent_id, key, Path(conf.trainer.checkpoint_dir)
+        client, exp_id, parent_id, flat, Path(conf.trainer.checkpoint_dir)
     )
     if done is not None:
         log.info("sweep.resume: job #%d already FINISHED as run %s; skipped", job_num, done)
@@ -600,7 +525,7 @@ def log_results(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "data.json").write_text(_data_json(data))
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(_job_config(cfg), resolve=True))
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(job_config(cfg), resolve=True))
         model_cpu = result.model.to("cpu", memory_format=torch.contiguous_format).float()
         (out / "model_summary.txt").write_text(
             f"{describe(model_cpu)}\n\n{summary_text(model_cpu)}\n"

@@ -1,0 +1,42 @@
+"""Which run a job continues (fer_sweep.sweep.identity): by its settings' hash, or, where the
+hash is older code's, by the settings the run logged as params."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fer_sweep.sweep.identity import HASH_TAG, _hash, same_run
+
+FLAT = {
+    "model.name": "resnet",
+    "trainer.seed": "0",
+    "optimizer.lr": "0.01",
+    "trainer.epochs": "100",
+}
+
+
+def _run(params: dict[str, str], hash_: str = "older-code-hash") -> SimpleNamespace:
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id="r1"),
+        data=SimpleNamespace(tags={HASH_TAG: hash_}, params=params),
+    )
+
+
+def test_the_same_hash_is_the_same_run() -> None:
+    assert same_run(_run({}, _hash(FLAT)), FLAT)
+
+
+def test_a_setting_added_since_the_run_started_keeps_it_the_same_run() -> None:
+    started = {k: v for k, v in FLAT.items() if k != "trainer.epochs"}  # it did not exist then
+    extra = {"trainer.precision": "bf16", "data.n_train": "22968"}  # params beside the config
+    assert same_run(_run({**started, **extra}), FLAT)
+
+
+def test_a_changed_setting_is_another_run() -> None:
+    assert not same_run(_run({**FLAT, "optimizer.lr": "0.1"}), FLAT)
+    assert not same_run(_run({**FLAT, "trainer.epochs": "50"}), FLAT)
+
+
+def test_a_run_without_its_params_is_never_taken() -> None:
+    assert not same_run(_run({}), FLAT)  # killed before its params were logged
+    assert not same_run(_run({"trainer.epochs": "100"}), FLAT)
