@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import matplotlib.cbook
@@ -108,6 +109,14 @@ def faces_classes() -> tuple[str, ...]:
     from fer_sweep.core.dataset import CLASSES
 
     return CLASSES
+
+
+def test_finding_faces_changes_nothing_global() -> None:
+    """OpenCV's import sets LD_LIBRARY_PATH for the whole process (and every child it starts);
+    the cascade's loader puts the environment back."""
+    before = dict(os.environ)
+    faces.cascade()
+    assert dict(os.environ) == before
 
 
 def test_exif_orientation_is_honoured(tmp_path: Path) -> None:

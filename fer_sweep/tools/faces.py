@@ -12,6 +12,7 @@ rotation).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,12 +37,18 @@ class Face:
 
 def cascade() -> Any:
     """OpenCV's frontal-face Haar cascade, from the installed wheel."""
+    before = os.environ.get("LD_LIBRARY_PATH")
     try:
         import cv2
     except ImportError:
         raise FerSweepError(
             "finding faces needs OpenCV: pip install -e '.[serve]' (opencv-python-headless 4.x)."
         ) from None
+    finally:  # cv2's import sets it for the process (and its children): put it back
+        if before is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = before
     path = Path(getattr(getattr(cv2, "data", None), "haarcascades", "")) / CASCADE
     if not path.is_file():  # opencv-python-headless 5.x ships no cascades
         raise FerSweepError(
