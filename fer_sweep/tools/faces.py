@@ -83,8 +83,12 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
-          Image.Transpose.ROTATE_90}  # fmt: skip
+_SWAPS = {  # the turns that swap width and height
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.ROTATE_90,
+}
 
 
 def detect(gray: np.ndarray, detector: Any) -> list[tuple[int, int, int, int]]:

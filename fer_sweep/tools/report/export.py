@@ -36,6 +36,11 @@ HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_second
 TAGS = ("model", "transforms", "data", "precision", "device", "device_name", "overrides")
 
 
+def _shown(tag: str) -> bool:
+    """The tags a bundle keeps: what the run was and did, not an error's traceback."""
+    return tag in TAGS or (tag.startswith("fer_sweep.") and tag != "fer_sweep.error")
+
+
 def bundle_name(run: Run) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", run.info.run_name or "run")
     return f"{name}-{run.info.run_id[:8]}"
@@ -47,8 +52,8 @@ def epoch_check(steps: Sequence[int]) -> dict[str, Any]:
     n = max(seen) + 1 if seen else 0
     repeated = sorted({s for s in seen if seen.count(s) > 1})
     missing = sorted(set(range(n)) - set(seen))
-    return {"epochs": n, "exactly_once": not repeated and not missing, "repeated": repeated,
-            "missing": missing}  # fmt: skip
+    exactly_once = not repeated and not missing
+    return {"epochs": n, "exactly_once": exactly_once, "repeated": repeated, "missing": missing}
 
 
 def _history(client: MlflowClient, run_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -108,10 +113,9 @@ def write_bundle(client: MlflowClient, run: Run, folder: Path) -> dict[str, Any]
         "test_acc": metrics.get("test_acc"),
         "test_acc_recomputed": float((pred == y).mean()) if len(y) else math.nan,
         "metrics": metrics,
-        "tags": {k: v for k, v in sorted(run.data.tags.items()) if k in TAGS
-                 or (k.startswith("fer_sweep.") and k != "fer_sweep.error")},
+        "tags": {k: v for k, v in sorted(run.data.tags.items()) if _shown(k)},
         "params": dict(sorted(run.data.params.items())),
-    }  # fmt: skip
+    }
     (folder / "metrics.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
