@@ -120,12 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _export(args: argparse.Namespace) -> int:
-    client = store.open_existing(args.tracking_uri)
-    run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
+def run_model(run: Any, uri: str) -> tuple[nn.Module, float, float, dict]:
+    """A run's model on the CPU, its mean and std, and the metadata its export carries."""
     mean, std = normalization(run)
-    model = load_model(run, args.tracking_uri, torch.device("cpu"))
-    out = args.out or Path(f"{run.info.run_id}.onnx")
     meta = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -135,6 +132,14 @@ def _export(args: argparse.Namespace) -> int:
         "std": std,
         "input": f"uint8 [batch, {IMAGE_SIZE}, {IMAGE_SIZE}] grey pixels (decode_image)",
     }
+    return load_model(run, uri, torch.device("cpu")), mean, std, meta
+
+
+def _export(args: argparse.Namespace) -> int:
+    client = store.open_existing(args.tracking_uri)
+    run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
+    model, mean, std, meta = run_model(run, args.tracking_uri)
+    out = args.out or Path(f"{run.info.run_id}.onnx")
     x = None if args.no_check else run_dataset(client, run, args.data_root).test.x.numpy()
     t0 = time.perf_counter()
     export_onnx(model, mean, std, out, meta)

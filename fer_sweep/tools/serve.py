@@ -124,11 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import torch
-
     from fer_sweep.sweep import store
-    from fer_sweep.tools.export import export_onnx
-    from fer_sweep.tools.predict import load_model, members_of, normalization, resolve_run
+    from fer_sweep.tools.export import export_onnx, run_model
+    from fer_sweep.tools.predict import members_of, resolve_run
 
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
@@ -136,11 +134,9 @@ def _serve(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i, member in enumerate(members):
-            mean, std = normalization(member)
-            model = load_model(member, args.tracking_uri, torch.device("cpu"))
-            meta = {"run_id": member.info.run_id, "classes": list(CLASSES), "mean": mean}
+            model, mean, std, meta = run_model(member, args.tracking_uri)
             paths.append(Path(tmp) / f"member{i}.onnx")
-            export_onnx(model, mean, std, paths[-1], meta | {"std": std, "margin": faces.MARGIN})
+            export_onnx(model, mean, std, paths[-1], meta | {"margin": faces.MARGIN})
         info = register(run, args.tracking_uri, args.name, paths)
     version = info.registered_model_version
     what = f"an ensemble of {len(members)}" if len(members) > 1 else "run"
