@@ -120,6 +120,11 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     assert info["test_acc_recomputed"] == pytest.approx(
         now[cut].data.metrics["test_acc"], abs=1e-12
     )
+    # ... and --verify finds it whole, the plateau schedule replayed across the resume
+    from fer_sweep.tools.report.verify import verify_bundle
+
+    verdict = verify_bundle(tmp_path / "bundle" / bundle_name(now[cut]))
+    assert not verdict.failed and "ReduceLROnPlateau replayed" in verdict.line(), verdict.line()
     lines = (tmp_path / "bundle" / bundle_name(now[cut]) / "history.csv").read_text().splitlines()
     resumes = [int(line.rsplit(",", 1)[1]) for line in lines[1:]]
     assert resumes == [0] * mark.step + [1] * (6 - mark.step)

@@ -17,7 +17,7 @@ from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
-from fer_sweep.tools.report import export, search
+from fer_sweep.tools.report import export, search, verify
 from fer_sweep.tools.report.runs import (
     Group,
     build_groups,
@@ -180,6 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.json, predictions.csv: every test image's path, true and predicted class)",
     )
     p.add_argument(
+        "--verify",
+        metavar="DIR",
+        type=Path,
+        help="instead of the tables, and without any store: check the bundles under DIR "
+        "(--export's) from their files: the test accuracy from the predictions, epochs 1..N "
+        "once each, the learning rate of every epoch replayed; exit 1 if a check fails",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="ROOT",
+        type=Path,
+        help="with --verify: also check that the predictions are the test images of this "
+        "FER2013 copy (each path a file, every image once)",
+    )
+    p.add_argument(
         "--no-log",
         action="store_true",
         help="only write the files; do not log them on the parent run",
@@ -188,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.verify is not None:
+        return verify.verify(args.verify, args.data_root)
+    if args.data_root is not None:
+        raise FerSweepError("--data-root goes with --verify DIR (the bundles to check).")
     client = store.open_existing(args.tracking_uri)
     store.use_store(args.tracking_uri)
     exp_id = store.require_experiment(client, args.experiment)
