@@ -150,6 +150,41 @@ def test_cpu_checkpoint_holds_no_cuda_state_and_never_initialises_cuda(
     assert not torch.cuda.is_initialized()
 
 
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_a_resumed_runs_train_seconds_count_every_stretch(
+    synthetic_root: Path, tmp_path: Path, old_checkpoint: bool
+) -> None:
+    """train_seconds of a run resumed from a checkpoint is its whole training, not the last
+    process's share; a checkpoint from before the total was kept falls back on its epochs'."""
+
+    class Cut(Exception):
+        pass
+
+    def cut_after_two(epoch: int, _: dict[str, float]) -> None:
+        if epoch == 1:  # the checkpoint of epochs 1-2 is written before this call
+            raise Cut
+
+    ckpt = tmp_path / "run.pt"
+    conf = _conf(synthetic_root, "trainer.epochs=4", "trainer.checkpoint_every_s=0")
+    data = load_dataset(conf.data)
+    with pytest.raises(Cut):
+        fit(conf, data, checkpoint=ckpt, on_epoch=cut_after_two)
+    blob = torch.load(ckpt, weights_only=True)
+    before = sum(blob["history"]["epoch_seconds"])
+    assert blob["epoch"] == 1 and blob["seconds"] >= before > 0
+    if old_checkpoint:
+        del blob["seconds"]
+        torch.save(blob, ckpt)
+    seen: list[float] = []
+    result = fit(
+        conf, data, checkpoint=ckpt, resume=True, on_resume=lambda s: seen.append(s.seconds)
+    )
+    assert seen == [before if old_checkpoint else blob["seconds"]]
+    epochs = result.state.history["epoch_seconds"]
+    assert len(epochs) == 4 and result.train_seconds >= seen[0] + sum(epochs[2:])
+    assert result.train_seconds >= sum(epochs)
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 

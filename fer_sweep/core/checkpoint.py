@@ -40,6 +40,9 @@ class State:
     bad_epochs: int = 0  # ... and counts the epochs since it last improved
     floor_epochs: int = 0  # epochs spent with the plateau scheduler at its lowest rate
     stop_reason: str = "epochs"  # epochs | early_stopping | min_lr | time_budget
+    # seconds spent training epochs 0..epoch, summed over every process that trained them (a
+    # resumed run's train_seconds is its whole training, not its last stretch)
+    seconds: float = 0.0
 
 
 def save_checkpoint(
@@ -68,6 +71,7 @@ def save_checkpoint(
         "bad_epochs": state.bad_epochs,
         "floor_epochs": state.floor_epochs,
         "stop_reason": state.stop_reason,
+        "seconds": state.seconds,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict() if sched is not None else None,
@@ -137,4 +141,6 @@ def load_checkpoint(
         bad_epochs=blob.get("bad_epochs", 0),
         floor_epochs=blob.get("floor_epochs", 0),
         stop_reason=blob.get("stop_reason", "epochs"),
+        # checkpoints written before "seconds" was kept: the epochs' own times
+        seconds=blob.get("seconds", sum(blob["history"].get("epoch_seconds", []))),
     )

@@ -396,7 +396,8 @@ def fit(
 
     if device.type == "cuda":
         use_cuda_kernels(tc.deterministic)
-    started = saved_at = time.perf_counter()
+    saved_at = time.perf_counter()
+    started = saved_at - state.seconds  # the clock goes on from the checkpoint's epochs
     with deferred() as interrupted:  # a signal stops the loop between two steps
         # (a run resumed after it had decided to stop does not start another epoch)
         while state.stop_reason == "epochs" and state.epoch + 1 < state.epochs:
@@ -447,6 +448,7 @@ def fit(
             last = state.stop_reason != "epochs" or epoch + 1 == state.epochs
             due = time.perf_counter() - saved_at >= tc.checkpoint_every_s
             if checkpoint is not None and (due or last):
+                state.seconds = time.perf_counter() - started
                 save_checkpoint(checkpoint, state, model, opt, sched, device, ema)
                 saved_at = time.perf_counter()
             if on_epoch is not None:
