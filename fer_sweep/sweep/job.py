@@ -47,6 +47,7 @@ from fer_sweep.sweep.identity import (
 
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 RESUMES = "fer_sweep.resumes"  # how many times a run was continued from its checkpoint
+LAST_INTERRUPTION = "fer_sweep.last_interruption"  # that reason, once the run was resumed
 
 log = logging.getLogger(__name__)
 
@@ -439,8 +440,13 @@ def _relog_missing_epochs(client: MlflowClient, run_id: str, state: State) -> se
 def _count_resume(client: MlflowClient, run_id: str, state: State) -> None:
     """Evidence that a run survived its interruptions: tag fer_sweep.resumes counts them, and
     metric ``resumes`` (the count so far) is logged at the first epoch each resume trains."""
-    count = int(client.get_run(run_id).data.tags.get(RESUMES, "0")) + 1
+    tags = client.get_run(run_id).data.tags
+    count = int(tags.get(RESUMES, "0")) + 1
     tracking.set_tags(client, run_id, {RESUMES: str(count)})
+    error = tags.get(tracking.ERROR_TAG)
+    if error is not None:  # the interruption is over: a run that goes on to finish shows none
+        tracking.set_tags(client, run_id, {LAST_INTERRUPTION: error})
+        tracking.retry(client.delete_tag, run_id, tracking.ERROR_TAG)
     tracking.log_metrics(client, run_id, {"resumes": count}, step=state.epoch + 1)
     log.info("run %s resumed (%d so far) after epoch %d", run_id, count, state.epoch + 1)
 

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent.json"
 FAILURES_DIR = "failures"
 TAG_PREFIX = "fer_sweep."
+ERROR_TAG = f"{TAG_PREFIX}error"  # why a run or sweep stopped
 OPTUNA_RESULTS = "optimization_results.yaml"
 
 # Parent runs opened by this process and not yet closed by on_multirun_end: run id -> store.
@@ -183,7 +184,7 @@ def record_failure(
         return
     text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
     try:
-        set_tags(client, run_id, {f"{TAG_PREFIX}error": f"{type(err).__name__}: {err}"[:5000]})
+        set_tags(client, run_id, {ERROR_TAG: f"{type(err).__name__}: {err}"[:5000]})
         client.log_text(run_id, text, "error.txt")
     except Exception as log_err:  # the store itself may be what failed
         log.warning("could not save the error on run %s: %s", run_id, log_err)
@@ -227,7 +228,7 @@ def close_parent(uri: str, run_id: str, status: str, error: str | None = None) -
     The one way a parent ends: at the sweep's end, on an interruption, or at exit."""
     client = _client(uri)
     if error:
-        set_tags(client, run_id, {f"{TAG_PREFIX}error": error})
+        set_tags(client, run_id, {ERROR_TAG: error})
     retry(client.set_terminated, run_id, status=status)
     _open_parents.pop(run_id, None)
 

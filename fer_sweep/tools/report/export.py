@@ -31,6 +31,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
+from fer_sweep.sweep import tracking
 
 HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
 TAGS = ("model", "transforms", "data", "precision", "device", "device_name", "overrides")
@@ -38,7 +39,7 @@ TAGS = ("model", "transforms", "data", "precision", "device", "device_name", "ov
 
 def _shown(tag: str) -> bool:
     """The tags a bundle keeps: what the run was and did, not an error's traceback."""
-    return tag in TAGS or (tag.startswith("fer_sweep.") and tag != "fer_sweep.error")
+    return tag in TAGS or (tag.startswith("fer_sweep.") and tag != tracking.ERROR_TAG)
 
 
 def bundle_name(run: Run) -> str:
