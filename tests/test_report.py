@@ -317,6 +317,15 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
         assert int(row["n_params"]) > 0 and row["best_epoch"] == "1"
         assert float(row["wall_seconds"]) > 0 and float(row["final_train_loss"]) > 0
         assert row["synthetic"] == str(not real_data()).lower()
+    # per run: training images a second (images x epochs / training time) and resumes
+    with (report_dir / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    seen = {
+        float(r["images_per_s"]) * float(r["wall_seconds"]) / int(r["stopped_epoch"]) for r in runs
+    }
+    assert len(runs) == len(ROWS) and all(r["resumes"] == "0" for r in runs)
+    assert max(seen) - min(seen) < 1e-6 and min(seen) >= 7  # the same training split for all
+    assert "## Runs" not in (report_dir / "table2.md").read_text()  # one run a row, none resumed
     # The network column is read off the model each run's config builds.
     cfg = _compose("table2=row1")
     assert rows[0]["network"] == describe(build_model(validate(cfg).model))

@@ -3,6 +3,7 @@ done and continuing what was cut off, without re-running the grid."""
 
 from __future__ import annotations
 
+import csv
 import signal
 import time
 from pathlib import Path
@@ -128,3 +129,16 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     lines = (tmp_path / "bundle" / bundle_name(now[cut]) / "history.csv").read_text().splitlines()
     resumes = [int(line.rsplit(",", 1)[1]) for line in lines[1:]]
     assert resumes == [0] * mark.step + [1] * (6 - mark.step)
+    # ... and the report lists every run with its resumes (the cut one: 1) and training speed
+    out = tmp_path / "report"
+    proc = run_cli(
+        ["--tracking-uri", uri, "--no-log", "--out", str(out)],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (out / "runs.csv").open() as f:
+        listed = {r["run_id"]: r for r in csv.DictReader(f)}
+    assert {k: r["resumes"] for k, r in listed.items()} == {k: str(int(k == cut)) for k in now}
+    assert all(float(r["images_per_s"]) > 0 for r in listed.values())
+    assert "## Runs" in (out / "table2.md").read_text()

@@ -175,6 +175,18 @@ class Row:
     def test_acc(self) -> float | None:
         return self.metrics.get("test_acc")
 
+    @property
+    def resumes(self) -> int:
+        """How many times the run was continued from its checkpoint."""
+        return as_int(self.run.data.tags.get("fer_sweep.resumes")) or 0
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training images per second of training time (validation included)."""
+        n = as_int(self.run.data.params.get("data.n_train"))
+        epochs = as_int(self.metrics.get("stopped_epoch"))
+        return n * epochs / self.wall_seconds if n and epochs and self.wall_seconds else None
+
 
 def _row_tag(run: Run) -> int | None:
     """The Table 2 row a job was launched as (table2=row<N>, see conf/table2/), if any."""

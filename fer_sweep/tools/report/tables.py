@@ -103,6 +103,8 @@ def run_records(rows: Sequence[Row], keys: Sequence[str]) -> list[dict[str, Any]
                 "best_val_acc_pct": _pct_value(r.metrics.get("best_val_acc")),
                 "precision": r.run.data.params.get("trainer.precision"),
                 "wall_seconds": r.wall_seconds,
+                "images_per_s": r.images_per_s,
+                "resumes": r.resumes,
             }
         )
         records.append(rec)
@@ -389,8 +391,14 @@ def _runs_section(groups: Sequence[Group]) -> list[str]:
         ("Stopped", True, lambda _, ir: as_int(ir[1].metrics.get("stopped_epoch")) or ""),
         ("Status", False, lambda _, ir: ir[1].run.info.status),
         ("Wall time", True, lambda _, ir: _duration(ir[1].wall_seconds)),
+        ("Train img/s", True, lambda _, ir: _rate(ir[1].images_per_s)),
+        ("Resumes", True, lambda _, ir: ir[1].resumes),
     ]
     return ["", "## Runs", "", _table(columns, runs)]
+
+
+def _rate(per_s: float | None) -> str:
+    return "" if per_s is None else f"{per_s:,.0f}"
 
 
 def _ensembles_section(ensembles: Sequence[Run]) -> list[str]:
@@ -466,7 +474,7 @@ def table2_markdown(
     ]
     if comparisons:
         out += _differences_section(comparisons)
-    if replicated:
+    if replicated or any(r.resumes for r in rows):  # per run: seeds, training speed, resumes
         out += _runs_section(groups)
     if ensembles:
         out += _ensembles_section(ensembles)
