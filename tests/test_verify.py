@@ -124,6 +124,7 @@ def _move_to_another_class(rows: list[dict[str, str]]) -> None:
         ("history.csv", lambda rows: rows.pop(2), "history has epochs 1..6 (5 lines)"),
         ("history.csv", lambda rows: rows[3].update(lr="0.02"), "epoch 4 trained with lr 0.02"),
         ("history.csv", lambda rows: rows[1].update(val_acc="0.99"), "best epoch is 2"),
+        ("history.csv", lambda rows: rows[-1].update(resumes="3"), "resume marks"),
     ],
 )
 def test_tampering_is_named(

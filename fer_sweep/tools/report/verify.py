@@ -176,11 +176,13 @@ def _check_history(v: Verdict, config: dict, info: dict, rows: list[dict[str, st
         f"the history's best epoch is {best + 1} ({val_acc[best]:.4%}), the run logged "
         f"{metrics.get('best_epoch')} ({metrics.get('best_val_acc')})",
     )
+    # a resume marks the first epoch it trains; one after the last epoch (killed during the
+    # final evaluation) trains none, so the marks may end below the run's count, never above
     marks = [int(r["resumes"]) for r in rows]
     v.check(
-        marks == sorted(marks) and marks[-1] == info.get("resumes", 0),
+        marks == sorted(marks) and marks[-1] <= info.get("resumes", 0),
         "resumes marked",
-        f"the history's resume marks {_span(marks)} do not end at the run's "
+        f"the history's resume marks {_span(marks)} do not rise to at most the run's "
         f"{info.get('resumes')} resumes",
     )
     _check_rates(v, config, rows)
