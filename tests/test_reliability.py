@@ -121,9 +121,9 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     lrs = _history(ref_uri, ref_run.info.run_id, "lr")
     assert lrs[0] == 0.2 and min(lrs) < 0.2 and lrs.index(min(lrs)) >= 3, lrs
     assert runs[0].data.tags["fer_sweep.resumes"] == "1"
-    # finished: no error shown any more; the interruption it survived is kept under its own name
+    # finished: no error shown any more; the one it was resumed after is kept under its own name
     assert "fer_sweep.error" not in runs[0].data.tags
-    assert "SIGTERM" in runs[0].data.tags["fer_sweep.last_interruption"]
+    assert "SIGTERM" in runs[0].data.tags["fer_sweep.resumed_after"]
     # its training time is both processes' (each epoch's seconds at the least), not the last's
     assert runs[0].data.metrics["train_seconds"] >= sum(_history(uri, run_id, "epoch_seconds"))
     for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch"):

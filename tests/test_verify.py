@@ -149,6 +149,12 @@ def test_a_data_root_missing_an_image_or_holding_another_is_named(
     other = tmp_path / "root"
     shutil.copytree(root / "test", other / "test")
     first = sorted((other / "test" / "happy").iterdir())[0]
+    # what the loader does not read is not expected either: hidden folders and files
+    (other / "test" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(first, other / "test" / ".ipynb_checkpoints" / first.name)
+    shutil.copy(first, other / "test" / "happy" / "._mac.png")
+    code, out, _ = _verify(folder.parent, "--data-root", str(other))
+    assert code == 0 and "all 140 test images of the data root" in out, out
     first.unlink()
     code, out, _ = _verify(folder.parent, "--data-root", str(other))
     assert code == 1 and "1 paths are not files under" in out, out
@@ -167,3 +173,64 @@ def test_bad_verify_arguments_are_one_line(tmp_path: Path) -> None:
         proc = run_cli(args, cwd=tmp_path, module="fer_sweep.report")
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_an_incomplete_bundle_fails_alone(bundle: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, _ = bundle
+    shutil.copytree(folder, tmp_path / "b" / "a-whole")
+    shutil.copytree(folder, tmp_path / "b" / "b-cut")
+    (tmp_path / "b" / "b-cut" / "predictions.csv").unlink()
+    code, out, _ = _verify(tmp_path / "b")
+    assert code == 1, out
+    whole, cut, summary = out.splitlines()
+    assert whole.startswith("ok    a-whole: ") and cut.startswith("FAIL  b-cut: ")
+    assert "predictions.csv missing" in cut and summary == "1 of 2 bundles pass every check"
+
+
+def _history_rows(losses: list[float], rates: list[float]) -> list[dict[str, str]]:
+    return [
+        {"epoch": str(i + 1), "val_loss": repr(x), "val_acc": "0.5", "lr": repr(r), "resumes": "0"}
+        for i, (x, r) in enumerate(zip(losses, rates, strict=True))
+    ]
+
+
+PLATEAU = {"name": "plateau", "factor": 0.1, "patience": 0, "min_lr": 0.0}
+
+
+def test_a_time_budget_plans_its_own_epoch_count() -> None:
+    rows = _history_rows([1.0, 0.9, 0.8], [0.01] * 3)
+    config = {"trainer": {"epochs": 100, "time_budget_min": 5}, "scheduler": PLATEAU}
+    config["optimizer"] = {"lr": 0.01}
+    info = {
+        "metrics": {"stopped_epoch": 3, "best_epoch": 1, "best_val_acc": 0.5},
+        "epochs_logged": {"exactly_once": True},
+    }
+    v = verify.Verdict("budget")
+    verify._check_history(v, config, info, rows)
+    assert not v.failed and v.passed[0].startswith("epochs 1..3 once each"), v.line()
+    # ... but not more than trainer.epochs, and never other than the run's stopped_epoch
+    for stopped, epochs in ((4, 100), (3, 2)):
+        v = verify.Verdict("budget")
+        info["metrics"]["stopped_epoch"] = stopped
+        verify._check_history(
+            v, config | {"trainer": {"epochs": epochs, "time_budget_min": 5}}, info, rows
+        )
+        assert v.failed and "history has epochs 1..3" in v.failed[0], v.line()
+
+
+def test_a_gpu_resume_without_determinism_is_not_replayed_but_said() -> None:
+    rows = _history_rows([1.0, 1.1, 1.2], [0.01, 0.01, 0.01])  # patience 0: a cut was due
+    config = {"trainer": {"epochs": 3}, "scheduler": PLATEAU, "optimizer": {"lr": 0.01}}
+    info = {
+        "metrics": {"stopped_epoch": 3, "best_epoch": 1, "best_val_acc": 0.5},
+        "epochs_logged": {"exactly_once": True},
+        "resumes": 1,
+        "tags": {"device": "cuda"},
+    }
+    v = verify.Verdict("gpu")
+    verify._check_history(v, config, info, rows)
+    assert not v.failed and "lr not replayed: resumed on cuda" in v.line(), v.line()
+    v = verify.Verdict("cpu")  # the same history from a CPU run is a wrong schedule
+    verify._check_history(v, config, info | {"tags": {"device": "cpu"}}, rows)
+    assert v.failed and "epoch 3 trained with lr 0.01" in v.line(), v.line()

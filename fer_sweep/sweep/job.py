@@ -47,7 +47,7 @@ from fer_sweep.sweep.identity import (
 
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 RESUMES = "fer_sweep.resumes"  # how many times a run was continued from its checkpoint
-LAST_INTERRUPTION = "fer_sweep.last_interruption"  # that reason, once the run was resumed
+RESUMED_AFTER = "fer_sweep.resumed_after"  # the error a resumed run had stopped with
 
 log = logging.getLogger(__name__)
 
@@ -444,8 +444,8 @@ def _count_resume(client: MlflowClient, run_id: str, state: State) -> None:
     count = int(tags.get(RESUMES, "0")) + 1
     tracking.set_tags(client, run_id, {RESUMES: str(count)})
     error = tags.get(tracking.ERROR_TAG)
-    if error is not None:  # the interruption is over: a run that goes on to finish shows none
-        tracking.set_tags(client, run_id, {LAST_INTERRUPTION: error})
+    if error is not None:  # over: a run that goes on to finish shows no error
+        tracking.set_tags(client, run_id, {RESUMED_AFTER: error})
         tracking.retry(client.delete_tag, run_id, tracking.ERROR_TAG)
     tracking.log_metrics(client, run_id, {"resumes": count}, step=state.epoch + 1)
     log.info("run %s resumed (%d so far) after epoch %d", run_id, count, state.epoch + 1)

@@ -182,7 +182,8 @@ class Row:
 
     @property
     def images_per_s(self) -> float | None:
-        """Training images per second of training time (validation included)."""
+        """Training images x epochs per second of the run's training time (validation,
+        checkpoints and logging included: the pace a user waits for, not the bench's)."""
         n = as_int(self.run.data.params.get("data.n_train"))
         epochs = as_int(self.metrics.get("stopped_epoch"))
         return n * epochs / self.wall_seconds if n and epochs and self.wall_seconds else None

@@ -391,10 +391,14 @@ def _runs_section(groups: Sequence[Group]) -> list[str]:
         ("Stopped", True, lambda _, ir: as_int(ir[1].metrics.get("stopped_epoch")) or ""),
         ("Status", False, lambda _, ir: ir[1].run.info.status),
         ("Wall time", True, lambda _, ir: _duration(ir[1].wall_seconds)),
-        ("Train img/s", True, lambda _, ir: _rate(ir[1].images_per_s)),
+        ("Images/s", True, lambda _, ir: _rate(ir[1].images_per_s)),
         ("Resumes", True, lambda _, ir: ir[1].resumes),
     ]
-    return ["", "## Runs", "", _table(columns, runs)]
+    note = (
+        "Wall time: the run's training across all its resumes; Images/s: training images x "
+        "epochs / that time (validation, checkpoints and logging included)."
+    )
+    return ["", "## Runs", "", _table(columns, runs), "", note]
 
 
 def _rate(per_s: float | None) -> str:
