@@ -276,8 +276,8 @@ tracker = subprocess.Popen([sys.executable, "-c", IGNORES], stdout=subprocess.PI
 tracker.stdout.readline()
 worker = subprocess.Popen([sys.executable, "-c", ACTS, sys.argv[1]], stdout=subprocess.PIPE)
 worker.stdout.readline()
-print(tracker.pid, flush=True)
 SweepGuard(lambda signum: print("parent marked", signum, file=sys.stderr), grace=120).install()
+print(tracker.pid, flush=True)  # only once the guard is in place: the test signals right away
 time.sleep(300)
 """
 
