@@ -148,6 +148,7 @@ def test_a_data_root_missing_an_image_or_holding_another_is_named(
     folder, root = bundle
     other = tmp_path / "root"
     shutil.copytree(root / "test", other / "test")
+    shutil.copytree(root / "train", other / "train")
     first = sorted((other / "test" / "happy").iterdir())[0]
     # what the loader does not read is not expected either: hidden folders and files
     (other / "test" / ".ipynb_checkpoints").mkdir()
@@ -161,13 +162,19 @@ def test_a_data_root_missing_an_image_or_holding_another_is_named(
     shutil.copy(root / "test" / "happy" / first.name, other / "test" / "happy" / "extra.png")
     code, out, _ = _verify(folder.parent, "--data-root", str(other))
     assert code == 1 and "1 test images of" in out and "have no prediction" in out, out
+    (other / "test" / "joyful").mkdir()  # a root the loader refuses: its one line, exit 2
+    code, out, err = _verify(folder.parent, "--data-root", str(other))
+    assert code == 2 and "Unknown class folder" in err and "Traceback" not in err, err
 
 
 def test_bad_verify_arguments_are_one_line(tmp_path: Path) -> None:
     for args, said in (
         (["--verify", str(tmp_path / "none")], "no such folder"),
         (["--verify", str(tmp_path)], "no bundle"),
-        (["--verify", str(tmp_path), "--data-root", str(tmp_path)], "has no test/ folder"),
+        (
+            ["--verify", str(tmp_path), "--data-root", str(tmp_path)],
+            "has no train/ and test/ class folders",
+        ),
         (["--data-root", str(tmp_path)], "--data-root goes with --verify"),
     ):
         proc = run_cli(args, cwd=tmp_path, module="fer_sweep.report")

@@ -265,6 +265,18 @@ def _scan_folder(root: Path) -> _Listing:
     return _Listing(files, sorted(ignored), key)
 
 
+def _relative_paths(listing: _Listing, split: str) -> list[str]:
+    return [
+        f"{split}/{os.path.basename(d)}/{n}" for _, d, names in listing.files[split] for n in names
+    ]
+
+
+def image_paths(root: Path, split: str = "test") -> list[str]:
+    """``split/class/name`` of every image the loader reads from an image-folder root, in its
+    order: the names a run's test predictions carry, so tools can check them (report --verify)."""
+    return _relative_paths(_scan_folder(root), split)
+
+
 def _decode(data: bytes) -> tuple[np.ndarray, bool]:
     """Decode anything Pillow reads; returns (48x48 uint8, whether it had to be converted).
 
@@ -391,7 +403,7 @@ def _decode_folder(listing: _Listing, skip_bad: bool) -> tuple[dict[str, torch.T
                     [_usage_from_name(n) for _, _, names in folders for n in names], dtype=np.int8
                 )
             )
-            rel = [f"test/{os.path.basename(d)}/{n}" for _, d, names in folders for n in names]
+            rel = _relative_paths(listing, split)
             test_ids = [r for r, k in zip(rel, keep, strict=True) if k]
         if bad:  # drop skipped images (copying only when there are any)
             for name in [k for k in arrays if k.startswith(f"{split}_")]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import yaml
 
-from fer_sweep.core.dataset import IMAGE_EXTENSIONS
+from fer_sweep.core.sources import image_paths
 from fer_sweep.errors import FerSweepError
 
 FILES = ("config.yaml", "history.csv", "metrics.json", "predictions.csv")
@@ -134,7 +134,7 @@ def _check_predictions(
     if data.get("limit_per_class") is not None or data.get("skip_bad_images"):
         v.passed.append("not every test image expected (data.limit_per_class/skip_bad_images)")
         return
-    images = _test_images(root)
+    images = set(image_paths(root, "test"))
     left = images - set(paths)
     v.check(
         not left,
@@ -142,17 +142,6 @@ def _check_predictions(
         f"{len(left)} test images of {root} have no prediction"
         + (f" (first: {sorted(left)[0]})" if left else ""),
     )
-
-
-def _test_images(root: Path) -> set[str]:
-    """test/<class>/<image> of every image the loader reads (no hidden names, regular files)."""
-    return {
-        f"test/{c.name}/{f.name}"
-        for c in (root / "test").iterdir()
-        if c.is_dir() and c.name[0] != "."
-        for f in c.iterdir()
-        if f.name[0] != "." and f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-    }
 
 
 def _check_history(v: Verdict, config: dict, info: dict, rows: list[dict[str, str]]) -> None:
@@ -274,8 +263,10 @@ def bundles(top: Path) -> list[Path]:
 
 def verify(top: Path, root: Path | None = None) -> int:
     """Print one line per bundle; 0 if every check of every bundle holds, else 1."""
-    if root is not None and not (root / "test").is_dir():
-        raise FerSweepError(f"--data-root {root} has no test/ folder; give FER2013's root.")
+    if root is not None and not ((root / "test").is_dir() and (root / "train").is_dir()):
+        raise FerSweepError(
+            f"--data-root {root} has no train/ and test/ class folders; give FER2013's root."
+        )
     verdicts = [verify_bundle(folder, root) for folder in bundles(top)]
     for v in verdicts:
         print(v.line())
