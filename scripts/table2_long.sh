@@ -17,8 +17,13 @@ dir=runs/table2
 mkdir -p "$dir"
 py=${PYTHON:-python}
 
+running() {  # a live process (an ended one may wait a while to be reaped: not running)
+    local state
+    state=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $state != Z* ]]
+}
+
 if [ "${1:-}" != --run ]; then
-    if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+    if [ -f "$dir/pid" ] && running "$(cat "$dir/pid")"; then
         echo "already running (pid $(cat "$dir/pid")); log: $(ls -t "$dir"/log-*.txt | head -1)"
         exit 0
     fi

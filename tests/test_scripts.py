@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 from tests.conftest import REPO
@@ -23,3 +30,84 @@ def test_pruning_benchmark_prints_a_dash_for_a_best_trial_without_test_accuracy(
     assert pruned.endswith("| 51.00 % | — |") and "0.00 %" not in pruned
     done = bench.table_row("unpruned", "none", {**summary, "best_test_acc": 0.5})
     assert done.endswith("| 51.00 % | 50.00 % |")
+
+
+FAKE_TRAINING = r"""#!/usr/bin/env bash
+# stands in for `python -m fer_sweep` (hours per row): notes its overrides, opens the sweep
+# folder's parent file as a real sweep does, then sleeps until done or SIGTERM
+echo "$*" >>"$CALLS"
+for a in "$@"; do
+    case $a in hydra.sweep.dir=*) d=${a#hydra.sweep.dir=}; mkdir -p "${d%%/\$*}/x" ;; esac
+done
+echo '{}' >"${d%%/\$*}/x/mlflow_parent.json"
+trap 'echo TERM >>"$CALLS"; exit 143' TERM
+sleep "${FAKE_SLEEP:-0}" & wait $!
+exit "${FAKE_RC:-0}"
+"""
+
+
+def _long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """scripts/table2_long.sh from a copy of the repo root in tmp_path, run to its end."""
+    (tmp_path / "scripts").mkdir(exist_ok=True)
+    shutil.copy(REPO / "scripts" / "table2_long.sh", tmp_path / "scripts")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINING)
+    fake.chmod(0o755)
+    full = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), **env}
+    started = subprocess.run(
+        ["bash", "scripts/table2_long.sh"], cwd=tmp_path, env=full, capture_output=True, text=True
+    )
+    assert started.returncode == 0 and "started pid" in started.stdout, started.stderr
+    pid = int((tmp_path / "runs/table2/pid").read_text())
+    if env.get("FAKE_SLEEP"):
+        _wait_for(lambda: (tmp_path / "calls").exists())
+        os.kill(pid, signal.SIGTERM)
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid))
+    return started
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_table2_long_runs_the_rows_then_the_seeds_each_resumed_in_its_own_sweep(
+    tmp_path: Path,
+) -> None:
+    """The rows' multirun first; once it ends cleanly, row 6 with seeds 1 and 2; a stage whose
+    sweep folder exists is resumed; SIGTERM stops the training, a failure stops the stages."""
+    calls, table2 = tmp_path / "calls", tmp_path / "runs" / "table2"
+
+    _long_run(tmp_path, FAKE_SLEEP="60")  # stopped with SIGTERM: no stage done, no seeds
+    lines = calls.read_text().splitlines()
+    assert lines[-1] == "TERM" and len(lines) == 2, lines
+    assert "table2=row5,row6,row7" in lines[0] and "sweep.resume" not in lines[0]
+    assert not list(table2.glob("*.done"))
+
+    _long_run(tmp_path, FAKE_RC="1")  # the rows fail: resumed, not marked done, no seeds
+    lines = calls.read_text().splitlines()[2:]
+    assert len(lines) == 1 and "sweep.resume=latest" in lines[0], lines
+    assert not list(table2.glob("*.done"))
+
+    _long_run(tmp_path)  # the rows end: the seeds start afresh, in a sweep folder of their own
+    lines = calls.read_text().splitlines()[3:]
+    assert "table2=row5,row6,row7" in lines[0] and "sweep.resume=latest" in lines[0], lines
+    assert "table2=row6 trainer.seed=1,2" in lines[1] and "sweep.resume" not in lines[1]
+    assert "hydra.sweep.dir=runs/table2/seeds/" in lines[1] and len(lines) == 2
+    assert sorted(p.name for p in table2.glob("*.done")) == ["rows.done", "seeds.done"]
+
+    (table2 / "seeds.done").unlink()
+    _long_run(tmp_path)  # finished rows are not run again; the seeds are resumed
+    lines = calls.read_text().splitlines()[5:]
+    assert len(lines) == 1 and "trainer.seed=1,2" in lines[0] and "sweep.resume=latest" in lines[0]
+    log = sorted(table2.glob("log-*.txt"))[-1].read_text()
+    assert log.rstrip().endswith("all stages done"), log
