@@ -94,6 +94,7 @@ def test_table2_rows_with_three_seeds_each(tmp_path: Path, data_overrides: list[
         r for r in client.search_runs(["1"]) if r.data.tags.get("fer_sweep.role") == "parent"
     )
     assert parent.data.metrics["group1.n"] == 3
+    assert parent.data.metrics["jobs"] == 6  # table2=row1,row4 replaces the experiment's 7 rows
     assert parent.data.metrics["group1.test_acc_mean"] == pytest.approx(
         float(rows[0]["test_acc_mean"]) / 100
     )

@@ -330,7 +330,7 @@ class MultirunParentCallback(Callback):
 
             check_source(conf.data)  # the same data for every job: checked once, here
             _check_launcher(config)
-            grid = grid_key(jobs)
+            grid = grid_key(config)
             searching = search.is_search(config)
             if searching:  # "the same sweep" for sweep.resume: the same search
                 space = search.parse_space(

@@ -20,24 +20,28 @@ from fer_sweep.errors import FerSweepError
 GRID_SWEEPERS = (".BasicSweeper", ".FerSweepSweeper")  # sweepers that expand a grid up front
 
 
+def _arguments(config: DictConfig) -> list[str]:
+    """A grid sweep's arguments as Hydra's basic sweeper reads them: its params, then the
+    command line's overrides, without sweep.resume (which is not part of any job's identity)."""
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    return [a for a in args if not a.startswith("sweep.resume=")]
+
+
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Each job's overrides as Hydra's basic sweeper expands them (the cartesian product of the
-    sweep's params and the command line, in order); None for other sweepers (Optuna draws its
-    values while it runs, so they cannot be listed up front)."""
+    """Each job's overrides exactly as Hydra's basic sweeper expands them (its own
+    split_arguments: the cartesian product, where a command-line override replaces the sweep's
+    param of the same key, e.g. ``experiment=table2 table2=row5,row6`` is 2 jobs, not 7 x 2);
+    None for other sweepers (Optuna draws its values while it runs, so they cannot be listed up
+    front)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
         return None
-    params = config.hydra.sweeper.get("params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    choices = []
-    for override in OverridesParser.create().parse_overrides(args):
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-        else:
-            choices.append([f"{key}={override.get_value_element_as_str()}"])
-    return [list(job) for job in itertools.product(*choices)]
+    overrides = OverridesParser.create().parse_overrides(_arguments(config))
+    (jobs,) = BasicSweeper.split_arguments(overrides, None)
+    return [[o for o in job if not o.startswith("sweep.resume=")] for job in jobs]
 
 
 def grid_jobs(config: DictConfig) -> list[list[str]] | None:
@@ -51,15 +55,30 @@ def grid_jobs(config: DictConfig) -> list[list[str]] | None:
         return None
 
 
-def grid_key(jobs: list[list[str]] | None) -> str | None:
-    """A fingerprint of a grid sweep's jobs (without sweep.resume itself), to tell whether a
-    resumed sweep is the same grid; None for other sweepers."""
+def grid_key(config: DictConfig) -> str | None:
+    """A fingerprint of a grid sweep's arguments, to tell whether a resumed sweep is the same
+    grid; None for other sweepers. It hashes every argument's values expanded one argument at
+    a time (a param that the command line replaces counted too), the form the first sweeps were
+    fingerprinted in, so that every sweep begun since still resumes."""
     import hashlib
     import json
 
-    if jobs is None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
         return None
-    jobs = [[o for o in job if not o.startswith("sweep.resume=")] for job in jobs]
+    try:
+        parsed = OverridesParser.create().parse_overrides(_arguments(config))
+    except HydraException:
+        return None
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{o.get_key_element()}={o.get_value_element_as_str()}"]
+        for o in parsed
+    ]
+    jobs = [list(job) for job in itertools.product(*choices)]
     return hashlib.sha1(json.dumps(jobs).encode()).hexdigest()[:16]
 
 
