@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -33,17 +34,24 @@ def test_pruning_benchmark_prints_a_dash_for_a_best_trial_without_test_accuracy(
 
 
 FAKE_TRAINING = r"""#!/usr/bin/env bash
-# stands in for `python -m fer_sweep` (hours per row): notes its overrides, opens the sweep
-# folder's parent file as a real sweep does, then sleeps until done or SIGTERM
-echo "$*" >>"$CALLS"
+# stands in for `python -m fer_sweep` (hours per row): opens the sweep folder's parent file as a
+# real sweep does (its parent run: a digest of the folder), notes its overrides, then sleeps
+# until done or SIGTERM
+trap 'kill $!; echo TERM >>"$CALLS"; exit 143' TERM
 for a in "$@"; do
-    case $a in hydra.sweep.dir=*) d=${a#hydra.sweep.dir=}; mkdir -p "${d%%/\$*}/x" ;; esac
+    case $a in hydra.sweep.dir=*) d=${a#hydra.sweep.dir=}; d=${d%%/\$*} ;; esac
 done
-echo '{}' >"${d%%/\$*}/x/mlflow_parent.json"
-trap 'echo TERM >>"$CALLS"; exit 143' TERM
+mkdir -p "$d/x"
+id=$(echo "$d" | md5sum | cut -c1-32)
+echo "{\"tracking_uri\": \"x\", \"parent_run_id\": \"$id\"}" >"$d/x/mlflow_parent.json"
+echo "$*" >>"$CALLS"
 sleep "${FAKE_SLEEP:-0}" & wait $!
 exit "${FAKE_RC:-0}"
 """
+
+
+def _digest(folder: str) -> str:
+    return hashlib.md5(f"{folder}\n".encode()).hexdigest()
 
 
 def _long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -62,15 +70,21 @@ def _long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     if env.get("FAKE_SLEEP"):
         _wait_for(lambda: (tmp_path / "calls").exists())
         os.kill(pid, signal.SIGTERM)
-    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid))
+    _wait_for(lambda: _ended(pid) and _unlocked(tmp_path / "runs/table2/lock"))
     return started
 
 
-def _zombie(pid: int) -> bool:
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie (this VM's init reaps orphans late)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def _unlocked(lock: Path) -> bool:
+    """The runner and its training have ended: the lock they hold is free."""
+    return subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float = 30) -> None:
@@ -84,8 +98,10 @@ def test_table2_long_runs_the_rows_then_the_seeds_each_resumed_in_its_own_sweep(
     tmp_path: Path,
 ) -> None:
     """The rows' multirun first; once it ends cleanly, row 6 with seeds 1 and 2; a stage whose
-    sweep folder exists is resumed; SIGTERM stops the training, a failure stops the stages."""
+    sweep folder exists is resumed under its own parent; SIGTERM stops the training, a failure
+    stops the stages; while one runs, a second call starts nothing."""
     calls, table2 = tmp_path / "calls", tmp_path / "runs" / "table2"
+    rows, seeds = _digest("runs/table2/multirun"), _digest("runs/table2/seeds")
 
     _long_run(tmp_path, FAKE_SLEEP="60")  # stopped with SIGTERM: no stage done, no seeds
     lines = calls.read_text().splitlines()
@@ -95,19 +111,39 @@ def test_table2_long_runs_the_rows_then_the_seeds_each_resumed_in_its_own_sweep(
 
     _long_run(tmp_path, FAKE_RC="1")  # the rows fail: resumed, not marked done, no seeds
     lines = calls.read_text().splitlines()[2:]
-    assert len(lines) == 1 and "sweep.resume=latest" in lines[0], lines
+    assert len(lines) == 1 and lines[0].endswith(f"sweep.resume={rows}"), lines
     assert not list(table2.glob("*.done"))
 
     _long_run(tmp_path)  # the rows end: the seeds start afresh, in a sweep folder of their own
     lines = calls.read_text().splitlines()[3:]
-    assert "table2=row5,row6,row7" in lines[0] and "sweep.resume=latest" in lines[0], lines
+    assert "table2=row5,row6,row7" in lines[0] and lines[0].endswith(f"sweep.resume={rows}")
     assert "table2=row6 trainer.seed=1,2" in lines[1] and "sweep.resume" not in lines[1]
     assert "hydra.sweep.dir=runs/table2/seeds/" in lines[1] and len(lines) == 2
-    assert sorted(p.name for p in table2.glob("*.done")) == ["rows.done", "seeds.done"]
+    assert (table2 / "rows.done").read_text() == "experiment=table2 table2=row5,row6,row7\n"
+    assert (table2 / "seeds.done").exists()
 
-    (table2 / "seeds.done").unlink()
-    _long_run(tmp_path)  # finished rows are not run again; the seeds are resumed
+    _long_run(tmp_path, SEEDS="3,4")  # other seeds: finished rows not run again, seeds resumed
     lines = calls.read_text().splitlines()[5:]
-    assert len(lines) == 1 and "trainer.seed=1,2" in lines[0] and "sweep.resume=latest" in lines[0]
+    assert len(lines) == 1 and "trainer.seed=3,4" in lines[0], lines
+    assert lines[0].endswith(f"sweep.resume={seeds}")
     log = sorted(table2.glob("log-*.txt"))[-1].read_text()
     assert log.rstrip().endswith("all stages done"), log
+
+
+def test_table2_long_starts_nothing_while_its_training_runs(tmp_path: Path) -> None:
+    """Even with its runner killed outright, the training it started holds the lock."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "table2_long.sh", tmp_path / "scripts")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINING)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "FAKE_SLEEP": "60"}
+    cmd = ["bash", "scripts/table2_long.sh"]
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    _wait_for(lambda: (tmp_path / "calls").exists())
+    os.kill(int((tmp_path / "runs/table2/pid").read_text()), signal.SIGKILL)
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.stdout.startswith("already running"), again.stdout + again.stderr
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1
+    subprocess.run(["pkill", "-TERM", "-f", str(fake)])
+    _wait_for(lambda: _unlocked(tmp_path / "runs/table2/lock"))

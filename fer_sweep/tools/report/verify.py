@@ -20,6 +20,7 @@ What a bundle must show, and how it is checked:
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -134,7 +135,7 @@ def _check_predictions(
     if data.get("limit_per_class") is not None or data.get("skip_bad_images"):
         v.passed.append("not every test image expected (data.limit_per_class/skip_bad_images)")
         return
-    images = set(image_paths(root, "test"))
+    images = _test_images(root)
     left = images - set(paths)
     v.check(
         not left,
@@ -142,6 +143,12 @@ def _check_predictions(
         f"{len(left)} test images of {root} have no prediction"
         + (f" (first: {sorted(left)[0]})" if left else ""),
     )
+
+
+@functools.cache
+def _test_images(root: Path) -> frozenset[str]:
+    """The data root's test images, listed once for all the bundles checked against it."""
+    return frozenset(image_paths(root, "test"))
 
 
 def _check_history(v: Verdict, config: dict, info: dict, rows: list[dict[str, str]]) -> None:
@@ -267,6 +274,7 @@ def verify(top: Path, root: Path | None = None) -> int:
         raise FerSweepError(
             f"--data-root {root} has no train/ and test/ class folders; give FER2013's root."
         )
+    _test_images.cache_clear()  # the data root as it is now
     verdicts = [verify_bundle(folder, root) for folder in bundles(top)]
     for v in verdicts:
         print(v.line())
