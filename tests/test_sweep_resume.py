@@ -89,6 +89,11 @@ def test_interrupted_sweep_is_finished_under_the_same_parent(tmp_path: Path) -> 
     resumed = run_cli([*GRID, f"mlflow.tracking_uri={uri}", "sweep.resume=latest"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (resumed.stdout + resumed.stderr).count("already FINISHED") == len(finished)
+    # progress counts the skipped jobs as done, but takes its pace only from jobs trained here
+    progress = [ln for ln in resumed.stderr.splitlines() if ln.startswith("fer_sweep: job ")]
+    assert [ln.split(" · ")[0] for ln in progress] == [f"fer_sweep: job {i}/6" for i in range(1, 7)]
+    assert not any("ETA" in ln for ln in progress[: len(finished)]), progress
+    assert all("ETA" in ln for ln in progress[len(finished) : -1]), progress
     after = _runs(uri)
     (parent_after,) = _runs(uri, "parent")
     assert parent_after.info.run_id == parent.info.run_id  # the SAME parent ...

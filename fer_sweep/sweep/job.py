@@ -139,10 +139,10 @@ def run_job(cfg: DictConfig) -> float:
     SIGINT/SIGTERM at any moment of it raises Interrupted (the training loop defers it to the
     next step): a run that exists by then ends KILLED."""
     with interrupt.raising("job"):
-        value = _run_job(cfg)
+        value, trained = _run_job(cfg)
     multirun, sweep_dir, job_num, _ = hydra_job()
     if multirun and sweep_dir is not None:
-        progress.job_finished(sweep_dir, job_num)
+        progress.job_finished(sweep_dir, job_num, trained)
     return value
 
 
@@ -150,11 +150,12 @@ def run_trial(cfg: DictConfig, hooks: RunHooks) -> float:
     """One trial of a search, as an ordinary job of the sweep with the trial's hooks; raises
     Pruned when the pruner stops it (its run then ends FINISHED, tagged PRUNED)."""
     with interrupt.raising("trial"):
-        return _run_job(cfg, hooks)
+        return _run_job(cfg, hooks)[0]
 
 
-def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
-    """The job's steps in order; each names what it decides before the next one starts."""
+def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> tuple[float, bool]:
+    """The job's steps in order; each names what it decides before the next one starts.
+    Returns the best validation accuracy and whether it trained (not skipped by sweep.resume)."""
     started = time.perf_counter()  # trainer.time_budget_min counts from here
     conf = validate(cfg)
     flat = settings(cfg)  # "the same run" for trainer.resume and sweep.resume
@@ -169,7 +170,7 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     if parent_id and resumed and hooks is None:  # a search resumes through its study
         done = _resume_in_sweep(client, conf, exp_id, parent_id, flat, job_num)
         if done is not None:
-            return done
+            return done, False
 
     data = load_dataset(conf.data)
     log.info(
@@ -194,9 +195,10 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> float:
     pacer = None
     if plan is not None:
         pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
-    return _train_and_log(
+    best = _train_and_log(
         client, run_id, conf, cfg, data, plan, pacer, resume_id is not None, hooks
     )
+    return best, True
 
 
 def _place(conf: Config, multirun: bool, job_num: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 log = logging.getLogger("fer_sweep")
 
 DONE_DIR = ".done"  # one empty file per finished job of a grid, in the sweep folder
+TRAINED_DIR = ".trained"  # ... and per job that trained in it (not skipped by sweep.resume)
 
 
 def _duration(seconds: float) -> str:
@@ -42,17 +43,22 @@ def say_progress(line: str) -> None:
     print(f"fer_sweep: {line}", file=sys.stderr, flush=True)
 
 
-def job_finished(sweep_dir: Path, job_num: int) -> None:
-    """A grid's job is over (finished, failed or skipped): say where the sweep stands."""
+def job_finished(sweep_dir: Path, job_num: int, trained: bool = True) -> None:
+    """A grid's job is over (finished, failed or skipped): say where the sweep stands; the ETA
+    comes from the jobs that trained here (one that sweep.resume skipped took no time)."""
     from fer_sweep.sweep.tracking import parent_info
 
     info = parent_info(sweep_dir)
     total = None if info is None else info.get("grid_size")
     if not total:
         return
-    done_dir = sweep_dir / DONE_DIR
-    done_dir.mkdir(exist_ok=True)
-    (done_dir / str(job_num)).touch()
-    done = sum(1 for _ in os.scandir(done_dir))
+    for folder, mark in ((DONE_DIR, True), (TRAINED_DIR, trained)):
+        if mark:
+            (sweep_dir / folder).mkdir(exist_ok=True)
+            (sweep_dir / folder / str(job_num)).touch()
+    done, here = (
+        sum(1 for _ in os.scandir(sweep_dir / f)) if (sweep_dir / f).is_dir() else 0
+        for f in (DONE_DIR, TRAINED_DIR)
+    )
     elapsed = time.time() - float(info.get("started", time.time()))
-    say_progress(progress_line("job", done, int(total), elapsed, done))
+    say_progress(progress_line("job", done, int(total), elapsed, here))
