@@ -54,17 +54,22 @@ def _digest(folder: str) -> str:
     return hashlib.md5(f"{folder}\n".encode()).hexdigest()
 
 
-def _long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    """scripts/table2_long.sh from a copy of the repo root in tmp_path, run to its end."""
+def _start_long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """scripts/table2_long.sh, copied into tmp_path as a repo root, started with the stand-in."""
     (tmp_path / "scripts").mkdir(exist_ok=True)
     shutil.copy(REPO / "scripts" / "table2_long.sh", tmp_path / "scripts")
     fake = tmp_path / "fake_python"
     fake.write_text(FAKE_TRAINING)
     fake.chmod(0o755)
     full = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), **env}
-    started = subprocess.run(
+    return subprocess.run(
         ["bash", "scripts/table2_long.sh"], cwd=tmp_path, env=full, capture_output=True, text=True
     )
+
+
+def _long_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """_start_long_run, then wait for its end (after a SIGTERM where FAKE_SLEEP is set)."""
+    started = _start_long_run(tmp_path, **env)
     assert started.returncode == 0 and "started pid" in started.stdout, started.stderr
     pid = int((tmp_path / "runs/table2/pid").read_text())
     if env.get("FAKE_SLEEP"):
@@ -132,18 +137,11 @@ def test_table2_long_runs_the_rows_then_the_seeds_each_resumed_in_its_own_sweep(
 
 def test_table2_long_starts_nothing_while_its_training_runs(tmp_path: Path) -> None:
     """Even with its runner killed outright, the training it started holds the lock."""
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(REPO / "scripts" / "table2_long.sh", tmp_path / "scripts")
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_TRAINING)
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "calls"), "FAKE_SLEEP": "60"}
-    cmd = ["bash", "scripts/table2_long.sh"]
-    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert _start_long_run(tmp_path, FAKE_SLEEP="60").returncode == 0
     _wait_for(lambda: (tmp_path / "calls").exists())
     os.kill(int((tmp_path / "runs/table2/pid").read_text()), signal.SIGKILL)
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    again = _start_long_run(tmp_path, FAKE_SLEEP="60")
     assert again.stdout.startswith("already running"), again.stdout + again.stderr
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
-    subprocess.run(["pkill", "-TERM", "-f", str(fake)])
+    subprocess.run(["pkill", "-TERM", "-f", str(tmp_path / "fake_python")])
     _wait_for(lambda: _unlocked(tmp_path / "runs/table2/lock"))
