@@ -8,7 +8,6 @@ The ETA is this command's own pace: the time since the sweep started here, divid
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,13 +51,9 @@ def job_finished(sweep_dir: Path, job_num: int, trained: bool = True) -> None:
     total = None if info is None else info.get("grid_size")
     if not total:
         return
-    for folder, mark in ((DONE_DIR, True), (TRAINED_DIR, trained)):
-        if mark:
-            (sweep_dir / folder).mkdir(exist_ok=True)
-            (sweep_dir / folder / str(job_num)).touch()
-    done, here = (
-        sum(1 for _ in os.scandir(sweep_dir / f)) if (sweep_dir / f).is_dir() else 0
-        for f in (DONE_DIR, TRAINED_DIR)
-    )
+    for folder in (DONE_DIR, TRAINED_DIR) if trained else (DONE_DIR,):
+        (sweep_dir / folder).mkdir(exist_ok=True)
+        (sweep_dir / folder / str(job_num)).touch()
+    done, here = (len(list((sweep_dir / f).glob("*"))) for f in (DONE_DIR, TRAINED_DIR))
     elapsed = time.time() - float(info.get("started", time.time()))
     say_progress(progress_line("job", done, int(total), elapsed, here))

@@ -20,6 +20,10 @@ from fer_sweep.errors import FerSweepError
 GRID_SWEEPERS = (".BasicSweeper", ".FerSweepSweeper")  # sweepers that expand a grid up front
 
 
+def _is_grid(config: DictConfig) -> bool:
+    return str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS)
+
+
 def _arguments(config: DictConfig) -> list[str]:
     """A grid sweep's arguments as Hydra's basic sweeper reads them: its params, then the
     command line's overrides, without sweep.resume (which is not part of any job's identity)."""
@@ -37,7 +41,7 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
+    if not _is_grid(config):
         return None
     overrides = OverridesParser.create().parse_overrides(_arguments(config))
     (jobs,) = BasicSweeper.split_arguments(overrides, None)
@@ -66,7 +70,7 @@ def grid_key(config: DictConfig) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    if not str(config.hydra.sweeper.get("_target_", "")).endswith(GRID_SWEEPERS):
+    if not _is_grid(config):
         return None
     try:
         parsed = OverridesParser.create().parse_overrides(_arguments(config))
