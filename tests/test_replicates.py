@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from fer_sweep.tools.replicates import group, summarize, welch
+from fer_sweep.tools.replicates import PooledSd, difference, group, pool, pooled, summarize, welch
 from tests.conftest import migrated_store, run_cli, tiny_run
 
 TINY = tiny_run(limit_per_class=20, epochs=2)
@@ -42,6 +42,36 @@ def test_welch_difference_matches_scipy() -> None:
     same = welch(summarize([0.5, 0.52]), summarize([0.51, 0.5]))
     assert same.excludes_zero is False
     assert welch(summarize([0.5]), summarize([0.5, 0.6])).low is None
+
+
+def test_pooled_sd_interval_matches_scipy_equal_variance_t() -> None:
+    a, b = [0.50, 0.52, 0.51, 0.49], [0.55, 0.58, 0.54]
+    sd = pool([summarize(a), summarize(b)])
+    assert sd is not None and sd.df == 5
+    d = pooled(summarize(a), summarize(b), sd)
+    ref = stats.ttest_ind(b, a, equal_var=True).confidence_interval(0.95)
+    assert (d.low, d.high) == pytest.approx((ref.low, ref.high))
+    assert d.method == f"pooled sd {100 * sd.sd:.2f} pp, 5 df"
+
+
+def test_single_runs_get_an_interval_only_from_a_pooled_sd() -> None:
+    one, other = summarize([0.59]), summarize([0.62])
+    assert pool([one, other]) is None  # nobody's spread is known: no pooled sd
+    assert difference(one, other).low is None
+    # docs/results.md's rule: rows 1-4's sd 0.60 points on 8 df -> two single runs must
+    # differ by more than 2.306 * 0.60 * sqrt(2) = 1.96 points
+    outside = PooledSd(0.0060, 8)
+    d = difference(one, other, outside)
+    assert d.high - d.delta == pytest.approx(stats.t.ppf(0.975, 8) * 0.0060 * math.sqrt(2))
+    assert d.delta == pytest.approx(0.03) and d.excludes_zero is True
+    assert difference(one, summarize([0.60]), outside).excludes_zero is False
+    # the outside estimate pools with the replicates present, weighted by degrees of freedom
+    three = summarize([0.60, 0.62, 0.64])  # sd 0.02 on 2 df
+    both = pool([three, one], outside)
+    assert both.df == 10
+    assert both.sd == pytest.approx(math.sqrt((8 * 0.006**2 + 2 * 0.02**2) / 10))
+    # where both sides have replicates, Welch's interval, with no assumption of equal spreads
+    assert difference(three, summarize([0.5, 0.52]), both) == welch(three, summarize([0.5, 0.52]))
 
 
 def test_groups_keep_first_appearance_order() -> None:
@@ -124,3 +154,20 @@ def test_compare_section_for_one_varied_setting(tmp_path: Path, data_overrides: 
         module="fer_sweep.report",
     )
     assert bad.returncode == 2 and "does not vary optimizer.lr" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("0.6", "is not PP@DF"), ("x@8", "is not PP@DF"), ("0@8", "must be > 0"), ("0.6@0", "≥ 1")],
+)
+def test_report_refuses_a_seed_sd_it_cannot_use(
+    value: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fer_sweep.tools.report.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--seed-sd", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--seed-sd" in err and says in err and "e.g. 0.60@8" in err
+    assert build_parser().parse_args(["--seed-sd", "0.60@8"]).seed_sd == PooledSd(0.006, 8)

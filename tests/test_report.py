@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from scipy import stats
 
 from fer_sweep.core.config import validate
 from fer_sweep.core.models import build_model, describe
@@ -335,7 +336,8 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     assert rows[5]["transformations"] == describe_transforms({"rotation": 10, "translate": 0.1})
     md = (report_dir / "table2.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(body) == 1 + 7 + 2  # header, seven rows; the ensemble table's header and row
+    # header, seven rows; the claims' header and six claims; the ensemble table's header, row
+    assert len(body) == 1 + 7 + 1 + 6 + 2
     assert ("SYNTHETIC" in md) == (not real_data())
     assert "## Ensembles of this sweep" in md and "75.8%" in md
 
@@ -353,8 +355,60 @@ def test_report_table1_and_figures_logged_on_the_parent(
     logged = {a.path for a in client.list_artifacts(report_dir.name, "report")}
     assert logged == {
         f"report/{n}"
-        for n in ("table2.md", "table2.csv", "runs.csv", "table1.md", "accuracy.png", "curves.png")
+        for n in (
+            "table2.md",
+            "table2.csv",
+            "runs.csv",
+            "claims.csv",
+            "table1.md",
+            "accuracy.png",
+            "curves.png",
+        )
     }
+
+
+@pytest.mark.slow
+def test_report_checks_the_studys_claims(
+    sweep: tuple[MlflowClient, str, Path], report_dir: Path
+) -> None:
+    """Each claim the study's Table 2 implies is the difference of two of its rows: with single
+    runs only a bare difference; with --seed-sd, an interval and a verdict."""
+    _, uri, cwd = sweep
+    with (report_dir / "table2.csv").open() as f:
+        acc = {int(r["study_row"]): float(r["test_acc_pct"]) for r in csv.DictReader(f)}
+    with (report_dir / "claims.csv").open() as f:
+        bare = list(csv.DictReader(f))
+    assert [(int(c["row_a"]), int(c["row_b"])) for c in bare] == [
+        (1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 7)
+    ]  # fmt: skip
+    study = {r.row: r.acc for r in STUDY_TABLE2}
+    for c in bare:
+        a, b = int(c["row_a"]), int(c["row_b"])
+        assert float(c["diff_pp"]) == pytest.approx(acc[b] - acc[a])
+        assert float(c["study_diff_pp"]) == pytest.approx(study[b] - study[a])
+        assert c["shown_as_study"] == "no interval" and c["diff_ci95_low"] == ""
+    out = cwd / "claims-sd"
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--seed-sd", "0.60@8", "--no-log"]
+        + ["--out", str(out)],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    half = stats.t.ppf(0.975, 8) * 0.60 * math.sqrt(2)  # two single runs, sd 0.60 on 8 df
+    with (out / "claims.csv").open() as f:
+        checked = list(csv.DictReader(f))
+    for c in checked:
+        diff, low, high = (float(c[k]) for k in ("diff_pp", "diff_ci95_low", "diff_ci95_high"))
+        assert (low, high) == pytest.approx((diff - half, diff + half))
+        assert c["interval_from"] == "pooled sd 0.60 pp, 8 df"
+        shown = low > 0 or high < 0
+        same = (diff > 0) == (float(c["study_diff_pp"]) > 0)
+        assert c["shown_as_study"] == (
+            "not shown" if not shown else "yes" if same else "the opposite"
+        )
+    md = (out / "table2.md").read_text()
+    assert "## The study's claims" in md and "| dropout hurts | 7 − 6 | 1, 1 | -2.6 |" in md
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Replicates: runs that differ only in their seeds, summarised as mean ± sd with a 95 %
-confidence interval, and differences between two groups with Welch's interval.
+confidence interval, and differences between two groups with Welch's interval — or, where a
+side has a single run, with the seed-to-seed sd pooled over every replicated group (and any
+outside estimate), as a classic two-sample t interval.
 
 Why: Table 2's conclusions rest on differences of 1-3 points, about the spread of one network
 trained from different seeds; a single run per row cannot say whether a difference is real.
@@ -56,12 +58,14 @@ def summarize(values: Sequence[float]) -> Summary | None:
 
 @dataclass(frozen=True)
 class Difference:
-    """b − a with Welch's 95 % interval (unequal variances; Welch-Satterthwaite df)."""
+    """b − a with its 95 % interval: Welch's (unequal variances; Welch-Satterthwaite df), or
+    from a pooled sd (``method`` says which; None: no interval)."""
 
     delta: float
     low: float | None
     high: float | None
     df: float | None
+    method: str | None = None
 
     @property
     def excludes_zero(self) -> bool | None:
@@ -77,10 +81,50 @@ def welch(a: Summary, b: Summary) -> Difference:
     va, vb = a.std**2 / a.n, b.std**2 / b.n
     se = math.sqrt(va + vb)
     if se == 0.0:  # identical replicates on both sides: the difference is exact
-        return Difference(delta, delta, delta, math.inf)
+        return Difference(delta, delta, delta, math.inf, "Welch")
     df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
     half = float(stats.t.ppf(0.5 + LEVEL / 2, df)) * se
-    return Difference(delta, delta - half, delta + half, df)
+    return Difference(delta, delta - half, delta + half, df, "Welch")
+
+
+@dataclass(frozen=True)
+class PooledSd:
+    """One seed-to-seed sd for every configuration, from the replicates of several (and an
+    outside estimate, e.g. other rows of the same study): what lets two single runs be
+    compared at all, on the assumption that their spreads are alike."""
+
+    sd: float
+    df: int
+
+    def __str__(self) -> str:
+        return f"pooled sd {100 * self.sd:.2f} pp, {self.df} df"
+
+
+def pool(summaries: Sequence[Summary], outside: PooledSd | None = None) -> PooledSd | None:
+    """The pooled sd: sqrt(sum of (n_i - 1) s_i^2 / sum of (n_i - 1)) over the replicated
+    summaries and ``outside`` (its sd with its df); None when nothing has a spread."""
+    parts = [(s.n - 1, s.std) for s in summaries if s.std is not None]
+    if outside is not None:
+        parts.append((outside.df, outside.sd))
+    df = sum(d for d, _ in parts)
+    if df == 0:
+        return None
+    return PooledSd(math.sqrt(sum(d * sd**2 for d, sd in parts) / df), df)
+
+
+def pooled(a: Summary, b: Summary, sd: PooledSd) -> Difference:
+    """b − a with the two-sample t interval of a common sd: t(df) * sd * sqrt(1/n_a + 1/n_b)."""
+    delta = b.mean - a.mean
+    half = float(stats.t.ppf(0.5 + LEVEL / 2, sd.df)) * sd.sd * math.sqrt(1 / a.n + 1 / b.n)
+    return Difference(delta, delta - half, delta + half, float(sd.df), str(sd))
+
+
+def difference(a: Summary, b: Summary, sd: PooledSd | None = None) -> Difference:
+    """Welch where both sides have replicates (no assumption about their spreads); else the
+    pooled sd's interval where there is one; else the bare difference."""
+    if (a.std is not None and b.std is not None) or sd is None:
+        return welch(a, b)
+    return pooled(a, b, sd)
 
 
 def group(items: Sequence[T], key: Callable[[T], Hashable]) -> list[list[T]]:

@@ -17,7 +17,9 @@ from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
+from fer_sweep.tools.replicates import PooledSd, pool
 from fer_sweep.tools.report import export, search, verify
+from fer_sweep.tools.report.claims import check_claims, claim_records, claims_section
 from fer_sweep.tools.report.runs import (
     Group,
     build_groups,
@@ -52,12 +54,15 @@ def write_report(
     log: bool = True,
     compare: str | None = None,
     more_parents: Sequence[Run] = (),
+    seed_sd: PooledSd | None = None,
 ) -> list[Group]:
-    """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), table1.md,
-    accuracy.png, curves.png (and, for a search, trials.md/.csv and its figures) to ``out``;
-    log them and the groups' aggregates on the parent run (files under report/).
+    """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), claims.csv
+    (when the study's claims can be checked), table1.md, accuracy.png, curves.png (and, for a
+    search, trials.md/.csv and its figures) to ``out``; log them and the groups' aggregates on
+    the parent run (files under report/).
     ``more_parents``: further sweeps whose jobs join the report (e.g. the same rows trained in
-    another precision), which is then logged on the first parent only.
+    another precision), which is then logged on the first parent only. ``seed_sd``: an outside
+    estimate of the seed-to-seed sd, pooled with the groups' own.
 
     Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
@@ -81,16 +86,29 @@ def write_report(
         rows, keys = build_rows(client, runs, tmp)
         counts = class_counts(client, [r.run for r in rows], tmp)
     groups, group_keys = build_groups(rows, keys)
-    comparisons = compare_groups(groups, group_keys, compare)  # a bad --compare fails first
+    sd = pool([g.stats["test_acc"] for g in groups if "test_acc" in g.stats], seed_sd)
+    comparisons = compare_groups(groups, group_keys, compare, sd)  # a bad --compare fails first
+    claims = check_claims(groups, sd)
     out.mkdir(parents=True, exist_ok=True)
     ensembles = children(client, exp_id, parent_id, role="ensemble")
     (out / "table2.md").write_text(
-        table2_markdown(groups, group_keys, parent, uri, experiment, ensembles, comparisons)
+        table2_markdown(
+            groups,
+            group_keys,
+            parent,
+            uri,
+            experiment,
+            ensembles,
+            comparisons,
+            claims_section(claims, groups),
+        )
     )
     write_csv(out / "table2.csv", table2_records(groups, group_keys))
     write_csv(out / "runs.csv", run_records(rows, keys))
     if comparisons:
         write_csv(out / "compare.csv", comparison_records(comparisons))
+    if claims:
+        write_csv(out / "claims.csv", claim_records(claims))
     (out / "table1.md").write_text(table1_markdown(counts, any(r.synthetic for r in rows)))
     if searched:
         print((out / "trials.md").read_text())
@@ -172,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
         "model (default: pairs that differ in exactly one setting)",
     )
     p.add_argument(
+        "--seed-sd",
+        metavar="PP@DF",
+        type=_seed_sd,
+        help="a seed-to-seed sd of test accuracy measured elsewhere, in percentage points, "
+        "with its degrees of freedom (e.g. 0.60@8: Table 2 rows 1-4, 3 seeds each; "
+        "docs/results.md); pooled with this report's replicates, it gives a difference an "
+        "interval where a side has one run",
+    )
+    p.add_argument(
         "--export",
         metavar="DIR",
         type=Path,
@@ -202,6 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _seed_sd(text: str) -> PooledSd:
+    """argparse type of --seed-sd: "0.60@8" -> PooledSd(0.006, 8); its message on bad input."""
+    sd, _, df = text.partition("@")
+    try:
+        value, dof = float(sd), int(df)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not PP@DF: give the sd in points and its degrees of freedom, e.g. 0.60@8"
+        ) from None
+    if not (math.isfinite(value) and value > 0 and dof > 0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the sd must be > 0 points and the degrees of freedom ≥ 1, e.g. 0.60@8"
+        )
+    return PooledSd(value / 100, dof)
+
+
 def _report(args: argparse.Namespace) -> int:
     if args.verify is not None:
         return verify.verify(args.verify, args.data_root)
@@ -227,6 +270,7 @@ def _report(args: argparse.Namespace) -> int:
         log=not args.no_log,
         compare=args.compare,
         more_parents=parents[1:],
+        seed_sd=args.seed_sd,
     )
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"

@@ -1,6 +1,6 @@
 """Rows and groups from MLflow: a sweep's parent and child runs, each run's config and numbers
-as a ``Row``, runs that differ only in their seed grouped (mean, sd, 95 % CI), and Welch
-differences between groups."""
+as a ``Row``, runs that differ only in their seed grouped (mean, sd, 95 % CI), and the
+differences between groups (Welch, or a pooled sd where a side has one run)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,14 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep.store import newest_runs
-from fer_sweep.tools.replicates import SEED_KEYS, Difference, Summary, summarize, welch
+from fer_sweep.tools.replicates import (
+    SEED_KEYS,
+    Difference,
+    PooledSd,
+    Summary,
+    difference,
+    summarize,
+)
 from fer_sweep.tools.replicates import group as replicate_groups
 from fer_sweep.tools.report.study import (
     STUDY_BY_MODEL,
@@ -330,17 +337,21 @@ class Comparison:
 
 
 def compare_groups(
-    groups: Sequence[Group], keys: Sequence[str], key: str | None = None
+    groups: Sequence[Group],
+    keys: Sequence[str],
+    key: str | None = None,
+    sd: PooledSd | None = None,
 ) -> list[Comparison]:
     """Differences of mean test accuracy between pairs of groups that differ in exactly one
     setting: ``key`` when given; without it, only when the sweep varies exactly one setting
-    besides the seeds and has replicates (e.g. transforms=norm,aug trainer.seed=0,1,2)."""
+    besides the seeds and some spread is known (replicates, e.g. transforms=norm,aug
+    trainer.seed=0,1,2, or ``sd``, which also gives a single run's side an interval)."""
     if key is not None and key not in keys:
         raise FerSweepError(
             f"--compare {key}: this sweep does not vary {key}; it varies "
             f"{', '.join(keys) or 'nothing besides the seeds'}."
         )
-    if key is None and (len(keys) != 1 or all(g.n < 2 for g in groups)):
+    if key is None and (len(keys) != 1 or (sd is None and all(g.n < 2 for g in groups))):
         return []
     out = []
     for i, a in enumerate(groups):
@@ -357,6 +368,6 @@ def compare_groups(
                 continue
             if "test_acc" not in a.stats or "test_acc" not in b.stats:
                 continue
-            diff = welch(a.stats["test_acc"], b.stats["test_acc"])
+            diff = difference(a.stats["test_acc"], b.stats["test_acc"], sd)
             out.append(Comparison(a, b, differ[0], tuple(f"{k} (unlogged)" for k in unknown), diff))
     return out

@@ -14,7 +14,7 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from fer_sweep.tools.replicates import SEED_KEYS, Summary
+from fer_sweep.tools.replicates import SEED_KEYS, Difference, Summary
 from fer_sweep.tools.report.runs import Comparison, Group, Row, as_int, download
 from fer_sweep.tools.report.study import (
     STUDY_CLASS_NAMES,
@@ -189,8 +189,27 @@ def table2_records(groups: Sequence[Group], keys: Sequence[str]) -> list[dict[st
     return records
 
 
+def difference_fields(d: Difference) -> dict[str, Any]:
+    """A difference's CSV fields, in percentage points, and where its interval came from."""
+    return {
+        "diff_pp": 100 * d.delta,
+        "diff_ci95_low": None if d.low is None else 100 * d.low,
+        "diff_ci95_high": None if d.high is None else 100 * d.high,
+        "df": d.df,
+        "interval_from": d.method,
+    }
+
+
+def difference_ci(d: Difference) -> str:
+    """ "[+0.9, +4.8]" in points; '' without an interval."""
+    if d.low is None or d.high is None:
+        return ""
+    return f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
+
+
 def comparison_records(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:
-    """compare.csv: b − a in percentage points with Welch's 95 % interval."""
+    """compare.csv: b − a in percentage points with its 95 % interval (Welch's, or from the
+    pooled sd: interval_from)."""
     return [
         {
             "setting": c.key,
@@ -202,10 +221,7 @@ def comparison_records(comparisons: Sequence[Comparison]) -> list[dict[str, Any]
             "n_b": c.b.n,
             "a_test_acc_mean": 100 * c.a.stats["test_acc"].mean,
             "b_test_acc_mean": 100 * c.b.stats["test_acc"].mean,
-            "diff_pp": 100 * c.diff.delta,
-            "diff_ci95_low": None if c.diff.low is None else 100 * c.diff.low,
-            "diff_ci95_high": None if c.diff.high is None else 100 * c.diff.high,
-            "welch_df": c.diff.df,
+            **difference_fields(c.diff),
             "excludes_zero": _yes_no(c.diff.excludes_zero),
             "also_differs": " ".join(c.others),
         }
@@ -347,14 +363,9 @@ GROUPS_NOTE = (
 
 
 def _differences_section(comparisons: Sequence[Comparison]) -> list[str]:
-    def ci(c: Comparison) -> str:
-        if c.diff.low is None or c.diff.high is None:
-            return ""
-        return f"[{100 * c.diff.low:+.1f}, {100 * c.diff.high:+.1f}]"
-
     def real(c: Comparison) -> str:
         return {True: "yes", False: "not shown"}.get(
-            c.diff.excludes_zero, "needs n ≥ 2 on both sides"
+            c.diff.excludes_zero, "needs replicates (or --seed-sd)"
         )
 
     columns: list[Column] = [
@@ -365,18 +376,21 @@ def _differences_section(comparisons: Sequence[Comparison]) -> list[str]:
         ("Test acc. a", True, lambda i, c: _pct(c.a.stats["test_acc"].mean)),
         ("Test acc. b", True, lambda i, c: _pct(c.b.stats["test_acc"].mean)),
         ("b − a (pp)", True, lambda i, c: f"{100 * c.diff.delta:+.1f}"),
-        ("95 % CI (pp)", True, lambda i, c: ci(c)),
+        ("95 % CI (pp)", True, lambda i, c: difference_ci(c.diff)),
+        ("Interval from", False, lambda i, c: c.diff.method or "—"),
         ("Real?", False, lambda i, c: real(c)),
         ("Also differs", False, lambda i, c: " ".join(c.others) or "—"),
     ]
     return [
         "",
-        "## Differences (b − a, mean test accuracy, Welch 95 % CI)",
+        "## Differences (b − a, mean test accuracy, 95 % CI)",
         "",
         _table(columns, comparisons),
         "",
         "Real?: yes when the interval excludes 0 (the difference is larger than the "
-        "seed-to-seed spread can explain at the 95 % level).",
+        "seed-to-seed spread can explain at the 95 % level). Interval from: Welch's where "
+        "both sides have several seeds; else the seed-to-seed sd pooled over every "
+        "replicated group here (and --seed-sd), which assumes the groups' spreads are alike.",
     ]
 
 
@@ -449,9 +463,11 @@ def table2_markdown(
     experiment: str,
     ensembles: Sequence[Run] = (),
     comparisons: Sequence[Comparison] = (),
+    claims: Sequence[str] = (),
 ) -> str:
-    """table2.md: the groups' table, then the differences, the runs of replicated groups and
-    the sweep's ensembles, where there are any."""
+    """table2.md: the groups' table, then the differences, the study's claims (``claims``:
+    that section's lines), the runs of replicated groups and the sweep's ensembles, where
+    there are any."""
     rows = [r for g in groups for r in g.rows]
     tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
     replicated = any(g.n > 1 for g in groups)
@@ -478,6 +494,7 @@ def table2_markdown(
     ]
     if comparisons:
         out += _differences_section(comparisons)
+    out += claims
     if replicated or any(r.resumes for r in rows):  # per run: seeds, training speed, resumes
         out += _runs_section(groups)
     if ensembles:
