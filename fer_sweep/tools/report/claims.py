@@ -97,9 +97,11 @@ def claims_section(checks: Sequence[ClaimCheck], groups: Sequence[Group]) -> lis
     """The markdown section; empty when no claim's two rows are both in the report."""
     if not checks:
         return []
+    synthetic = any(r.synthetic for c in checks for r in (*c.a.rows, *c.b.rows))
     lines = [
         "",
-        "## The study's claims",
+        "## The study's claims"
+        + (" (on SYNTHETIC data: a pipeline check, no evidence)" * synthetic),
         "",
         "| Claim | Rows (b − a) | n (a, b) | Study b − a (pp) | Ours b − a (pp) | 95 % CI (pp) "
         "| Interval from | Shown, as the study? | Study's Δ in CI |",
