@@ -409,6 +409,15 @@ def test_report_checks_the_studys_claims(
         )
     md = (out / "table2.md").read_text()
     assert "| dropout hurts | 7 − 6 | 1, 1 | -2.6 |" in md
+    # earlier runs of rows this report already holds: refused, one line, before any file
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--no-log", "--out", str(cwd / "twice")]
+        + ["--prior-runs", str(REPO / "results" / "rows1-4-seeds.csv")],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 2 and "row 1 is also in this report" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (cwd / "twice").exists()
     assert ("## The study's claims (on SYNTHETIC data" in md) == (not real_data())
 
 

@@ -19,7 +19,13 @@ from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
 from fer_sweep.tools.replicates import PooledSd, pool
 from fer_sweep.tools.report import export, search, verify
-from fer_sweep.tools.report.claims import check_claims, claim_records, claims_section
+from fer_sweep.tools.report.claims import (
+    Side,
+    check_claims,
+    claim_records,
+    claims_section,
+    prior_sides,
+)
 from fer_sweep.tools.report.runs import (
     Group,
     build_groups,
@@ -55,6 +61,7 @@ def write_report(
     compare: str | None = None,
     more_parents: Sequence[Run] = (),
     seed_sd: PooledSd | None = None,
+    prior: dict[int, Side] | None = None,
 ) -> list[Group]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), claims.csv
     (when the study's claims can be checked), table1.md, accuracy.png, curves.png (and, for a
@@ -62,7 +69,8 @@ def write_report(
     the parent run (files under report/).
     ``more_parents``: further sweeps whose jobs join the report (e.g. the same rows trained in
     another precision), which is then logged on the first parent only. ``seed_sd``: an outside
-    estimate of the seed-to-seed sd, pooled with the groups' own.
+    estimate of the seed-to-seed sd, pooled with the groups' own; ``prior``: study rows measured
+    earlier (--prior-runs), for the study's claims.
 
     Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
@@ -88,7 +96,7 @@ def write_report(
     groups, group_keys = build_groups(rows, keys)
     sd = pool([g.stats["test_acc"] for g in groups if "test_acc" in g.stats], seed_sd)
     comparisons = compare_groups(groups, group_keys, compare, sd)  # a bad --compare fails first
-    claims = check_claims(groups, sd)
+    claims = check_claims(groups, seed_sd, prior)
     out.mkdir(parents=True, exist_ok=True)
     ensembles = children(client, exp_id, parent_id, role="ensemble")
     (out / "table2.md").write_text(
@@ -100,14 +108,14 @@ def write_report(
             experiment,
             ensembles,
             comparisons,
-            claims_section(claims, groups),
+            claims_section(claims),
         )
     )
     write_csv(out / "table2.csv", table2_records(groups, group_keys))
     write_csv(out / "runs.csv", run_records(rows, keys))
     if comparisons:
         write_csv(out / "compare.csv", comparison_records(comparisons))
-    if claims:
+    if claims.checks:
         write_csv(out / "claims.csv", claim_records(claims))
     (out / "table1.md").write_text(table1_markdown(counts, any(r.synthetic for r in rows)))
     if searched:
@@ -199,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
         "interval where a side has one run",
     )
     p.add_argument(
+        "--prior-runs",
+        metavar="CSV",
+        type=Path,
+        help="study rows measured earlier whose runs are not in this store (columns row, "
+        "seed, test_acc_pct; e.g. results/rows1-4-seeds.csv): they join the section on the "
+        "study's claims and the seed-to-seed sd its intervals use",
+    )
+    p.add_argument(
         "--export",
         metavar="DIR",
         type=Path,
@@ -250,6 +266,7 @@ def _report(args: argparse.Namespace) -> int:
         return verify.verify(args.verify, args.data_root)
     if args.data_root is not None:
         raise FerSweepError("--data-root goes with --verify DIR (the bundles to check).")
+    prior = prior_sides(args.prior_runs) if args.prior_runs else None  # bad file: before work
     client = store.open_existing(args.tracking_uri)
     store.use_store(args.tracking_uri)
     exp_id = store.require_experiment(client, args.experiment)
@@ -271,6 +288,7 @@ def _report(args: argparse.Namespace) -> int:
         compare=args.compare,
         more_parents=parents[1:],
         seed_sd=args.seed_sd,
+        prior=prior,
     )
     print((out / "table2.md").read_text())
     where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
