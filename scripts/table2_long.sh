@@ -4,7 +4,8 @@
 #   rows   table2=row5,row6,row7           the study's three ResNets, seed 0
 #   seeds  table2=row6 trainer.seed=1,2    its headline (row 6) twice more, for a mean and interval
 # The seeds stage starts once the rows' multirun has ended with every run finished
-# (runs/table2/rows.done); SEEDS= (empty) leaves it out. Run this again whenever it is not
+# (runs/table2/rows.done); SEEDS= (empty) leaves it out; ROWS=row6,row7 trains only those
+# rows (kept in runs/table2/rows.list for every later call). Run this again whenever it is not
 # running: a stage whose sweep folder exists is resumed (finished runs skipped, an interrupted one
 # continued from its checkpoint in the same MLflow run), otherwise started. Low priority (nice),
 # in the background; store, checkpoints, sweep folders and logs stay in runs/table2/ (git-ignored).
@@ -77,7 +78,12 @@ stage() {  # NAME SWEEP_ROOT OVERRIDE...: run (or continue) one stage's multirun
     echo "$*" >"$dir/$name.done"
 }
 
-stage rows "$dir/multirun" experiment=table2 "table2=${ROWS:-row5,row6,row7}"
+# ROWS= picks the rows (e.g. row6,row7 where row 5's bundle is committed already); the store
+# keeps the choice it began with, so a later call without ROWS continues the same sweep
+if [ -z "${ROWS:-}" ] && [ -f "$dir/rows.list" ]; then ROWS=$(cat "$dir/rows.list"); fi
+ROWS=${ROWS:-row5,row6,row7}
+[ -f "$dir/rows.list" ] || echo "$ROWS" >"$dir/rows.list"
+stage rows "$dir/multirun" experiment=table2 "table2=$ROWS"
 if [ -n "${SEEDS-1,2}" ]; then
     stage seeds "$dir/seeds" experiment=table2 table2=row6 "trainer.seed=${SEEDS-1,2}"
 fi

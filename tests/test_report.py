@@ -422,6 +422,46 @@ def test_report_checks_the_studys_claims(
 
 
 @pytest.mark.slow
+def test_report_from_exported_bundles_alone_is_the_stores(
+    sweep: tuple[MlflowClient, str, Path], report_dir: Path
+) -> None:
+    """--bundles: the seven runs exported, then reported from their files with no store at all,
+    give the store's report; beside the store's own sweep, a run in both counts once."""
+    _, uri, cwd = sweep
+    exported = cwd / "bundles"
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--export", str(exported)],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    alone, both = cwd / "from-bundles", cwd / "store-and-bundles"
+    proc = run_cli(
+        ["--bundles", str(exported), "--out", str(alone), "--tracking-uri", "sqlite:///no.db"],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (cwd / "no.db").exists()  # no store opened, let alone created
+    parent = report_dir.name
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--parent", parent, "--no-log"]
+        + ["--bundles", str(exported), "--out", str(both)],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("table2.csv", "runs.csv", "claims.csv", "table1.md"):
+        assert (alone / name).read_text() == (report_dir / name).read_text(), name
+        assert (both / name).read_text() == (report_dir / name).read_text(), name
+    md = (alone / "table2.md").read_text()
+    assert "Runs: 7 exported runs (bundles of `python -m fer_sweep.report --export`" in md
+    assert f"`{exported}`" in md and "Sweep: parent run" not in md
+    assert "Sweep: parent run" in (both / "table2.md").read_text()
+    assert "Also" not in (both / "table2.md").read_text()  # every bundle was in the store
+
+
+@pytest.mark.slow
 def test_some_rows_without_dash_m(sweep: tuple[MlflowClient, str, Path]) -> None:
     """experiment=table2 switches Hydra to MULTIRUN itself; table2=row2,row4 on the command line
     replaces the sweep's list. (Into the module's store, in an experiment of its own.)"""

@@ -3,13 +3,15 @@ from their predictions is the logged one, every epoch once, the learning rates r
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from fer_sweep.tools.report import verify
-from tests.conftest import real_data
+from tests.conftest import real_data, run_cli
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 BUNDLES = sorted(p.parent for p in RESULTS.glob("*/metrics.json"))
@@ -37,3 +39,28 @@ def test_committed_bundle_passes_every_check(bundle: Path) -> None:
     assert "/7178 predictions" in v.line(), v.line()
     if root is not None:
         assert "all 7178 test images of the data root" in v.passed, v.line()
+
+
+def test_table2_from_the_committed_bundles_alone(tmp_path: Path) -> None:
+    """The report rebuilds Table 2's measured ResNet rows from results/ with no store: each
+    bundle a row with its logged accuracy, wall time and resumes."""
+    out = tmp_path / "report"
+    proc = run_cli(
+        ["--bundles", str(RESULTS), "--prior-runs", str(RESULTS / "rows1-4-seeds.csv")]
+        + ["--out", str(out)],
+        cwd=tmp_path,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (out / "runs.csv").open() as f:
+        runs = {r["run_id"]: r for r in csv.DictReader(f)}
+    assert len(runs) == len(BUNDLES)
+    for b in BUNDLES:
+        info = json.loads((b / "metrics.json").read_text())
+        run = runs[info["run_id"]]
+        assert float(run["test_acc_pct"]) == pytest.approx(100 * info["test_acc"])
+        assert int(run["resumes"]) == info["resumes"]
+        assert float(run["wall_seconds"]) == pytest.approx(info["metrics"]["train_seconds"])
+    with (out / "table2.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["study_row"]) for r in rows] == sorted(int(b.name[3]) for b in BUNDLES)

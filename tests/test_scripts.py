@@ -135,6 +135,19 @@ def test_table2_long_runs_the_rows_then_the_seeds_each_resumed_in_its_own_sweep(
     assert log.rstrip().endswith("all stages done"), log
 
 
+def test_table2_long_keeps_the_rows_its_store_began_with(tmp_path: Path) -> None:
+    """ROWS=row6,row7 once (row 5 already done elsewhere): every later call continues those
+    rows, not the default three, which sweep.resume would refuse as another sweep."""
+    calls, rows = tmp_path / "calls", _digest("runs/table2/multirun")
+    _long_run(tmp_path, ROWS="row6,row7", FAKE_SLEEP="60")
+    _long_run(tmp_path, SEEDS="")
+    lines = [line for line in calls.read_text().splitlines() if line != "TERM"]
+    assert "table2=row6,row7 " in lines[0] + " " and "sweep.resume" not in lines[0], lines
+    assert "table2=row6,row7 " in lines[1] and lines[1].endswith(f"sweep.resume={rows}"), lines
+    done = (tmp_path / "runs" / "table2" / "rows.done").read_text()
+    assert done == "experiment=table2 table2=row6,row7\n"
+
+
 def test_table2_long_starts_nothing_while_its_training_runs(tmp_path: Path) -> None:
     """Even with its runner killed outright, the training it started holds the lock."""
     assert _start_long_run(tmp_path, FAKE_SLEEP="60").returncode == 0

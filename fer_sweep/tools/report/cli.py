@@ -18,7 +18,7 @@ from fer_sweep.sweep import store
 from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.cli import add_store_args, run_command
 from fer_sweep.tools.replicates import PooledSd, pool
-from fer_sweep.tools.report import export, search, verify
+from fer_sweep.tools.report import bundles, export, search, verify
 from fer_sweep.tools.report.claims import (
     Side,
     check_claims,
@@ -38,6 +38,7 @@ from fer_sweep.tools.report.search import is_search
 from fer_sweep.tools.report.tables import (
     class_counts,
     comparison_records,
+    logged_counts,
     run_records,
     table1_markdown,
     table2_markdown,
@@ -52,16 +53,18 @@ def _mkdir(path: Path) -> Path:
 
 
 def write_report(
-    client: MlflowClient,
-    uri: str,
-    experiment: str,
-    parent: Run,
+    client: MlflowClient | None,
+    parent: Run | None,
     out: Path,
+    *,
+    uri: str = "",
+    experiment: str = "",
     log: bool = True,
     compare: str | None = None,
     more_parents: Sequence[Run] = (),
     seed_sd: PooledSd | None = None,
     prior: dict[int, Side] | None = None,
+    exported: Sequence[bundles.Bundle] = (),
 ) -> list[Group]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), claims.csv
     (when the study's claims can be checked), table1.md, accuracy.png, curves.png (and, for a
@@ -70,42 +73,54 @@ def write_report(
     ``more_parents``: further sweeps whose jobs join the report (e.g. the same rows trained in
     another precision), which is then logged on the first parent only. ``seed_sd``: an outside
     estimate of the seed-to-seed sd, pooled with the groups' own; ``prior``: study rows measured
-    earlier (--prior-runs), for the study's claims.
+    earlier (--prior-runs), for the study's claims. ``exported``: bundles (--bundles) whose
+    runs join as rows, unless the store's runs hold the same run; with no ``parent`` (and no
+    ``client``) the report is theirs alone.
 
     Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
 
-    exp_id = parent.info.experiment_id
-    parent_id = parent.info.run_id
-    runs = children(client, exp_id, parent_id)
+    runs: list[Run] = []
     searched = []
-    if is_search(parent):  # its trials, best trial and Optuna's figures, pruned ones included
-        searched = search.write_search(client, parent, runs, _mkdir(out))
-    runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
-    for other in more_parents:
-        runs += children(client, other.info.experiment_id, other.info.run_id)
+    if parent is not None and client is not None:
+        runs = children(client, parent.info.experiment_id, parent.info.run_id)
+        if is_search(parent):  # its trials, best trial and Optuna's figures, pruned ones included
+            searched = search.write_search(client, parent, runs, _mkdir(out))
+        runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
+        for other in more_parents:
+            runs += children(client, other.info.experiment_id, other.info.run_id)
+    stored = {r.info.run_id for r in runs}
+    from_files = {b.run.info.run_id: b for b in exported if b.run.info.run_id not in stored}
+    runs += [b.run for b in from_files.values()]
     if not runs:
         raise FerSweepError(
-            f"parent run {parent_id} has no child job runs (yet); pick another "
-            "with --parent RUN_ID."
+            f"parent run {parent.info.run_id if parent else '?'} has no child job runs (yet); "
+            "pick another with --parent RUN_ID."
         )
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        rows, keys = build_rows(client, runs, tmp)
-        counts = class_counts(client, [r.run for r in rows], tmp)
+        configs = {i: b.config for i, b in from_files.items()}
+        rows, keys = build_rows(client, runs, tmp, configs)
+        in_store = [r.run for r in rows if r.run_id not in from_files]
+        named = logged_counts(client, in_store, tmp) if client is not None else []
+    for r in rows:
+        bundle = from_files.get(r.run_id)
+        if bundle is not None and bundle.counts:
+            named.append((r.run.info.run_name or r.run_id, bundle.counts))
+    counts = class_counts(named)
     groups, group_keys = build_groups(rows, keys)
     sd = pool([g.stats["test_acc"] for g in groups if "test_acc" in g.stats], seed_sd)
     comparisons = compare_groups(groups, group_keys, compare, sd)  # a bad --compare fails first
     claims = check_claims(groups, seed_sd, prior)
     out.mkdir(parents=True, exist_ok=True)
-    ensembles = children(client, exp_id, parent_id, role="ensemble")
+    ensembles = []
+    if parent is not None and client is not None:
+        ensembles = children(client, parent.info.experiment_id, parent.info.run_id, "ensemble")
     (out / "table2.md").write_text(
         table2_markdown(
             groups,
             group_keys,
-            parent,
-            uri,
-            experiment,
+            _source(parent, uri, experiment, list(from_files.values())),
             ensembles,
             comparisons,
             claims_section(claims),
@@ -133,19 +148,47 @@ def write_report(
     )
     curves = {}
     for r in rows:
-        hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
+        if r.run_id in from_files:
+            values = from_files[r.run_id].history.get("val_acc", [])
+        else:
+            hist = sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)
+            values = [m.value for m in hist]
         label = r.label if len(groups) == len(rows) else f"{r.label} ({r.run_id[:6]})"
-        curves[label] = [100 * m.value for m in hist]
+        curves[label] = [100 * v for v in values]
     figures.overlay_curves(
         curves,
         out / "curves.png",
         ylabel="validation accuracy (%)",
         title=f"Validation accuracy per epoch{syn}",
     )
-    if log:
-        client.log_artifacts(parent_id, str(out), artifact_path="report")
-        _log_aggregates(client, parent_id, groups)
+    if log and parent is not None and client is not None:
+        client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")
+        _log_aggregates(client, parent.info.run_id, groups)
     return groups
+
+
+def _source(
+    parent: Run | None, uri: str, experiment: str, exported: Sequence[bundles.Bundle]
+) -> str:
+    """table2.md's line on where its runs come from: a sweep of a store, bundles, or both."""
+    parts = []
+    if parent is not None:
+        overrides = parent.data.tags.get("fer_sweep.overrides", "")
+        launched = f", launched with `{overrides}`" if overrides else ""
+        parts.append(
+            f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
+            f"`{experiment}` in `{uri}`{launched}."
+        )
+    if exported:
+        places = sorted({str(b.folder.parent) for b in exported})
+        n = len(exported)
+        parts.append(
+            f"{'Also' if parent else 'Runs:'} {n} exported run{'' if n == 1 else 's'} "
+            f"(bundles of `python -m fer_sweep.report --export`, no MLflow store) from "
+            + ", ".join(f"`{p}`" for p in places)
+            + "."
+        )
+    return " ".join(parts)
 
 
 def _log_aggregates(client: MlflowClient, parent_id: str, groups: Sequence[Group]) -> None:
@@ -215,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
         "study's claims and the seed-to-seed sd its intervals use",
     )
     p.add_argument(
+        "--bundles",
+        metavar="DIR",
+        type=Path,
+        action="append",
+        help="runs exported with --export (e.g. results/) join the report as rows, beside "
+        "the store's (a run in both is taken from the store); repeatable. Without --parent "
+        "the report is theirs alone: no store is opened, nothing logged (--out, default "
+        "reports/bundles)",
+    )
+    p.add_argument(
         "--export",
         metavar="DIR",
         type=Path,
@@ -266,32 +319,39 @@ def _report(args: argparse.Namespace) -> int:
         return verify.verify(args.verify, args.data_root)
     if args.data_root is not None:
         raise FerSweepError("--data-root goes with --verify DIR (the bundles to check).")
+    if args.bundles and args.export is not None:
+        raise FerSweepError("--bundles goes with the tables, not --export (bundles are exported).")
     prior = prior_sides(args.prior_runs) if args.prior_runs else None  # bad file: before work
-    client = store.open_existing(args.tracking_uri)
-    store.use_store(args.tracking_uri)
-    exp_id = store.require_experiment(client, args.experiment)
-    parents = [find_parent(client, exp_id, p) for p in args.parent or [None]]
-    parent = parents[0]
+    exported = bundles.load_all(args.bundles or [])
+    client, parents = None, []
+    if not exported or args.parent:  # bundles alone need no store
+        client = store.open_existing(args.tracking_uri)
+        store.use_store(args.tracking_uri)
+        exp_id = store.require_experiment(client, args.experiment)
+        parents = [find_parent(client, exp_id, p) for p in args.parent or [None]]
     if args.export is not None:
         runs = [r for p in parents for r in children(client, exp_id, p.info.run_id)]
         for folder in export.export(client, runs, args.export):
             print(folder)
         return 0
-    out = args.out or Path("reports") / parent.info.run_id
+    parent = parents[0] if parents else None
+    out = args.out or Path("reports") / (parent.info.run_id if parent else "bundles")
     groups = write_report(
         client,
-        args.tracking_uri,
-        args.experiment,
         parent,
         out,
+        uri=args.tracking_uri,
+        experiment=args.experiment,
         log=not args.no_log,
         compare=args.compare,
         more_parents=parents[1:],
         seed_sd=args.seed_sd,
         prior=prior,
+        exported=exported,
     )
     print((out / "table2.md").read_text())
-    where = "" if args.no_log else f"; logged on run {parent.info.run_id} under report/"
+    logged = not args.no_log and parent is not None
+    where = f"; logged on run {parent.info.run_id} under report/" if logged else ""
     runs = sum(g.n for g in groups)
     print(
         f"{len(groups)} rows ({runs} runs) -> {out}/ (table2.md, table2.csv, runs.csv, "

@@ -7,7 +7,8 @@ One folder per run, ``<run name>-<run id[:8]>/``:
 - ``history.csv``: one line per epoch (1-based): train loss and accuracy, validation loss and
   accuracy, the learning rate it trained with, seconds, and ``resumes`` (how many times the run
   had been continued from its checkpoint when that epoch was trained);
-- ``metrics.json``: the final metrics, the run's params and tags, and the checks below;
+- ``metrics.json``: the final metrics, the run's params and tags, its class counts per split
+  (``class_counts``, for Table 1), and the checks below;
 - ``predictions.csv``: one line per test image: its path relative to the data root (or
   ``<csv>:<line>``), true class, predicted class (the best-validation weights, no TTA).
 
@@ -72,6 +73,16 @@ def _history(client: MlflowClient, run_id: str) -> tuple[list[dict[str, Any]], d
     return rows, check
 
 
+def _data_counts(client: MlflowClient, run_id: str, tmp: str) -> dict[str, Any] | None:
+    """The class counts per split the run trained and was tested on (its data.json), for
+    Table 1; None for a run without one."""
+    try:
+        path = client.download_artifacts(run_id, "data.json", tmp)
+        return json.loads(Path(path).read_text()).get("counts")
+    except Exception:
+        return None
+
+
 def write_bundle(client: MlflowClient, run: Run, folder: Path) -> dict[str, Any]:
     """Write one run's bundle into ``folder``; returns its metrics.json content."""
     run_id = run.info.run_id
@@ -82,6 +93,7 @@ def write_bundle(client: MlflowClient, run: Run, folder: Path) -> dict[str, Any]
                 probs, y = np.asarray(npz["test_probs"]), np.asarray(npz["test_y"])
                 classes = [str(c) for c in npz["classes"]]
                 ids = [str(i) for i in npz["test_ids"]] if "test_ids" in npz.files else []
+            counts = _data_counts(client, run_id, tmp)
         except Exception as err:  # an artifact missing or unreadable: this run cannot be shown
             raise FerSweepError(
                 f"run {run_id} ({run.info.run_name}) has no readable config.yaml and "
@@ -113,6 +125,7 @@ def write_bundle(client: MlflowClient, run: Run, folder: Path) -> dict[str, Any]
         "test_paths_known": bool(ids),
         "test_acc": metrics.get("test_acc"),
         "test_acc_recomputed": float((pred == y).mean()) if len(y) else math.nan,
+        "class_counts": counts,
         "metrics": metrics,
         "tags": {k: v for k, v in sorted(run.data.tags.items()) if _shown(k)},
         "params": dict(sorted(run.data.params.items())),

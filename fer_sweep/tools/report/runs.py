@@ -113,9 +113,11 @@ def unflatten(params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def run_config(client: MlflowClient, run: Run, tmp: Path) -> dict[str, Any]:
+def run_config(client: MlflowClient | None, run: Run, tmp: Path) -> dict[str, Any]:
     """The job's resolved config: its config.yaml artifact, else its params."""
-    path = download(client, run.info.run_id, "config.yaml", tmp / run.info.run_id)
+    path = None
+    if client is not None:
+        path = download(client, run.info.run_id, "config.yaml", tmp / run.info.run_id)
     if path is not None:
         loaded = yaml.safe_load(path.read_text())
         if isinstance(loaded, dict):
@@ -217,12 +219,20 @@ def as_int(value: Any) -> int | None:
         return None
 
 
-def build_rows(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> tuple[list[Row], list[str]]:
-    """Rows in the study's order (study rows first, by model), then the others as launched."""
+def build_rows(
+    client: MlflowClient | None,
+    runs: Sequence[Run],
+    tmp: Path,
+    configs: Mapping[str, dict[str, Any]] | None = None,
+) -> tuple[list[Row], list[str]]:
+    """Rows in the study's order (study rows first, by model), then the others as launched.
+    ``configs``: resolved configs by run id where they are known already (bundles' runs, which
+    are in no store)."""
     keys = swept_keys([r.data.params for r in runs])
     rows: list[Row] = []
     for run in runs:
-        cfg = run_config(client, run, tmp)
+        known = (configs or {}).get(run.info.run_id)
+        cfg = known if known is not None else run_config(client, run, tmp)
         mcfg, tcfg = cfg.get("model") or {}, cfg.get("transforms") or {}
         metrics = dict(run.data.metrics)
         if "final_train_loss" not in metrics and "train_loss" in metrics:

@@ -458,16 +458,14 @@ def _ensembles_section(ensembles: Sequence[Run]) -> list[str]:
 def table2_markdown(
     groups: Sequence[Group],
     keys: Sequence[str],
-    parent: Run,
-    uri: str,
-    experiment: str,
+    source: str,
     ensembles: Sequence[Run] = (),
     comparisons: Sequence[Comparison] = (),
     claims: Sequence[str] = (),
 ) -> str:
-    """table2.md: the groups' table, then the differences, the study's claims (``claims``:
-    that section's lines), the runs of replicated groups and the sweep's ensembles, where
-    there are any."""
+    """table2.md: where its runs come from (``source``), the groups' table, then the
+    differences, the study's claims (``claims``: that section's lines), the runs of replicated
+    groups and the sweep's ensembles, where there are any."""
     rows = [r for g in groups for r in g.rows]
     tta = {r.run.data.params.get("eval.tta") for r in rows} - {None, "none"}
     replicated = any(g.n > 1 for g in groups)
@@ -482,11 +480,8 @@ def table2_markdown(
             "their accuracies are not comparable with the study's.",
             "",
         ]
-    overrides = parent.data.tags.get("fer_sweep.overrides", "")
-    launched = f", launched with `{overrides}`" if overrides else ""
     out += [
-        f"Sweep: parent run `{parent.info.run_id}` ({parent.info.run_name}) of experiment "
-        f"`{experiment}` in `{uri}`{launched}.",
+        source,
         "",
         _table(_group_columns(keys, _optional_metrics(rows), tta), groups),
         "",
@@ -502,22 +497,29 @@ def table2_markdown(
     return "\n".join(out) + "\n"
 
 
-def class_counts(
-    client: MlflowClient, runs: Sequence[Run], tmp: Path
-) -> list[tuple[dict[str, dict[str, int]], list[str]]]:
-    """Distinct (counts per split, run names) among the runs' data.json artifacts."""
-    groups: list[tuple[dict[str, dict[str, int]], list[str]]] = []
+def logged_counts(client: MlflowClient, runs: Sequence[Run], tmp: Path) -> list[tuple[str, dict]]:
+    """(run name, class counts per split) of each run that logged a data.json artifact."""
+    out = []
     for run in runs:
         path = download(client, run.info.run_id, "data.json", tmp / run.info.run_id)
-        if path is None:
-            continue
-        counts = json.loads(path.read_text()).get("counts", {})
+        if path is not None:
+            counts = json.loads(path.read_text()).get("counts", {})
+            out.append((run.info.run_name or run.info.run_id, counts))
+    return out
+
+
+def class_counts(
+    named: Sequence[tuple[str, dict[str, dict[str, int]]]],
+) -> list[tuple[dict[str, dict[str, int]], list[str]]]:
+    """Distinct (counts per split, run names) among (run name, counts) pairs."""
+    groups: list[tuple[dict[str, dict[str, int]], list[str]]] = []
+    for name, counts in named:
         for known, names in groups:
             if known == counts:
-                names.append(run.info.run_name or run.info.run_id)
+                names.append(name)
                 break
         else:
-            groups.append((counts, [run.info.run_name or run.info.run_id]))
+            groups.append((counts, [name]))
     return groups
 
 
@@ -532,7 +534,7 @@ def table1_markdown(
             "",
         ]
     if not groups:
-        out += ["No run of this sweep logged data.json.", ""]
+        out += ["No run here logged its class counts (data.json).", ""]
     header = [
         "Emotion",
         "Train",

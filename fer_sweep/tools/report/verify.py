@@ -19,24 +19,19 @@ What a bundle must show, and how it is checked:
 
 from __future__ import annotations
 
-import csv
 import functools
 import itertools
-import json
 import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from fer_sweep.core.sources import image_paths
 from fer_sweep.errors import FerSweepError
-
-FILES = ("config.yaml", "history.csv", "metrics.json", "predictions.csv")
+from fer_sweep.tools.report import bundles
 
 
 @dataclass
@@ -74,22 +69,6 @@ def replay_plateau(
 
 def _close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
-
-
-def _read(folder: Path) -> tuple[dict[str, Any], list[dict[str, str]], dict, list[dict[str, str]]]:
-    missing = [f for f in FILES if not (folder / f).is_file()]
-    if missing:
-        raise FerSweepError(f"{folder} is not a whole bundle: {', '.join(missing)} missing")
-    try:
-        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        info = json.loads((folder / "metrics.json").read_text())
-        with (folder / "history.csv").open(newline="") as f:
-            history = list(csv.DictReader(f))
-        with (folder / "predictions.csv").open(newline="") as f:
-            predictions = list(csv.DictReader(f))
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise FerSweepError(f"{folder}: a file cannot be read ({err})") from None
-    return config, history, info, predictions
 
 
 def _check_predictions(
@@ -243,7 +222,7 @@ def verify_bundle(folder: Path, root: Path | None = None) -> Verdict:
     """Every check above on one bundle folder."""
     v = Verdict(folder.name)
     try:
-        config, history, info, predictions = _read(folder)
+        config, history, info, predictions = bundles.read(folder)
     except FerSweepError as err:
         v.failed.append(str(err))
         return v
@@ -255,19 +234,6 @@ def verify_bundle(folder: Path, root: Path | None = None) -> Verdict:
     return v
 
 
-def bundles(top: Path) -> list[Path]:
-    """The bundle folders at or under ``top`` (each holds a metrics.json)."""
-    if not top.is_dir():
-        raise FerSweepError(f"--verify {top}: no such folder; give the folder --export wrote.")
-    found = sorted(p.parent for p in top.rglob("metrics.json"))
-    if not found:
-        raise FerSweepError(
-            f"--verify {top}: no bundle (a folder with metrics.json) in it; "
-            "write them with python -m fer_sweep.report --export DIR."
-        )
-    return found
-
-
 def verify(top: Path, root: Path | None = None) -> int:
     """Print one line per bundle; 0 if every check of every bundle holds, else 1."""
     if root is not None and not ((root / "test").is_dir() and (root / "train").is_dir()):
@@ -275,7 +241,7 @@ def verify(top: Path, root: Path | None = None) -> int:
             f"--data-root {root} has no train/ and test/ class folders; give FER2013's root."
         )
     _test_images.cache_clear()  # the data root as it is now
-    verdicts = [verify_bundle(folder, root) for folder in bundles(top)]
+    verdicts = [verify_bundle(folder, root) for folder in bundles.find(top)]
     for v in verdicts:
         print(v.line())
     bad = sum(bool(v.failed) for v in verdicts)
