@@ -140,6 +140,24 @@ def test_earlier_runs_from_the_committed_csv() -> None:
         check_claims([group("cnn2", [0.5])], None, prior)
 
 
+def test_the_seven_rows_wherever_each_was_measured() -> None:
+    """With earlier runs, the study's seven rows in one table: each row's source, n, mean ± sd,
+    interval and Δ; a row measured nowhere says so. Without, no such table (Table 2 has all)."""
+    prior = prior_sides(RESULTS / "rows1-4-seeds.csv")
+    md = "\n".join(claims_section(check_claims([group("resnet_small", [0.5903])], None, prior)))
+    assert "## The study's seven rows, with the earlier runs" in md
+    assert "## The study's claims" not in md  # no claim has both its rows yet
+    lines = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0] for line in lines] == [f"| {r}" for r in range(1, 8)]
+    # docs/results.md's rows 1-4, from the CSV's twelve runs
+    assert lines[0].startswith("| 1 | cnn2 | Normalize | rows1-4-seeds.csv | 3 | 50.7 ± 0.3% |")
+    assert lines[0].endswith("| [49.9, 51.5] | 52.6% | -1.9 |")
+    assert lines[4].endswith("| this report | 1 | 59.0% |  | 60.4% | -1.4 |")
+    assert "| measured nowhere here |  |  |  | 65.9% |  |" in lines[5]
+    ours = [group("resnet_small", [0.59]), group("resnet", [0.66])]
+    assert "seven rows" not in "\n".join(claims_section(check_claims(ours, PooledSd(0.006, 8))))
+
+
 @pytest.mark.parametrize(
     ("text", "says"),
     [

@@ -36,7 +36,7 @@ from fer_sweep.tools.replicates import (
 )
 from fer_sweep.tools.report.runs import Group
 from fer_sweep.tools.report.study import STUDY_TABLE2
-from fer_sweep.tools.report.tables import difference_ci, difference_fields
+from fer_sweep.tools.report.tables import difference_ci, difference_fields, interval, mean_sd
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class Claims:
     pooled_rows: list[str]  # where the pooled sd comes from, e.g. "row 6 (this report)"
     notes: list[str] = field(default_factory=list)  # rows left out, and why
     missing: list[int] = field(default_factory=list)  # study rows measured nowhere
+    sides: dict[int, Side] = field(default_factory=dict)  # every study row measured, by row
 
 
 def report_sides(groups: Sequence[Group]) -> tuple[dict[int, Side], list[str]]:
@@ -197,7 +198,7 @@ def check_claims(
                 ClaimCheck(c, sides[c.a], sides[c.b], pooled(a, b, sd) if sd else welch(a, b), sd)
             )
     missing = [r.row for r in STUDY_TABLE2 if r.row not in sides]
-    return Claims(checks, sd, pooled_rows, notes, missing)
+    return Claims(checks, sd, pooled_rows, notes, missing, sides)
 
 
 def _overall(name: str, checks: Sequence[ClaimCheck], missing: Sequence[int]) -> str:
@@ -219,13 +220,53 @@ def _overall(name: str, checks: Sequence[ClaimCheck], missing: Sequence[int]) ->
     return "not shown"
 
 
+def rows_section(claims: Claims) -> list[str]:
+    """The study's seven rows as measured, wherever each was (this report, a file of earlier
+    runs, nowhere): Table 2 whole in one place. Only when a row comes from elsewhere; without,
+    the report's own table has them all."""
+    sides = claims.sides
+    if all(s.source == "this report" for s in sides.values()):
+        return []
+    lines = [
+        "",
+        "## The study's seven rows, with the earlier runs",
+        "",
+        "| Row | Model | Transformations | From | n | Test acc. | 95 % CI | Study | Δ (pp) |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in STUDY_TABLE2:
+        side = sides.get(row.row)
+        if side is None:
+            cells = ["measured nowhere here", "", "", "", f"{row.acc:.1f}%", ""]
+        else:
+            acc = side.acc
+            cells = [
+                side.source,
+                str(acc.n),
+                mean_sd(acc),
+                interval(acc.low, acc.high),
+                f"{row.acc:.1f}%",
+                f"{100 * acc.mean - row.acc:+.1f}",
+            ]
+        lines.append(f"| {row.row} | {row.model} | {row.transforms} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Test accuracy: the mean ± sample sd of a row's runs (95 % CI from Student's t where it "
+        "has several seeds); Δ = ours − study. A row from this report is its group above; "
+        "the others are earlier runs (--prior-runs) whose store is not here.",
+    ]
+    return lines
+
+
 def claims_section(claims: Claims) -> list[str]:
-    """The markdown section; empty when no claim's two rows are both measured."""
+    """The markdown sections: the study's rows where some come from elsewhere, then the claims
+    (none when no claim's two rows are both measured)."""
     checks = claims.checks
     if not checks:
-        return []
+        return rows_section(claims)
     synthetic = any(c.a.synthetic or c.b.synthetic for c in checks)
     lines = [
+        *rows_section(claims),
         "",
         "## The study's claims"
         + (" (on SYNTHETIC data: a pipeline check, no evidence)" * synthetic),

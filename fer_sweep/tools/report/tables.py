@@ -246,7 +246,7 @@ def _median(values: Sequence[float]) -> float | None:
     return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
 
 
-def _mean_sd(s: Summary | None, digits: int = 1) -> str:
+def mean_sd(s: Summary | None, digits: int = 1) -> str:
     if s is None:
         return ""
     if s.std is None:
@@ -254,7 +254,7 @@ def _mean_sd(s: Summary | None, digits: int = 1) -> str:
     return f"{100 * s.mean:.{digits}f} ± {100 * s.std:.{digits}f}%"
 
 
-def _interval(low: float | None, high: float | None, digits: int = 1) -> str:
+def interval(low: float | None, high: float | None, digits: int = 1) -> str:
     if low is None or high is None:
         return ""
     return f"[{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
@@ -305,7 +305,7 @@ def _group_columns(
     def metric_column(m: str, title: str) -> Column:
         if m == "test_acc_tta" and tta:
             title = f"{title} ({'/'.join(sorted(tta))})"
-        return (title, True, lambda i, g: _mean_sd(g.stats.get(m)))
+        return (title, True, lambda i, g: mean_sd(g.stats.get(m)))
 
     def key_column(k: str) -> Column:
         return (k, False, lambda i, g: g.settings[k])
@@ -318,8 +318,8 @@ def _group_columns(
         ("Epochs", True, lambda i, g: g.first.epochs or ""),
         ("Training loss", True, lambda i, g: loss(g)),
         ("n", True, lambda i, g: g.n),
-        ("Test acc.", True, lambda i, g: _mean_sd(acc(g)) + status(g)),
-        ("95 % CI", True, lambda i, g: _interval(acc(g).low, acc(g).high) if acc(g) else ""),
+        ("Test acc.", True, lambda i, g: mean_sd(acc(g)) + status(g)),
+        ("95 % CI", True, lambda i, g: interval(acc(g).low, acc(g).high) if acc(g) else ""),
         (
             "Study",
             True,
