@@ -84,6 +84,27 @@ def test_measuring_leaves_the_random_state_alone(synthetic_root: Path) -> None:
     assert speed.train_ips > 0 and speed.eval_ips > 0 and speed.seconds > 0
 
 
+@pytest.mark.parametrize(("batch", "steps"), [(32, 3 + 10), (64, 3 + 6), (512, 1 + 1)])
+def test_the_probe_takes_no_more_steps_than_an_epoch(
+    synthetic_root: Path, monkeypatch: pytest.MonkeyPatch, batch: int, steps: int
+) -> None:
+    """3 warm-up and 10 timed steps, but never more of either than an epoch has (here 336
+    training images: 11 steps of 32, 6 of 64, 1 of 512)."""
+    conf = _conf(synthetic_root, "trainer.time_budget_min=5", f"trainer.batch_size={batch}")
+    data = load_dataset(conf.data)
+    assert len(data.train) == 336
+    calls: list[int] = []
+    real_step = budget.train.train_step
+
+    def counted(*args: Any, **kwargs: Any) -> float:
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(budget.train, "train_step", counted)
+    budget.measure(conf, data, torch.device("cpu"))
+    assert len(calls) == steps
+
+
 def test_the_pacer_plans_the_epochs_that_fit_at_the_last_epochs_pace() -> None:
     state = State(epoch=2, epochs=10)
     state.history["epoch_seconds"] = [99.0, 10.0, 10.0, 10.0]  # the pace: the last three

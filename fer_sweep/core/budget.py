@@ -4,8 +4,9 @@ A 30-minute recipe written for one CPU overruns on a slower or busier one (the s
 step ran 426-870 images/s within one night on this project's shared 2-core host) and wastes a
 fast one. Before training, a few steps of the run's own model, batch size and precision are
 timed on a throwaway copy; the first plan is the number of epochs whose training, validation and
-final evaluation (with its test-time views) fit the rest of the budget with a margin. Ten steps
-sample the host at one moment, though, so after every epoch the ``Pacer`` plans again from the
+final evaluation (with its test-time views) fit the rest of the budget with a margin (at most
+as many steps as an epoch has: a small subset's probe stays cheap). Ten steps sample the host at
+one moment, though, so after every epoch the ``Pacer`` plans again from the
 epochs the run has timed and the schedule is retargeted to the new count (``train.retarget``):
 the run uses the budget the machine actually gives, and its schedule still ends on time. The
 first plan is logged as ``trainer.epochs_planned``, every later one as the ``budget_epochs``
@@ -90,8 +91,12 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
             synchronize(device)
             return time.perf_counter() - start
 
-        steps(WARMUP_STEPS)
-        train_ips = TIMED_STEPS * bs / steps(TIMED_STEPS)
+        # never more steps than an epoch has: on a small subset (data.limit_per_class) the
+        # probe would otherwise cost many times the training it plans
+        per_epoch = math.ceil(len(data.train) / bs)
+        steps(min(WARMUP_STEPS, per_epoch))
+        timed = min(TIMED_STEPS, per_epoch)
+        train_ips = timed * bs / steps(timed)
         n_eval = min(len(data.val), 2 * tc.eval_batch_size)
         val = (data.val.x[:n_eval].to(device), data.val.y[:n_eval].to(device))
         tfm = make_transform(None, data.mean, data.std)
