@@ -23,7 +23,7 @@
 #            two processes share the GPU, not seven
 #   compile  one trainer.compile=true run (cnn2 + norm, 3 epochs): torch.compile on CUDA
 #   fast     the 30-minute CPU recipe (`python -m fer_sweep experiment=fast`) on the GPU, its
-#            time budget set to the phase's cap less 20 s (trainer.time_budget_min): the epochs
+#            time budget set to the phase's cap less 30 s (trainer.time_budget_min): the epochs
 #            planned on the device (at most 60), its test accuracy and seconds per epoch
 #   report   python -m fer_sweep.report --out $OUT/report --no-log (Table 2 from MLflow)
 #   bench_channels_last_off   the benchmark again with trainer.channels_last=false, only when
@@ -259,8 +259,9 @@ run_phase compile "$COMPILE_CAP" $(((FAST_CAP + REPORT_CAP) / 2 + FINAL_RESERVE)
 
 # (d) the 30-minute CPU recipe on the device, within the phase's cap: its budget planner decides.
 # The budget counts from the job's start and plans the final evaluation and exit itself
-# (fer_sweep/core/budget.py); the 20 s left of the cap are for the process to start.
-FAST_BUDGET_MIN=$(awk "BEGIN { print ($FAST_CAP - 20) / 60 }")
+# (fer_sweep/core/budget.py); of the cap, KILL_GRACE goes before run_phase's SIGTERM and 20 s to
+# the process's start-up (a short GPU_CHECK_FAST_S keeps half of itself for training).
+FAST_BUDGET_MIN=$(awk "BEGIN { b = $FAST_CAP - $KILL_GRACE - 20; if (b < $FAST_CAP / 2) b = $FAST_CAP / 2; print b / 60 }")
 run_phase fast "$FAST_CAP" $((REPORT_CAP / 2 + FINAL_RESERVE)) 30 \
   "$PY" -m fer_sweep experiment=fast "trainer.time_budget_min=$FAST_BUDGET_MIN" \
   "hydra.run.dir=$WORK/outputs/fast" "${COMMON[@]}"

@@ -19,6 +19,20 @@ dir=runs/table2
 mkdir -p "$dir"
 py=${PYTHON:-python}
 
+# ROWS= picks the rows (e.g. row6,row7 where row 5's bundle is committed already); the store
+# keeps the choice it began with, so a later call without ROWS continues the same sweep
+if [ -f "$dir/rows.list" ]; then
+    began=$(cat "$dir/rows.list")
+    if [ -n "${ROWS:-}" ] && [ "$ROWS" != "$began" ]; then
+        echo "ROWS=$ROWS, but this store's rows stage began with $began (runs/table2/rows.list):" \
+            "leave ROWS out to continue it, or move runs/table2 away to start another" >&2
+        exit 2
+    fi
+    ROWS=$began
+fi
+export ROWS=${ROWS:-row5,row6,row7}
+[ -f "$dir/rows.list" ] || echo "$ROWS" >"$dir/rows.list"
+
 if [ "${1:-}" != --run ]; then
     # the runner holds this lock, and its training inherits it: even a runner killed outright
     # leaves the lock held until its training has ended too
@@ -78,11 +92,6 @@ stage() {  # NAME SWEEP_ROOT OVERRIDE...: run (or continue) one stage's multirun
     echo "$*" >"$dir/$name.done"
 }
 
-# ROWS= picks the rows (e.g. row6,row7 where row 5's bundle is committed already); the store
-# keeps the choice it began with, so a later call without ROWS continues the same sweep
-if [ -z "${ROWS:-}" ] && [ -f "$dir/rows.list" ]; then ROWS=$(cat "$dir/rows.list"); fi
-ROWS=${ROWS:-row5,row6,row7}
-[ -f "$dir/rows.list" ] || echo "$ROWS" >"$dir/rows.list"
 stage rows "$dir/multirun" experiment=table2 "table2=$ROWS"
 if [ -n "${SEEDS-1,2}" ]; then
     stage seeds "$dir/seeds" experiment=table2 table2=row6 "trainer.seed=${SEEDS-1,2}"

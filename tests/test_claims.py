@@ -154,6 +154,10 @@ def test_the_seven_rows_wherever_each_was_measured() -> None:
     assert lines[0].endswith("| [49.9, 51.5] | 52.6% | -1.9 |")
     assert lines[4].endswith("| this report | 1 | 59.0% |  | 60.4% | -1.4 |")
     assert "| measured nowhere here |  |  |  | 65.9% |  |" in lines[5]
+    twice = [group("resnet", [0.66], label="a"), group("resnet", [0.67], label="b")]
+    md = "\n".join(claims_section(check_claims(twice, None, prior)))
+    assert "| 6 | resnet | " in md and "| left out (see the note below) |" in md
+    assert "row 6 left out: 2 groups" in md
     ours = [group("resnet_small", [0.59]), group("resnet", [0.66])]
     assert "seven rows" not in "\n".join(claims_section(check_claims(ours, PooledSd(0.006, 8))))
 

@@ -459,6 +459,25 @@ def test_report_from_exported_bundles_alone_is_the_stores(
     assert f"`{exported}`" in md and "Sweep: parent run" not in md
     assert "Sweep: parent run" in (both / "table2.md").read_text()
     assert "Also" not in (both / "table2.md").read_text()  # every bundle was in the store
+    # the store's sweep and a run only a bundle holds (row 5 as trained here, results/): one
+    # report, not logged on the parent, whose sweep it no longer is
+    mixed = cwd / "mixed"
+    proc = run_cli(
+        ["--tracking-uri", uri, "--experiment", EXP, "--parent", parent]
+        + ["--bundles", str(REPO / "results"), "--out", str(mixed)],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "logged on run" not in proc.stdout
+    with (mixed / "runs.csv").open() as f:
+        runs = {r["run_id"][:8]: r for r in csv.DictReader(f)}
+    committed = sorted((REPO / "results").glob("*/metrics.json"))
+    assert len(runs) == 7 + len(committed)
+    assert float(runs["f791b3f6"]["test_acc_pct"]) == pytest.approx(100 * 4237 / 7178)
+    assert runs["f791b3f6"]["stopped_epoch"] == "100" and runs["f791b3f6"]["resumes"] == "7"
+    assert f"Also {len(committed)} exported run" in (mixed / "table2.md").read_text()
+    assert (mixed / "table1.md").read_text() == (report_dir / "table1.md").read_text()
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from tests.conftest import real_data, run_cli
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 BUNDLES = sorted(p.parent for p in RESULTS.glob("*/metrics.json"))
+MODULE = "fer_sweep.report"
 TABLE2_ROWS = {5: "resnet_small", 6: "resnet", 7: "resnet_dropout"}
 
 
@@ -63,4 +66,35 @@ def test_table2_from_the_committed_bundles_alone(tmp_path: Path) -> None:
         assert float(run["wall_seconds"]) == pytest.approx(info["metrics"]["train_seconds"])
     with (out / "table2.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["study_row"]) for r in rows] == sorted(int(b.name[3]) for b in BUNDLES)
+    launched = {_row(json.loads((b / "metrics.json").read_text())) for b in BUNDLES}
+    assert [int(r["study_row"]) for r in rows] == sorted(launched)  # seeds of a row: one group
+
+
+def _row(info: dict) -> int:
+    """The Table 2 row a bundle's run was launched as (its table2=row<N> override)."""
+    (row,) = [o.split("=row")[1] for o in info["tags"]["overrides"].split() if "table2=row" in o]
+    return int(row)
+
+
+def test_bundles_a_report_cannot_trust_are_refused(tmp_path: Path) -> None:
+    """Two different exports of one run, or a bundle without its config: one line, exit 2,
+    before any file. Copies of one export count once."""
+    bundle = BUNDLES[0]
+    for name in ("a", "b"):
+        shutil.copytree(bundle, tmp_path / name / bundle.name)
+
+    def report(*dirs: str, out: str = "no") -> subprocess.CompletedProcess:
+        args = [a for d in dirs for a in ("--bundles", str(tmp_path / d))]
+        return run_cli([*args, "--out", str(tmp_path / out)], cwd=tmp_path, module=MODULE)
+
+    proc = report("a", "b", out="ok")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "ok" / "runs.csv").read_text().splitlines()) == 2  # header, one run
+    info = tmp_path / "b" / bundle.name / "metrics.json"
+    info.write_text(info.read_text().replace('"resumes": ', '"resumes": 1', 1))
+    proc = report("a", "b")
+    assert proc.returncode == 2 and "two different exports of run" in proc.stderr, proc.stderr
+    (tmp_path / "a" / bundle.name / "config.yaml").write_text("")
+    proc = report("a")
+    assert proc.returncode == 2 and "config.yaml holds no model section" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "no").exists()

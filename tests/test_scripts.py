@@ -146,6 +146,9 @@ def test_table2_long_keeps_the_rows_its_store_began_with(tmp_path: Path) -> None
     assert "table2=row6,row7 " in lines[1] and lines[1].endswith(f"sweep.resume={rows}"), lines
     done = (tmp_path / "runs" / "table2" / "rows.done").read_text()
     assert done == "experiment=table2 table2=row6,row7\n"
+    other = _start_long_run(tmp_path, ROWS="row5,row6,row7")  # refused, one line, nothing run
+    assert other.returncode == 2 and "began with row6,row7" in other.stderr, other.stderr
+    assert len(calls.read_text().splitlines()) == len(lines) + 1  # + the first call's TERM
 
 
 def test_table2_long_starts_nothing_while_its_training_runs(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def measure(conf: Config, data: Dataset, device: torch.device) -> Speed:
 
         # never more steps than an epoch has: on a small subset (data.limit_per_class) the
         # probe would otherwise cost many times the training it plans
-        per_epoch = math.ceil(len(data.train) / bs)
+        per_epoch = max(1, math.ceil(len(data.train) / bs))
         steps(min(WARMUP_STEPS, per_epoch))
         timed = min(TIMED_STEPS, per_epoch)
         train_ips = timed * bs / steps(timed)

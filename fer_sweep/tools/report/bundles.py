@@ -88,19 +88,30 @@ def load(folder: Path) -> Bundle:
         run = _run(info)
         columns = [c for c in (history[0] if history else {}) if c != "epoch"]
         per_epoch = {c: [float(line[c]) for line in history if line[c] != ""] for c in columns}
-    except (KeyError, TypeError, ValueError) as err:
+        if not (isinstance(config, dict) and config.get("model")):
+            raise ValueError("config.yaml holds no model section")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise FerSweepError(
-            f"{folder}: metrics.json or history.csv lacks or garbles a field ({err!r}); "
-            "export the run again with --export."
+            f"{folder}: a file lacks or garbles a field ({err}); export the run again with "
+            "python -m fer_sweep.report --export."
         ) from None
     return Bundle(folder, run, config, per_epoch, info.get("class_counts"))
 
 
 def load_all(tops: Sequence[Path]) -> list[Bundle]:
-    """Every bundle under each of ``tops`` (``--bundles``), each run once."""
+    """Every bundle under each of ``tops`` (``--bundles``), each run once: two folders of one
+    run must hold the same metrics.json (copies), else which one counts would be a guess."""
     out: dict[str, Bundle] = {}
     for top in tops:
         for folder in find(top, "--bundles"):
             bundle = load(folder)
-            out.setdefault(bundle.run.info.run_id, bundle)
+            seen = out.setdefault(bundle.run.info.run_id, bundle)
+            same = (seen.folder / "metrics.json").read_bytes() == (
+                folder / "metrics.json"
+            ).read_bytes()
+            if not same:
+                raise FerSweepError(
+                    f"--bundles: {seen.folder} and {folder} are two different exports of run "
+                    f"{bundle.run.info.run_id}; keep one (export it again if in doubt)."
+                )
     return list(out.values())

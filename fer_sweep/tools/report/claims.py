@@ -237,7 +237,9 @@ def rows_section(claims: Claims) -> list[str]:
     for row in STUDY_TABLE2:
         side = sides.get(row.row)
         if side is None:
-            cells = ["measured nowhere here", "", "", "", f"{row.acc:.1f}%", ""]
+            left_out = any(n.startswith(f"row {row.row} left out: ") for n in claims.notes)
+            where = "left out (see the note below)" if left_out else "measured nowhere here"
+            cells = [where, "", "", "", f"{row.acc:.1f}%", ""]
         else:
             acc = side.acc
             cells = [
@@ -253,7 +255,8 @@ def rows_section(claims: Claims) -> list[str]:
         "",
         "Test accuracy: the mean ± sample sd of a row's runs (95 % CI from Student's t where it "
         "has several seeds); Δ = ours − study. A row from this report is its group above; "
-        "the others are earlier runs (--prior-runs) whose store is not here.",
+        "the others are earlier runs (--prior-runs) whose store is not here."
+        + "".join(f" Note: {n}." for n in claims.notes if " left out: " in n),
     ]
     return lines
 

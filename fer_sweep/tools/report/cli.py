@@ -65,17 +65,17 @@ def write_report(
     seed_sd: PooledSd | None = None,
     prior: dict[int, Side] | None = None,
     exported: Sequence[bundles.Bundle] = (),
-) -> list[Group]:
+) -> tuple[list[Group], bool]:
     """Write table2.md/.csv, runs.csv, compare.csv (when groups can be compared), claims.csv
     (when the study's claims can be checked), table1.md, accuracy.png, curves.png (and, for a
     search, trials.md/.csv and its figures) to ``out``; log them and the groups' aggregates on
-    the parent run (files under report/).
-    ``more_parents``: further sweeps whose jobs join the report (e.g. the same rows trained in
-    another precision), which is then logged on the first parent only. ``seed_sd``: an outside
-    estimate of the seed-to-seed sd, pooled with the groups' own; ``prior``: study rows measured
-    earlier (--prior-runs), for the study's claims. ``exported``: bundles (--bundles) whose
-    runs join as rows, unless the store's runs hold the same run; with no ``parent`` (and no
-    ``client``) the report is theirs alone.
+    the parent run (files under report/), unless runs from bundles joined; returns the groups
+    and whether it logged. ``more_parents``: further sweeps whose jobs join the report (e.g.
+    the same rows trained in another precision), which is then logged on the first parent only.
+    ``seed_sd``: an outside estimate of the seed-to-seed sd, pooled with the groups' own;
+    ``prior``: study rows measured earlier (--prior-runs), for the study's claims.
+    ``exported``: bundles (--bundles) whose runs join as rows, unless the store's runs hold the
+    same run; with no ``parent`` (and no ``client``) the report is theirs alone.
 
     Long by the number of files it writes, in order."""
     from fer_sweep.core import figures
@@ -86,12 +86,13 @@ def write_report(
         runs = children(client, parent.info.experiment_id, parent.info.run_id)
         if is_search(parent):  # its trials, best trial and Optuna's figures, pruned ones included
             searched = search.write_search(client, parent, runs, _mkdir(out))
-        runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
         for other in more_parents:
             runs += children(client, other.info.experiment_id, other.info.run_id)
     stored = {r.info.run_id for r in runs}
     from_files = {b.run.info.run_id: b for b in exported if b.run.info.run_id not in stored}
     runs += [b.run for b in from_files.values()]
+    runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
+    from_files = {i: b for i, b in from_files.items() if b.run in runs}
     if not runs:
         raise FerSweepError(
             f"parent run {parent.info.run_id if parent else '?'} has no child job runs (yet); "
@@ -161,10 +162,12 @@ def write_report(
         ylabel="validation accuracy (%)",
         title=f"Validation accuracy per epoch{syn}",
     )
-    if log and parent is not None and client is not None:
+    # a report that holds runs from bundles is not the sweep's own: nothing logged on it
+    logged = log and parent is not None and client is not None and not from_files
+    if logged:
         client.log_artifacts(parent.info.run_id, str(out), artifact_path="report")
         _log_aggregates(client, parent.info.run_id, groups)
-    return groups
+    return groups, logged
 
 
 def _source(
@@ -263,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         action="append",
         help="runs exported with --export (e.g. results/) join the report as rows, beside "
-        "the store's (a run in both is taken from the store); repeatable. Without --parent "
-        "the report is theirs alone: no store is opened, nothing logged (--out, default "
-        "reports/bundles)",
+        "the store's (a run in both is taken from the store; a report holding runs from "
+        "bundles is not logged on the parent); repeatable. Without --parent the report is "
+        "theirs alone: no store is opened, --tracking-uri and --experiment are not read "
+        "(--out, default reports/bundles)",
     )
     p.add_argument(
         "--export",
@@ -323,7 +327,7 @@ def _report(args: argparse.Namespace) -> int:
         raise FerSweepError("--bundles goes with the tables, not --export (bundles are exported).")
     prior = prior_sides(args.prior_runs) if args.prior_runs else None  # bad file: before work
     exported = bundles.load_all(args.bundles or [])
-    client, parents = None, []
+    client, parents, exp_id = None, [], ""
     if not exported or args.parent:  # bundles alone need no store
         client = store.open_existing(args.tracking_uri)
         store.use_store(args.tracking_uri)
@@ -336,7 +340,7 @@ def _report(args: argparse.Namespace) -> int:
         return 0
     parent = parents[0] if parents else None
     out = args.out or Path("reports") / (parent.info.run_id if parent else "bundles")
-    groups = write_report(
+    groups, logged = write_report(
         client,
         parent,
         out,
@@ -350,7 +354,6 @@ def _report(args: argparse.Namespace) -> int:
         exported=exported,
     )
     print((out / "table2.md").read_text())
-    logged = not args.no_log and parent is not None
     where = f"; logged on run {parent.info.run_id} under report/" if logged else ""
     runs = sum(g.n for g in groups)
     print(

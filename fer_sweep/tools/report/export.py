@@ -35,7 +35,16 @@ from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import tracking
 
 HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
-TAGS = ("model", "transforms", "data", "precision", "device", "device_name", "overrides")
+TAGS = (
+    "model",
+    "transforms",
+    "data",
+    "synthetic",
+    "precision",
+    "device",
+    "device_name",
+    "overrides",
+)
 
 
 def _shown(tag: str) -> bool:
