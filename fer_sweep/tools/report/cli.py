@@ -91,8 +91,9 @@ def write_report(
     stored = {r.info.run_id for r in runs}
     from_files = {b.run.info.run_id: b for b in exported if b.run.info.run_id not in stored}
     runs += [b.run for b in from_files.values()]
-    runs = [r for r in runs if r.data.tags.get(TRIAL_STATE) != "PRUNED"]  # no test metrics
-    from_files = {i: b for i, b in from_files.items() if b.run in runs}
+    pruned = {r.info.run_id for r in runs if r.data.tags.get(TRIAL_STATE) == "PRUNED"}
+    runs = [r for r in runs if r.info.run_id not in pruned]  # no test metrics
+    from_files = {i: b for i, b in from_files.items() if i not in pruned}
     if not runs:
         raise FerSweepError(
             f"parent run {parent.info.run_id if parent else '?'} has no child job runs (yet); "
