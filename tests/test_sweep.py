@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,23 @@ def test_six_finished_child_runs_under_one_parent(sweep: tuple[MlflowClient, str
         assert m["stopped_epoch"] == 1
         if run.data.tags["model"] == "resnet":
             assert m["n_params"] == RESNET_PARAMS
+
+
+def test_every_epoch_in_the_job_log(sweep: tuple[MlflowClient, str, Path]) -> None:
+    # Without a progress bar (a long run in the background) each epoch still shows, in the
+    # job's own log, with the learning rate the run logged for it.
+    client, _, cwd = sweep
+    exp = client.get_experiment_by_name("smoke")
+    lrs = {
+        r.data.metrics["lr"]
+        for r in client.search_runs([exp.experiment_id], "tags.`fer_sweep.role` = 'job'")
+    }
+    logs = sorted(cwd.glob("multirun/*/*/*/*.log"))
+    assert len(logs) == 6, logs
+    for log in logs:
+        (line,) = [ln for ln in log.read_text().splitlines() if " - epoch 1/1  train_loss " in ln]
+        m = re.search(r"val_acc 0\.\d{4}  lr (\S+)  \(\d+\.\ds\)$", line)
+        assert m and float(m[1]) in lrs, line
 
 
 def test_artifacts_and_model_round_trip(sweep: tuple[MlflowClient, str, Path]) -> None:

@@ -333,13 +333,18 @@ def follow_plan(
 
 
 def say_epoch(state: State, epoch: int, metrics: dict[str, float], progress: bool) -> None:
-    """The epoch's line under the progress bar, and why the run stops when it does."""
+    """The epoch's line, under the progress bar or (without one: a long run in the background)
+    in the job's log, so that a run of hours shows where it is; and why the run stops."""
+    line = (
+        f"epoch {epoch + 1}/{state.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+        f"val_acc {metrics['val_acc']:.4f}  lr {metrics['lr']:.3g}  "
+        f"({metrics['epoch_seconds']:.1f}s)"
+    )
     if progress:
-        tqdm.write(
-            f"epoch {epoch + 1}/{state.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"train_acc {metrics['train_acc']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-            f"val_acc {metrics['val_acc']:.4f}  ({metrics['epoch_seconds']:.1f}s)"
-        )
+        tqdm.write(line)
+    else:
+        log.info(line)
     if state.stop_reason != "epochs":
         log.info(
             "stopping after epoch %d of %d: %s",
