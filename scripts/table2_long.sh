@@ -13,6 +13,7 @@
 #
 #   FER2013_ROOT=/path/to/fer2013 bash scripts/table2_long.sh        # start or continue
 #   kill -TERM "$(cat runs/table2/pid)"                                 # stop cleanly (exit 143)
+#   tail -f "$(ls -t runs/table2/log-*.txt | head -1)"                  # each epoch, as it ends
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=runs/table2
