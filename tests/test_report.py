@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from scipy import stats
 
 from fer_sweep.core.config import validate
 from fer_sweep.core.models import build_model, describe
-from fer_sweep.tools.report.runs import swept_keys
+from fer_sweep.tools.report.runs import superseded, swept_keys
 from fer_sweep.tools.report.study import STUDY_TABLE2, describe_transforms
 from tests.conftest import REPO, migrated_store, real_data, run_cli
 
@@ -107,6 +109,34 @@ def test_swept_keys_collapse_groups_and_skip_bookkeeping() -> None:
     ]
     assert swept_keys(params) == ["model", "model.dropout", "optimizer.lr"]
     assert swept_keys(params[:1]) == []
+    # what a run measured at its start is no setting: a time budget's plan and speeds
+    budgeted = [{**p, "trainer.epochs_planned": str(40 + i), "budget.train_ips": str(90.5 + i)}
+                for i, p in enumerate(params)]  # fmt: skip
+    assert swept_keys(budgeted) == ["model", "model.dropout", "optimizer.lr"]
+    # a setting fer_sweep gained after a run began (one value where logged) tells no runs apart
+    newer = [{**p, "trainer.new_option": "off"} for p in params[1:]]
+    assert swept_keys([params[0], *newer]) == ["model", "model.dropout", "optimizer.lr"]
+    assert swept_keys([params[0], *newer[:1], {**newer[1], "trainer.new_option": "on"}]) == [
+        "model", "model.dropout", "optimizer.lr", "trainer.new_option"
+    ]  # fmt: skip
+
+
+def _stub(run_id: str, status: str, **params: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id, status=status), data=SimpleNamespace(params=params)
+    )
+
+
+def test_a_run_trained_again_is_no_replicate_of_its_replacement() -> None:
+    base = {"model.name": "resnet", "trainer.seed": "0", "mlflow.run_name": "x"}
+    dead = _stub("dead", "KILLED", **base, **{"data.n_train": "7"})
+    done = _stub("done", "FINISHED", **base, **{"trainer.new_option": "off"})
+    other_seed = _stub("seed1", "KILLED", **{**base, "trainer.seed": "1"})
+    other_model = _stub("small", "FAILED", **{**base, "model.name": "resnet_small"})
+    running = _stub("live", "RUNNING", **base)
+    runs = [dead, done, other_seed, other_model, running]
+    assert superseded(runs) == [(dead, done), (running, done)]
+    assert superseded([dead, other_seed]) == []  # nothing finished: both stay, with their status
 
 
 def test_transforms_are_described_in_torchvision_words() -> None:
@@ -340,6 +370,37 @@ def test_report_table2_in_the_study_order(report_dir: Path) -> None:
     assert len(body) == 1 + 7 + 1 + 6 + 2
     assert ("SYNTHETIC" in md) == (not real_data())
     assert "## Ensembles of this sweep" in md and "75.8%" in md
+
+
+@pytest.mark.slow
+def test_report_leaves_out_a_run_that_was_trained_again(
+    sweep: tuple[MlflowClient, str, Path], tmp_path: Path
+) -> None:
+    """Row 6 stopped before its first checkpoint leaves a KILLED run beside the run that
+    sweep.resume trained in its place: one run of row 6, not two "replicates" with one seed."""
+    client, uri, cwd = sweep
+    db = tmp_path / "t.db"
+    shutil.copy(uri.removeprefix("sqlite:///"), db)
+    copy = MlflowClient(f"sqlite:///{db}")
+    row6 = next(r for r in _runs(copy, "job") if r.data.tags["model"] == "resnet")
+    dead = copy.create_run(row6.info.experiment_id, tags=row6.data.tags).info.run_id
+    for key, value in row6.data.params.items():
+        copy.log_param(dead, key, value)
+    copy.log_metric(dead, "train_loss", 1.9, step=0)  # a few steps logged, no epoch finished
+    copy.set_terminated(dead, status="KILLED")
+    out = tmp_path / "report"
+    proc = run_cli(
+        ["--tracking-uri", f"sqlite:///{db}", "--experiment", EXP, "--no-log", "--out", str(out)],
+        cwd=cwd,
+        module="fer_sweep.report",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (out / "table2.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == MODELS and {r["n"] for r in rows} == {"1"}
+    assert {r["status"] for r in rows} == {"FINISHED"}
+    md = (out / "table2.md").read_text()
+    assert f"`{dead[:8]}` (KILLED, trained again as `{row6.info.run_id[:8]}`)" in md
 
 
 @pytest.mark.slow

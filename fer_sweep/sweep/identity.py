@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 HASH_TAG = "fer_sweep.config_hash"
 
-# Settings that do not change what a run computes: left out of its identity.
-_VOLATILE = {
+# Settings that do not change what a run computes: left out of its identity (and never a
+# column of the report).
+VOLATILE = {
     "trainer.resume",
     "trainer.checkpoint_every_s",
     "sweep.resume",
@@ -51,7 +52,7 @@ def settings(cfg: DictConfig) -> dict[str, str]:
     return {
         k: v
         for k, v in tracking.flatten(job_config(cfg)).items()
-        if k not in _VOLATILE and not k.startswith("mlflow.")
+        if k not in VOLATILE and not k.startswith("mlflow.")
     }
 
 

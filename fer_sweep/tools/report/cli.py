@@ -33,6 +33,7 @@ from fer_sweep.tools.report.runs import (
     children,
     compare_groups,
     find_parent,
+    superseded,
 )
 from fer_sweep.tools.report.search import is_search
 from fer_sweep.tools.report.tables import (
@@ -94,6 +95,8 @@ def write_report(
     pruned = {r.info.run_id for r in runs if r.data.tags.get(TRIAL_STATE) == "PRUNED"}
     runs = [r for r in runs if r.info.run_id not in pruned]  # no test metrics
     from_files = {i: b for i, b in from_files.items() if i not in pruned}
+    retrained = superseded(runs)  # no replicates of the runs that replaced them
+    runs = [r for r in runs if r not in {dead for dead, _ in retrained}]
     if not runs:
         raise FerSweepError(
             f"parent run {parent.info.run_id if parent else '?'} has no child job runs (yet); "
@@ -122,7 +125,7 @@ def write_report(
         table2_markdown(
             groups,
             group_keys,
-            _source(parent, uri, experiment, list(from_files.values())),
+            _source(parent, uri, experiment, list(from_files.values()), retrained),
             ensembles,
             comparisons,
             claims_section(claims),
@@ -172,9 +175,14 @@ def write_report(
 
 
 def _source(
-    parent: Run | None, uri: str, experiment: str, exported: Sequence[bundles.Bundle]
+    parent: Run | None,
+    uri: str,
+    experiment: str,
+    exported: Sequence[bundles.Bundle],
+    retrained: Sequence[tuple[Run, Run]] = (),
 ) -> str:
-    """table2.md's line on where its runs come from: a sweep of a store, bundles, or both."""
+    """table2.md's line on where its runs come from (a sweep of a store, bundles, or both) and
+    the runs left out because they were trained again."""
     parts = []
     if parent is not None:
         overrides = parent.data.tags.get("fer_sweep.overrides", "")
@@ -192,6 +200,13 @@ def _source(
             + ", ".join(f"`{p}`" for p in places)
             + "."
         )
+    if retrained:
+        again = ", ".join(
+            f"`{dead.info.run_id[:8]}` ({dead.info.status}, trained again as "
+            f"`{done.info.run_id[:8]}`)"
+            for dead, done in retrained
+        )
+        parts.append(f"Left out, as runs that did not finish and were trained again: {again}.")
     return " ".join(parts)
 
 

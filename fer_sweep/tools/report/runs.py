@@ -17,6 +17,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
+from fer_sweep.sweep.identity import VOLATILE
 from fer_sweep.sweep.store import newest_runs
 from fer_sweep.tools.replicates import (
     SEED_KEYS,
@@ -37,12 +38,19 @@ from fer_sweep.tools.report.study import (
 ROLE = "fer_sweep.role"
 
 
-# Params that differ between runs without being a setting of the experiment.
-_NOT_SWEPT = re.compile(
-    r"^(mlflow\.|sweep\.|data\.(n_|mean_used|std_used|converted|cache_dir|root$)|"
-    r"trainer\.(resume|progress|threads|checkpoint_dir|checkpoint_every_s|device|device_used"
-    r"|precision)$)"
+# Params that differ between runs without being a setting of the experiment: those left out of
+# a run's identity, and what a run measured or resolved at its start (its data's sizes, device,
+# precision, a time budget's plan and speeds).
+_MEASURED = re.compile(
+    r"^(mlflow\.|sweep\.|budget\.|data\.(n_|mean_used|std_used|converted)|"
+    r"trainer\.(device|device_used|precision|epochs_planned)$)"
 )
+
+
+def not_swept(key: str) -> bool:
+    return key in VOLATILE or bool(_MEASURED.match(key))
+
+
 _GROUPS = ("model", "transforms", "optimizer", "scheduler", "data")
 
 
@@ -133,7 +141,7 @@ def swept_keys(params: Sequence[Mapping[str, str]]) -> list[str]:
     where it differs between runs of the same option (model.dropout=0.1,0.5).
     """
     keys = sorted({k for p in params for k in p})
-    differing = [k for k in keys if not _NOT_SWEPT.match(k) and len({p.get(k) for p in params}) > 1]
+    differing = [k for k in keys if not not_swept(k) and len(_values(params, k)) > 1]
     out: list[str] = []
     for key in differing:
         group = key.split(".", 1)[0]
@@ -148,6 +156,32 @@ def swept_keys(params: Sequence[Mapping[str, str]]) -> list[str]:
                 continue
         out.append(key)
     return sorted(out, key=lambda k: (k.split(".", 1)[0], "." in k, k))  # group, then its keys
+
+
+def _values(params: Sequence[Mapping[str, str]], key: str) -> set[str | None]:
+    """A setting's values over the runs; where every run that logged it has one value, the
+    runs without it (begun before fer_sweep had the setting, whose default keeps the old
+    behaviour) are not told apart by it: one value."""
+    values = {p.get(key) for p in params}
+    return values - {None} if len(values - {None}) == 1 else values
+
+
+def superseded(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """(run, its replacement) for each run that did not finish and was trained again: a FINISHED
+    run with the same settings and seeds (sweep.resume starts a job again when its run was
+    stopped before its first checkpoint). Such a run is no replicate of its replacement."""
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    out = []
+    for run in runs:
+        if run.info.status == "FINISHED":
+            continue
+        mine = {k: v for k, v in run.data.params.items() if not not_swept(k)}
+        for done in finished:
+            theirs = done.data.params
+            if all(theirs.get(k, v) == v for k, v in mine.items()) and mine.keys() & theirs.keys():
+                out.append((run, done))
+                break
+    return out
 
 
 def swept_value(run: Run, key: str) -> str:
