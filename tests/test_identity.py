@@ -3,9 +3,14 @@ hash is older code's, by the settings the run logged as params."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+from mlflow.tracking import MlflowClient
+
 from fer_sweep.sweep.identity import HASH_TAG, _hash, same_run
+from fer_sweep.sweep.store import newest_runs
+from tests.conftest import migrated_store
 
 FLAT = {
     "model.name": "resnet",
@@ -40,3 +45,15 @@ def test_a_changed_setting_is_another_run() -> None:
 def test_a_run_without_its_params_is_never_taken() -> None:
     assert not same_run(_run({}), FLAT)  # killed before its params were logged
     assert not same_run(_run({"trainer.epochs": "100"}), FLAT)
+
+
+def test_every_earlier_run_of_a_big_grid_is_searched(tmp_path: Path) -> None:
+    """sweep.resume looks among ALL of a parent's runs, page by page: in a grid of more jobs
+    than one page holds, the oldest would otherwise be trained again."""
+    client = MlflowClient(migrated_store(tmp_path / "m.db"))
+    exp = client.create_experiment("grid")
+    made = [client.create_run(exp, start_time=1000 + i).info.run_id for i in range(7)]
+    newest_first = made[::-1]
+    assert [r.info.run_id for r in newest_runs(client, exp, "", None, page_size=3)] == newest_first
+    assert [r.info.run_id for r in newest_runs(client, exp, "", 5, page_size=2)] == newest_first[:5]
+    assert [r.info.run_id for r in newest_runs(client, exp, "", 2)] == newest_first[:2]

@@ -89,7 +89,7 @@ _ALWAYS = ("model.name", "trainer.seed", "optimizer.lr")  # every job's run has 
 
 def _candidates(client: MlflowClient, exp_id: str, where: str, flat: dict[str, str]) -> list[Any]:
     """Runs matching ``where``, newest first, that are this job's by their settings."""
-    runs = store.newest_runs(client, exp_id, where, limit=200)
+    runs = store.newest_runs(client, exp_id, where, limit=None)
     return [r for r in runs if same_run(r, flat)]
 
 

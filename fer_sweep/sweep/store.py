@@ -302,10 +302,23 @@ def use_store(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def newest_runs(client: MlflowClient, exp_id: str, where: str, limit: int = 50) -> list[Any]:
-    """Runs of the experiment matching an MLflow filter, newest first."""
-    return list(
-        client.search_runs(
-            [exp_id], where, order_by=["attributes.start_time DESC"], max_results=limit
+def newest_runs(
+    client: MlflowClient, exp_id: str, where: str, limit: int | None = 50, page_size: int = 1000
+) -> list[Any]:
+    """Runs of the experiment matching an MLflow filter, newest first; ``limit=None``: all of
+    them, page by page (a grid of hundreds of jobs must not lose its oldest)."""
+    runs: list[Any] = []
+    token = None
+    while limit is None or len(runs) < limit:
+        page = client.search_runs(
+            [exp_id],
+            where,
+            order_by=["attributes.start_time DESC"],
+            max_results=page_size if limit is None else min(page_size, limit - len(runs)),
+            page_token=token,
         )
-    )
+        runs += page
+        token = page.token
+        if not token:
+            break
+    return runs
