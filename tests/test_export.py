@@ -10,6 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from fer_sweep.sweep.job import TRIAL_STATE
 from fer_sweep.tools.report import export
 from tests.conftest import migrated_store, real_data, run_cli, tiny_run
 
@@ -85,6 +86,9 @@ def test_export_of_nothing_finished_is_one_line(tmp_path: Path) -> None:
     exp = client.create_experiment("fer_sweep")
     parent = client.create_run(exp, tags={"fer_sweep.role": "parent"}).info.run_id
     client.create_run(exp, tags={"mlflow.parentRunId": parent, "fer_sweep.role": "job"})
+    # a pruned trial ends FINISHED but was never tested: no bundle, and no error from it
+    pruned = {"mlflow.parentRunId": parent, "fer_sweep.role": "job", TRIAL_STATE: "PRUNED"}
+    client.set_terminated(client.create_run(exp, tags=pruned).info.run_id, status="FINISHED")
     proc = run_cli(
         ["--tracking-uri", uri, "--export", str(tmp_path / "r"), "--parent", parent],
         cwd=tmp_path,

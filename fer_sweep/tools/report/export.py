@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import tracking
+from fer_sweep.sweep.job import TRIAL_STATE
 
 HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds")
 TAGS = (
@@ -144,11 +145,15 @@ def write_bundle(client: MlflowClient, run: Run, folder: Path) -> dict[str, Any]
 
 
 def export(client: MlflowClient, runs: Sequence[Run], out: Path) -> list[Path]:
-    """A bundle per FINISHED run in ``runs`` under ``out``; the folders written."""
-    done = [r for r in runs if r.info.status == "FINISHED"]
+    """A bundle per FINISHED run in ``runs`` under ``out`` (a pruned trial ends FINISHED
+    untested: none for it); the folders written."""
+    done = [
+        r for r in runs if r.info.status == "FINISHED" and r.data.tags.get(TRIAL_STATE) != "PRUNED"
+    ]
     if not done:
         raise FerSweepError(
-            f"nothing to export: none of the sweep's {len(runs)} runs has FINISHED yet."
+            f"nothing to export: none of the sweep's {len(runs)} runs has FINISHED yet "
+            "(pruned trials have no test predictions)."
         )
     folders = []
     for run in done:
