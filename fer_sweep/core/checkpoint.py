@@ -18,8 +18,6 @@ from fer_sweep.errors import FerSweepError
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 25  # steps between finiteness checks of the running loss (one host sync each)
-
 
 @dataclass
 class State:

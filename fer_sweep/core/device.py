@@ -15,8 +15,6 @@ from fer_sweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 25  # steps between finiteness checks of the running loss (one host sync each)
-
 
 def pick_device(name: str) -> torch.device:
     """auto = cuda > mps > cpu; an explicit device that is not there is a clear error."""

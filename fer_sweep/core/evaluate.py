@@ -17,8 +17,6 @@ from fer_sweep.core.device import autocast
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 25  # steps between finiteness checks of the running loss (one host sync each)
-
 
 def tta_views(x: torch.Tensor, mode: str, shift: int = 2) -> Iterator[torch.Tensor]:
     """Test-time views of a normalized batch: identity, mirror, and/or ``shift``-pixel shifts
