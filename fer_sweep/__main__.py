@@ -57,6 +57,10 @@ def main(cfg: DictConfig) -> float:
             traceback.print_exc()
         print(f"fer_sweep: job #{job_num} failed: {err}", file=sys.stderr)
         tracking.write_job_failure(sweep_dir, job_num, overrides, err, None)
+        if sweep_dir is not None:  # over too: "job k/N" reaches N, its time left out of the pace
+            from fer_sweep.sweep import progress
+
+            progress.job_finished(sweep_dir, job_num, trained=False)
         return math.nan
 
 

@@ -3,6 +3,7 @@ Nothing a user already computed may be lost."""
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import time
@@ -51,6 +52,8 @@ def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
     )
     assert proc.returncode != 0
     assert "1 job(s) failed" in proc.stderr and "optimizer.lr=1000000000000.0" in proc.stderr
+    progress = re.findall(r"^fer_sweep: job (\d+/\d+) · ", proc.stderr, re.M)
+    assert progress == ["1/3", "2/3", "3/3"], proc.stderr[-3000:]  # the failed job counted too
     runs = {r.data.params["optimizer.lr"]: r for r in _runs(uri, "div")}
     assert runs["1000000000000.0"].info.status == "FAILED"
     assert (
