@@ -15,6 +15,7 @@
 #   kill -TERM "$(cat runs/table2/pid)"                                 # stop cleanly (exit 143)
 #   tail -f "$(ls -t runs/table2/log-*.txt | head -1)"                  # each epoch, as it ends
 set -euo pipefail
+{ # read whole before it runs: an edit to this file cannot reach a runner of many hours
 cd "$(dirname "$0")/.."
 dir=runs/table2
 mkdir -p "$dir"
@@ -51,6 +52,7 @@ if [ "${1:-}" != --run ]; then
 fi
 exec 9>"$dir/lock"
 flock -n 9 || { echo "another runner holds $dir/lock"; exit 0; }
+echo $$ >"$dir/pid" # the runner that holds the lock (a second quick call's runner exits above)
 
 # where things go, and how it runs: none of these changes what a run computes
 # (the cores measurement, scripts/cores_choice.py and docs/performance.md, chose eager)
@@ -98,3 +100,5 @@ if [ -n "${SEEDS-1,2}" ]; then
     stage seeds "$dir/seeds" experiment=table2 table2=row6 "trainer.seed=${SEEDS-1,2}"
 fi
 echo "$(date -u +%FT%TZ) all stages done"
+exit
+}

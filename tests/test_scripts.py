@@ -161,3 +161,20 @@ def test_table2_long_starts_nothing_while_its_training_runs(tmp_path: Path) -> N
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
     subprocess.run(["pkill", "-TERM", "-f", str(tmp_path / "fake_python")])
     _wait_for(lambda: _unlocked(tmp_path / "runs/table2/lock"))
+
+
+def test_table2_long_runner_is_not_changed_by_an_edit_of_its_script(tmp_path: Path) -> None:
+    """The script is edited (a pull, a fix) while its runner trains for hours: the runner goes
+    on with the script it started with (bash would read the edited file from its old offset)."""
+    started = _start_long_run(tmp_path, FAKE_SLEEP="4", SEEDS="")
+    assert started.returncode == 0, started.stderr
+    _wait_for(lambda: (tmp_path / "calls").exists())
+    script = tmp_path / "scripts" / "table2_long.sh"
+    text = script.read_text()
+    head = text.index("set -euo pipefail")
+    script.write_text(text[:head] + "# an added comment line\n" * 40 + text[head:])
+    _wait_for(lambda: _unlocked(tmp_path / "runs/table2/lock"))
+    table2 = tmp_path / "runs" / "table2"
+    log = sorted(table2.glob("log-*.txt"))[-1].read_text()
+    assert log.rstrip().endswith("all stages done"), log
+    assert (table2 / "rows.done").read_text() == "experiment=table2 table2=row5,row6,row7\n"
