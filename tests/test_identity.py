@@ -3,13 +3,17 @@ hash is older code's, by the settings the run logged as params."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 from mlflow.tracking import MlflowClient
 
 from fer_sweep.sweep.identity import HASH_TAG, _hash, same_run
+from fer_sweep.sweep.job import _where_it_trains_now
 from fer_sweep.sweep.store import newest_runs
+from fer_sweep.sweep.tracking import git_commit
 from tests.conftest import migrated_store
 
 FLAT = {
@@ -57,3 +61,17 @@ def test_every_earlier_run_of_a_big_grid_is_searched(tmp_path: Path) -> None:
     assert [r.info.run_id for r in newest_runs(client, exp, "", None, page_size=3)] == newest_first
     assert [r.info.run_id for r in newest_runs(client, exp, "", 5, page_size=2)] == newest_first[:5]
     assert [r.info.run_id for r in newest_runs(client, exp, "", 2)] == newest_first[:2]
+
+
+def test_a_resumed_run_names_where_and_with_which_code_it_trained(tmp_path: Path) -> None:
+    client = MlflowClient(migrated_store(tmp_path / "m.db"))
+    exp = client.create_experiment("resumed")
+    tags = {"git_commit": "0" * 40, "fer_sweep.host": "elsewhere", "fer_sweep.pid": "1"}
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    now = git_commit()
+    for _ in range(2):  # resumed twice by this code: its commit listed once
+        _where_it_trains_now(client, run_id)
+        got = client.get_run(run_id).data.tags
+        assert got["fer_sweep.pid"] == str(os.getpid())
+        assert got["fer_sweep.host"] == socket.gethostname()
+        assert got["fer_sweep.git_commits"] == ",".join(["0" * 40] + ([now] if now else []))

@@ -124,6 +124,7 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     lrs = _history(ref_uri, ref_run.info.run_id, "lr")
     assert lrs[0] == 0.2 and min(lrs) < 0.2 and lrs.index(min(lrs)) >= 3, lrs
     assert runs[0].data.tags["fer_sweep.resumes"] == "1"
+    assert runs[0].data.tags["fer_sweep.pid"] != run.data.tags["fer_sweep.pid"]  # the resuming
     # finished: no error shown any more; the one it was resumed after is kept under its own name
     assert "fer_sweep.error" not in runs[0].data.tags
     assert "SIGTERM" in runs[0].data.tags["fer_sweep.resumed_after"]

@@ -48,6 +48,7 @@ from fer_sweep.sweep.identity import (
 TRIAL_STATE = "fer_sweep.trial_state"  # a search's trial: RUNNING, COMPLETE, PRUNED or FAIL
 RESUMES = "fer_sweep.resumes"  # how many times a run was continued from its checkpoint
 RESUMED_AFTER = "fer_sweep.resumed_after"  # the error a resumed run had stopped with
+GIT_COMMITS = "fer_sweep.git_commits"  # every commit that trained a resumed run, in order
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ def open_run(
     """The run this job logs to: ``resume`` (from ``resumable_run``) marked RUNNING again, or a
     new one with the job's tags and parameters."""
     if resume:
-        client.update_run(resume, status="RUNNING")
+        tracking.retry(client.update_run, resume, status="RUNNING")
+        _where_it_trains_now(client, resume)
         ckpt = Path(conf.trainer.checkpoint_dir) / f"{resume}.pt"
         log.info("resuming MLflow run %s from %s", resume, ckpt)
         return resume
@@ -131,6 +133,19 @@ def open_run(
         },
     )
     return run_id
+
+
+def _where_it_trains_now(client: MlflowClient, run_id: str) -> None:
+    """A resumed run's host, pid (and SLURM job) are this process's; fer_sweep.git_commits
+    lists every commit that trained it, in order: a run of days outlives its code."""
+    tags = client.get_run(run_id).data.tags
+    commits = tags.get(GIT_COMMITS) or tags.get("git_commit", "")
+    now = tracking.git_commit()
+    if now and commits.rsplit(",", 1)[-1] != now:
+        commits = f"{commits},{now}" if commits else now
+    tracking.set_tags(
+        client, run_id, {**tracking.process_tags(), **({GIT_COMMITS: commits} if commits else {})}
+    )
 
 
 def run_job(cfg: DictConfig) -> float:
