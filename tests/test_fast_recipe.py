@@ -162,6 +162,22 @@ def test_tta_views_shift_by_the_configured_pixels_and_mirror() -> None:
     assert all((v == 0).sum() == 2 * 6 * 3 for v in three[1:])
 
 
+def test_tta_loss_is_that_of_the_averaged_probabilities() -> None:
+    """test_loss_tta scores what test_acc_tta scores: the mean of the views' softmaxes."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 7, (20,))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    tfm = make_transform(None, 0.5, 0.25)
+    out = evaluate(model, (x, y), tfm, 8, torch.device("cpu"), tta="flip")
+    views = list(tta_views(tfm(x, train=False), "flip"))
+    mean = torch.stack([model(v).softmax(1) for v in views]).mean(0)
+    assert out["loss"] == pytest.approx(F.nll_loss(mean.log(), y).item(), rel=1e-5)
+    assert out["loss"] != pytest.approx(F.cross_entropy(model(views[0]), y).item(), rel=1e-3)
+    plain = evaluate(model, (x, y), tfm, 8, torch.device("cpu"))
+    assert plain["loss"] == pytest.approx(F.cross_entropy(model(views[0]), y).item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("override", ["eval.tta=ten_crop", "eval.tta_shift=0"])
 def test_tta_settings_are_checked(tmp_path: Path, override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0]):

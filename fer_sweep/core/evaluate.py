@@ -62,8 +62,11 @@ def evaluate(
         views = list(tta_views(xb, tta, tta_shift)) if tta != "none" else [xb]
         with autocast(device, precision):
             logits = [model(v).float() for v in views]
-        loss_sum += F.cross_entropy(logits[0], yb, reduction="sum")
         p = torch.stack([lg.softmax(1) for lg in logits]).mean(0)
+        if len(logits) == 1:
+            loss_sum += F.cross_entropy(logits[0], yb, reduction="sum")
+        else:  # the loss of what is scored: the views' averaged probabilities
+            loss_sum += F.nll_loss(p.clamp_min(1e-12).log(), yb, reduction="sum")
         probs.append(p)
     prob = torch.cat(probs).cpu() if probs else torch.zeros((0, 7))
     pred = prob.argmax(1)
