@@ -36,6 +36,19 @@ def two_portraits(path: Path) -> Path:
     return path
 
 
+def broken_png(path: Path) -> Path:
+    """A PNG whose second image-data chunk has a broken header: Pillow opens it, then raises
+    SyntaxError (not OSError) as it decodes."""
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "PNG")  # incompressible: several IDAT chunks
+    data = bytearray(buf.getvalue())
+    second = data.find(b"IDAT", data.find(b"IDAT") + 4)
+    data[second : second + 4] = b"\x00\x01\x02\x03"
+    path.write_bytes(bytes(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     cwd = tmp_path_factory.mktemp("faces")
@@ -159,12 +172,14 @@ def test_no_face_and_unreadable_photos_are_named_and_the_rest_goes_on(
     (tmp_path / "notes.jpg").write_text("not a photo")
     data = two_portraits(tmp_path / "two.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])  # a truncated JPEG
+    broken_png(tmp_path / "broken.png")
     proc = _predict(trained, str(tmp_path), "--format", "csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"no face found in {tmp_path / 'lawn.png'}" in proc.stderr
     assert f"cannot read {tmp_path / 'notes.jpg'}" in proc.stderr
     assert f"cannot read {tmp_path / 'cut.jpg'}" in proc.stderr
+    assert f"cannot read {tmp_path / 'broken.png'}: broken PNG file" in proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert [(Path(r["file"]).name, r["face"]) for r in rows] == [("two.jpg", "0"), ("two.jpg", "1")]
     # only photos without a face: nothing to write, exit 1 (documented), still one clear line

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import run_cli, runs_with_models
 from tests.mlflow_server import free_port
-from tests.test_faces import PORTRAIT, two_portraits
+from tests.test_faces import PORTRAIT, broken_png, two_portraits
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serve")]
 ENSEMBLE: dict = {}  # the store of the served fixture's two runs
@@ -93,11 +93,14 @@ def test_a_served_model_finds_the_faces_of_posted_photos(served: str, tmp_path: 
     assert status == 200 and len(out["predictions"]) == 1
 
 
-def test_bad_requests_get_400_and_the_server_goes_on(served: str) -> None:
+def test_bad_requests_get_400_and_the_server_goes_on(served: str, tmp_path: Path) -> None:
     status, out = _post(served, {"dataframe_split": {"columns": ["photo"], "data": [["x"]]}})
     assert status == 400 and "column 'image'" in out["message"], out
     junk = base64.b64encode(b"this is not a photo").decode()
     status, out = _post(served, {"dataframe_records": [{"image": junk}]})
+    assert status == 400 and "row 0: not a photo" in out["message"], out
+    broken = base64.b64encode(broken_png(tmp_path / "broken.png").read_bytes()).decode()
+    status, out = _post(served, {"dataframe_records": [{"image": broken}]})
     assert status == 400 and "row 0: not a photo" in out["message"], out
     status, out = _post(served, {"dataframe_records": [{"image": "%%% not base64"}]})
     assert status == 400 and "not base64" in out["message"], out

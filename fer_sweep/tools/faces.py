@@ -61,11 +61,14 @@ def cascade() -> Any:
 def open_photo(path: Path | IO[bytes]) -> tuple[Image.Image, float]:
     """(the photo upright, at most DETECT_SIDE a side, as RGB; photo pixels per image pixel).
     Raises OSError/ValueError for what is not a readable image (the caller names the file)."""
-    with Image.open(path) as im:
-        turn = _UPRIGHT.get(im.getexif().get(_ORIENTATION, 1))  # read from the header only
-        stored_width, stored_height = im.size  # the full size, before a reduced decode
-        im.draft("RGB", (DETECT_SIDE, DETECT_SIDE))  # JPEG: decode reduced (powers of two)
-        im = im.convert("RGB")  # decodes: a truncated file fails here
+    try:
+        with Image.open(path) as im:
+            turn = _UPRIGHT.get(im.getexif().get(_ORIENTATION, 1))  # read from the header only
+            stored_width, stored_height = im.size  # the full size, before a reduced decode
+            im.draft("RGB", (DETECT_SIDE, DETECT_SIDE))  # JPEG: decode reduced (powers of two)
+            im = im.convert("RGB")  # decodes: a truncated file fails here
+    except (SyntaxError, Image.DecompressionBombError) as err:  # a broken chunk, a bomb
+        raise OSError(str(err)) from None
     upright_width = stored_height if turn in _SWAPS else stored_width
     if turn is not None:
         im = im.transpose(turn)

@@ -36,7 +36,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES, IMAGE_EXTENSIONS, IMAGE_SIZE
@@ -497,7 +497,7 @@ def photos(
     for path in files:
         try:
             photo, scale = faces.open_photo(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except (OSError, ValueError) as err:
             print(f"fer_sweep: cannot read {path}: {err}", file=sys.stderr)
             unreadable += 1
             continue

@@ -83,10 +83,11 @@ class FacesModel(mlflow.pyfunc.PythonModel):
     def _photo(row: int, value: Any) -> Any:
         try:
             data = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
-            return faces.open_photo(io.BytesIO(data))
         except (binascii.Error, TypeError, ValueError) as err:
             raise _bad_request(f"row {row}: {COLUMN!r} is not base64 ({err})") from None
-        except OSError as err:  # not an image, truncated
+        try:
+            return faces.open_photo(io.BytesIO(data))
+        except (OSError, ValueError) as err:  # not an image, truncated, broken, a bomb
             raise _bad_request(f"row {row}: not a photo Pillow can read ({err})") from None
 
 
