@@ -31,12 +31,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cwd = tmp_path_factory.mktemp("serve")
     uri = runs_with_models(cwd, seeds=2)
     ENSEMBLE.update(cwd=cwd, uri=uri)
+    ended = {r.info.run_id: (r.info.status, r.info.end_time) for r in _all_runs(uri)}
     reg = run_cli(
         ["--run-id", "best", "--tracking-uri", uri, "--name", "fer-faces"],
         cwd=cwd,
         module="fer_sweep.serve",
     )
     assert reg.returncode == 0 and "models:/fer-faces/1" in reg.stdout, reg.stderr[-3000:]
+    # the registered run is still the finished run it was, its end time too (reports, bundles)
+    assert {r.info.run_id: (r.info.status, r.info.end_time) for r in _all_runs(uri)} == ended
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     log = (cwd / "serve.log").open("wb")
@@ -59,6 +62,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _all_runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

@@ -94,19 +94,25 @@ class FacesModel(mlflow.pyfunc.PythonModel):
 def register(run: Any, uri: str, name: str, onnx_paths: Sequence[Path]) -> Any:
     """Log the pyfunc under ``run`` and register it as a new version of ``name``; several ONNX
     files (an ensemble's members) are averaged."""
+    from mlflow.tracking import MlflowClient
+
     from fer_sweep.sweep import store
 
     store.use_store(uri)
-    with mlflow.start_run(run_id=run.info.run_id, log_system_metrics=False):
-        info = mlflow.pyfunc.log_model(
-            name="faces_model",
-            python_model=FacesModel(),
-            artifacts={f"onnx{i}": str(p) for i, p in enumerate(onnx_paths)},
-            registered_model_name=name,
-            # served with --env-manager local, in an environment with fer_sweep[serve]
-            pip_requirements=["onnxruntime", "opencv-python-headless<5", "pillow", "pandas"],
+    try:
+        with mlflow.start_run(run_id=run.info.run_id, log_system_metrics=False):
+            return mlflow.pyfunc.log_model(
+                name="faces_model",
+                python_model=FacesModel(),
+                artifacts={f"onnx{i}": str(p) for i, p in enumerate(onnx_paths)},
+                registered_model_name=name,
+                # served with --env-manager local, in an environment with fer_sweep[serve]
+                pip_requirements=["onnxruntime", "opencv-python-headless<5", "pillow", "pandas"],
+            )
+    finally:  # reopening the run ended it anew (FAILED on an error): as it was, for reports
+        MlflowClient(uri).set_terminated(
+            run.info.run_id, status=run.info.status, end_time=run.info.end_time
         )
-    return info
 
 
 def build_parser() -> argparse.ArgumentParser:
