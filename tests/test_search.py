@@ -435,6 +435,8 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
         (["+hydra.sweeper.pruner.bogus=3"], "hydra.sweeper.pruner", 2),
         (["trainer.epochz=choice(1, 2)"], "search space trainer.epochz", 2),
         (["model.dropout=interval(0.0, 1.5)"], "search space model.dropout=1.5", 2),
+        (["optimizer.lr=tag(log, interval(0, 0.1))"], "search space optimizer.lr=tag(log", 2),
+        (["optimizer.lr=interval(0.1, 0.01)"], "search space optimizer.lr=interval(0.1", 2),
         (["hydra.sweeper.storage=/proc/fer_sweep/x.journal"], "hydra.sweeper.storage", 2),
         (
             ["hydra.sweeper.enqueue_trials=[{optimizer.lr:5.0}]"],
@@ -460,6 +462,8 @@ def test_a_search_killed_in_a_later_seed_trains_only_the_missing_seeds_on_resume
         "pruner_option",
         "unknown_key",
         "refused_value",
+        "log_scale_from_zero",
+        "low_above_high",
         "storage",
         "enqueue",
         "prune_on",

@@ -142,7 +142,10 @@ def parse_space(params: Mapping[str, Any] | None, overrides: Sequence[str]) -> S
     for override in parsed:
         key = override.get_key_element()
         if override.is_sweep_override():
-            space[key] = _distribution(key, override)
+            try:
+                space[key] = _distribution(key, override)
+            except ValueError as err:  # Optuna's own checks: low > 0 for a log scale, ...
+                raise FerSweepError(f"search space {override.input_line}: {err}") from None
             fixed = [f for f in fixed if override_key(f) != key]  # it wins
         else:
             space.pop(key, None)  # a fixed value on the command line takes the key out
