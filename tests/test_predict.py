@@ -195,6 +195,19 @@ def test_csv_and_json_match_the_training_path(
         assert abs(p.sum() - 1) < 1e-6 and emotion == got[name]["emotion"]
         np.testing.assert_allclose(p, ref[name], atol=1e-5, rtol=0)
 
+    # jsonl: one object per image (the CSV's columns), each line JSON on its own
+    code, out, err = _main(
+        ["--run-id", run_id, "--format", "jsonl", "single.jpg", "faces"], store, capsys, monkeypatch
+    )
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["image"] for r in lines) == sorted(IMAGES)
+    for r in lines:
+        assert (
+            list(r) == ["image", "emotion", *CLASSES] and r["emotion"] == got[r["image"]]["emotion"]
+        )
+        np.testing.assert_allclose([r[c] for c in CLASSES], ref[r["image"]], atol=1e-5, rtol=0)
+
 
 def test_best_picks_the_highest_best_val_acc(
     store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

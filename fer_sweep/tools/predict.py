@@ -388,6 +388,10 @@ def write_csv(preds: Sequence[Prediction], out: TextIO) -> None:
         w.writerow([p.path, p.label, *(f"{v:.8f}" for v in p.probs)])
 
 
+def _probs(p: Prediction) -> dict[str, float]:
+    return dict(zip(CLASSES, p.probs, strict=True))
+
+
 def write_json(
     preds: Sequence[Prediction], out: TextIO, run_id: str, unreadable: Sequence[tuple[str, str]]
 ) -> None:
@@ -398,7 +402,7 @@ def write_json(
             {
                 "image": p.path,
                 "emotion": p.label,
-                "probabilities": dict(zip(CLASSES, p.probs, strict=True)),
+                "probabilities": _probs(p),
             }
             for p in preds
         ],
@@ -432,8 +436,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         print(f"fer_sweep: cannot read {name}: {why}", file=sys.stderr)
     probs = predict(x)
     preds = [Prediction(n, [float(v) for v in row]) for n, row in zip(names, probs, strict=True)]
-    if args.format in ("json", "jsonl"):
+    if args.format == "json":
         write_json(preds, out, model_id, bad)
+    elif args.format == "jsonl":  # one object per image, the CSV's columns
+        write_records(
+            [{"image": p.path, "emotion": p.label} | _probs(p) for p in preds], out, "jsonl"
+        )
     elif preds:
         (write_table if args.format == "table" else write_csv)(preds, out)
     if bad:
