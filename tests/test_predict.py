@@ -19,7 +19,8 @@ from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES
 from fer_sweep.core.device import autocast
 from fer_sweep.core.sources import load_source
-from fer_sweep.tools.predict import decode_image, main
+from fer_sweep.errors import FerSweepError
+from fer_sweep.tools.predict import annotated_names, decode_image, main
 from tests.conftest import migrated_store, real_data, run_cli
 
 # every test here starts the CLI or trains; one worker, so the module's store is trained once
@@ -292,3 +293,18 @@ def test_missing_path_and_missing_store_are_exit_2(
     err = capsys.readouterr().err
     assert code == 2 and str(missing) in err
     assert not missing.exists()  # no empty store is created by a typo
+
+
+def test_annotated_photos_never_overwrite_each_other_or_a_photo(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.png", tmp_path / "a" / "y.jpg"
+    out = tmp_path / "drawn"
+    assert annotated_names([a, b, c], out) == {
+        a: out / "x.jpg", b: out / "x-2.jpg", c: out / "y.jpg"
+    }  # fmt: skip
+    for p in (a, b, c):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"photo")
+    with pytest.raises(FerSweepError, match=r"--annotate .*a: its drawing of .*x.jpg would"):
+        annotated_names([a, b, c], tmp_path / "a")  # drawn into the photos' own folder
+    # a file that is not one of the photos given (an earlier drawing) is drawn over
+    assert annotated_names([b], tmp_path / "a") == {b: tmp_path / "a" / "x.jpg"}

@@ -426,10 +426,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         raise FerSweepError("--annotate draws the faces that --faces finds: add --faces.")
     if not 0 <= args.margin <= 2:
         raise FerSweepError(f"--margin {args.margin}: a fraction of the face's width, 0..2.")
+    # where --annotate draws: a mistake here is found before the model loads
+    drawings = annotated_names(files, args.annotate) if args.annotate is not None else {}
     detector = faces.cascade() if args.faces else None  # a missing OpenCV: before the model
     predict, model_id = _predictor(args)
     if detector is not None:
-        return photos(args, files, detector, predict, model_id, out)
+        return photos(args, files, detector, predict, model_id, out, drawings)
 
     names, x, bad = read_images(files)
     for name, why in bad:
@@ -490,6 +492,27 @@ def _predictor(args: argparse.Namespace) -> tuple[Callable[[np.ndarray], np.ndar
     return predict, run_.info.run_id
 
 
+def annotated_names(files: Sequence[Path], folder: Path) -> dict[Path, Path]:
+    """Where --annotate draws each photo: FOLDER/<name>.jpg, -2, -3, ... where two photos share
+    a name (a/x.jpg, b/x.png); never onto a photo given."""
+    given = {f.resolve() for f in files}
+    taken: set[Path] = set()
+    out = {}
+    for f in files:
+        target, n = folder / f"{f.stem}.jpg", 1
+        while target in taken:
+            n += 1
+            target = folder / f"{f.stem}-{n}.jpg"
+        if target.resolve() in given:
+            raise FerSweepError(
+                f"--annotate {folder}: its drawing of {f} would overwrite the photo "
+                f"{target}; give a folder of its own."
+            )
+        taken.add(target)
+        out[f] = target
+    return out
+
+
 def photos(
     args: argparse.Namespace,
     files: Sequence[Path],
@@ -497,6 +520,7 @@ def photos(
     predict: Callable[[np.ndarray], np.ndarray],
     model_id: str,
     out: TextIO,
+    drawings: dict[Path, Path],
 ) -> int:
     """--faces: every face of every photo, one record each; a photo that cannot be read or has
     no face is named on stderr and the others go on. Exit 0 when a face was classified, else 1."""
@@ -526,7 +550,7 @@ def photos(
         if args.annotate is not None:
             args.annotate.mkdir(parents=True, exist_ok=True)
             drawn = faces.annotate(photo, scale, found, labels)
-            drawn.save(args.annotate / f"{path.stem}.jpg", quality=90)
+            drawn.save(drawings[path], quality=90)
     write_records(records, out, args.format)
     print(
         f"fer_sweep: {len(records)} face(s) in {len(files) - unreadable - no_face} photo(s) "
