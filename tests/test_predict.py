@@ -220,10 +220,11 @@ def test_best_picks_the_highest_best_val_acc(
     )
     # decoys that must never be picked: a FAILED job run with a perfect score, and a better
     # FINISHED one without a model (skipped, and said so)
-    failed = client.create_run(store["exp_id"], tags={"fer_sweep.role": "job"}).info.run_id
+    job = {"fer_sweep.role": "job", "synthetic": "false"}  # what a FER2013 job run carries
+    failed = client.create_run(store["exp_id"], tags=job).info.run_id
     client.log_metric(failed, "best_val_acc", 1.0)
     client.set_terminated(failed, "FAILED")
-    no_model = client.create_run(store["exp_id"], tags={"fer_sweep.role": "job"}).info.run_id
+    no_model = client.create_run(store["exp_id"], tags=job).info.run_id
     client.log_metric(no_model, "best_val_acc", 0.999)
     client.set_terminated(no_model, "FINISHED")
     try:
@@ -237,6 +238,28 @@ def test_best_picks_the_highest_best_val_acc(
     assert json.loads(out)["run_id"] == ranked[0].info.run_id
     assert f"using run {ranked[0].info.run_id}" in err
     assert no_model in err and failed not in err
+
+
+def test_best_is_a_fer2013_run_before_any_synthetic_one(
+    store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, jobs = store["client"], store["jobs"]
+    better, worse = sorted(
+        jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time), reverse=True
+    )
+    was = {r.info.run_id: r.data.tags["synthetic"] for r in jobs}
+    client.set_tag(better.info.run_id, "synthetic", "true")  # easy faces score higher
+    client.set_tag(worse.info.run_id, "synthetic", "false")
+    try:
+        args = ["--run-id", "best", "--format", "json", "faces/gray.png"]
+        code, out, err = _main(args, store, capsys, monkeypatch)
+        assert code == 0 and json.loads(out)["run_id"] == worse.info.run_id, err
+        client.set_tag(worse.info.run_id, "synthetic", "true")  # none from FER2013: the best
+        code, out, err = _main(args, store, capsys, monkeypatch)
+        assert code == 0 and json.loads(out)["run_id"] == better.info.run_id, err
+    finally:
+        for run_id, tag in was.items():
+            client.set_tag(run_id, "synthetic", tag)
 
 
 def test_unknown_run_is_exit_2_naming_run_and_store(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--run-id",
         help="MLflow run id of a training run, or 'best': the FINISHED job run of "
-        "--experiment with the highest best_val_acc",
+        "--experiment with the highest best_val_acc (FER2013 runs before synthetic ones)",
     )
     which.add_argument(
         "--onnx",
@@ -259,7 +260,13 @@ def resolve_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
         "and metrics.best_val_acc >= 0"
     )
     skipped = []
-    for run in _search(client, exp_id, filt):
+    # FER2013 runs first: synthetic faces are easy, and their model is never the one wanted
+    real = _search(client, exp_id, f"{filt} and tags.synthetic = 'false'")
+    seen = set()
+    for run in itertools.chain(real, _search(client, exp_id, filt)):
+        if run.info.run_id in seen:  # a FER2013 run met again in the second search
+            continue
+        seen.add(run.info.run_id)
         if not _has_model(client, run):
             skipped.append(run.info.run_id)
             continue
