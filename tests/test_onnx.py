@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,23 @@ def test_a_foreign_or_broken_onnx_file_is_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr and proc.stdout == ""
     proc = run_cli(["--run-id", "nope", "--no-check"], cwd=tmp_path, module="fer_sweep.export")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_without_the_serving_extra_it_is_one_line_naming_the_install(tmp_path: Path) -> None:
+    """A plain `pip install -e .` has no onnx/onnxruntime: stand-ins that fail to import as a
+    missing package does, first on the path."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for name in ("onnx", "onnxruntime"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('No module named {name}')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}
+    Image.new("L", (48, 48), 100).save(tmp_path / "face.png")
+    cases = [
+        ("fer_sweep.predict", [str(tmp_path / "face.png"), "--onnx", "m.onnx"], "onnxruntime not"),
+        ("fer_sweep.export", ["--run-id", "nope"], "onnx, onnxscript, onnxruntime not installed"),
+        ("fer_sweep.serve", ["--run-id", "nope", "--name", "x"], "onnx, onnxscript, onnxruntime"),
+    ]
+    for module, args, needle in cases:
+        proc = run_cli(args, cwd=tmp_path, module=module, env=env)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+        assert "pip install -e '.[serve]'" in proc.stderr and "Traceback" not in proc.stderr

@@ -33,7 +33,7 @@ from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES, IMAGE_SIZE
 from fer_sweep.sweep import store
 from fer_sweep.tools.cli import add_store_args, run_command
-from fer_sweep.tools.onnx_model import META, onnx_probs, open_onnx
+from fer_sweep.tools.onnx_model import META, onnx_probs, open_onnx, serving_extra
 from fer_sweep.tools.predict import BEST, load_model, normalization, predict_probs, resolve_run
 
 PARITY_GOAL = 0.999
@@ -136,6 +136,7 @@ def run_model(run: Any, uri: str) -> tuple[nn.Module, float, float, dict]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    serving_extra("onnx", "onnxscript", "onnxruntime")  # before the model and the test split
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
     model, mean, std, meta = run_model(run, args.tracking_uri)

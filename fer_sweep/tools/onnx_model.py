@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,24 @@ def read_meta(session: Any, path: str) -> dict:
     return json.loads(meta[META])
 
 
+def serving_extra(*names: str) -> list[Any]:
+    """Packages of fer_sweep's optional ``serve`` extra, imported; a missing one is one line."""
+    found, missing = [], []
+    for name in names:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FerSweepError(
+            f"{', '.join(missing)} not installed: pip install -e '.[serve]' (ONNX and photos)."
+        )
+    return found
+
+
 def open_onnx(path: str | Path) -> tuple[Any, dict]:
     """An onnxruntime session on the CPU and the export's metadata."""
-    import onnxruntime as ort
+    (ort,) = serving_extra("onnxruntime")
 
     if not Path(path).is_file():
         raise FerSweepError(f"no ONNX file {path}; write one with python -m fer_sweep.export.")

@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from fer_sweep.sweep import store
     from fer_sweep.tools.export import export_onnx, run_model
+    from fer_sweep.tools.onnx_model import serving_extra
     from fer_sweep.tools.predict import members_of, resolve_run
 
+    serving_extra("onnx", "onnxscript", "onnxruntime")  # before any run is read
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
     members = members_of(client, run, args.experiment, args.tracking_uri)
