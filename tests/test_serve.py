@@ -101,6 +101,10 @@ def test_a_served_model_finds_the_faces_of_posted_photos(served: str, tmp_path: 
     # the same through dataframe_records
     status, out = _post(served, {"dataframe_records": [{"image": _b64(PORTRAIT)}]})
     assert status == 200 and len(out["predictions"]) == 1
+    # and through "inputs", as columns and as records
+    for inputs in ({"image": [_b64(PORTRAIT)]}, [{"image": _b64(PORTRAIT)}]):
+        status, out = _post(served, {"inputs": inputs})
+        assert status == 200 and len(out["predictions"]) == 1, out
 
 
 def test_bad_requests_get_400_and_the_server_goes_on(served: str, tmp_path: Path) -> None:

@@ -58,6 +58,12 @@ class FacesModel(mlflow.pyfunc.PythonModel):
 
         from fer_sweep.tools.onnx_model import onnx_probs
 
+        if isinstance(model_input, dict):  # {"inputs": {"image": [...]}}: columns by name
+            model_input = pd.DataFrame({k: list(np.atleast_1d(v)) for k, v in model_input.items()})
+        elif isinstance(model_input, (list, np.ndarray)) and all(  # {"inputs": [{"image": ...}]}
+            isinstance(r, dict) for r in model_input
+        ):
+            model_input = pd.DataFrame(list(model_input))
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input.columns:
             got = list(getattr(model_input, "columns", []))
             raise _bad_request(f"the input needs a column {COLUMN!r} of base64 photos; got {got}")
@@ -81,6 +87,8 @@ class FacesModel(mlflow.pyfunc.PythonModel):
 
     @staticmethod
     def _photo(row: int, value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.ndim == 0:  # a record's value via "inputs"
+            value = value.item()
         try:
             data = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
         except (binascii.Error, TypeError, ValueError) as err:
