@@ -145,6 +145,12 @@ def test_an_ensemble_registers_as_one_model_of_its_members(served: str, tmp_path
         module="fer_sweep.serve",
     )
     assert reg.returncode == 0 and "an ensemble of 2" in reg.stdout, reg.stderr[-3000:]
+    # export takes one training run: an ensemble's is refused in one line that says what to do
+    one = run_cli(
+        ["--run-id", ens.info.run_id, "--tracking-uri", uri], cwd=cwd, module="fer_sweep.export"
+    )
+    assert one.returncode == 2 and "is an ensemble: export takes one training run" in one.stderr
+    assert "Traceback" not in one.stderr and not list(cwd.glob("*.onnx"))
     from fer_sweep.sweep.store import use_store
 
     use_store(uri)  # MLflow's registry URI for this process, the environment left as it was

@@ -31,10 +31,19 @@ from torch import nn
 
 from fer_sweep.core.augment import make_transform
 from fer_sweep.core.dataset import CLASSES, IMAGE_SIZE
+from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store
 from fer_sweep.tools.cli import add_store_args, run_command
 from fer_sweep.tools.onnx_model import META, onnx_probs, open_onnx, serving_extra
-from fer_sweep.tools.predict import BEST, load_model, normalization, predict_probs, resolve_run
+from fer_sweep.tools.predict import (
+    BEST,
+    MEMBERS_TAG,
+    ROLE_TAG,
+    load_model,
+    normalization,
+    predict_probs,
+    resolve_run,
+)
 
 PARITY_GOAL = 0.999
 
@@ -139,6 +148,12 @@ def _export(args: argparse.Namespace) -> int:
     serving_extra("onnx", "onnxscript", "onnxruntime")  # before the model and the test split
     client = store.open_existing(args.tracking_uri)
     run = resolve_run(client, args.run_id, args.experiment, args.tracking_uri)
+    if run.data.tags.get(ROLE_TAG) == "ensemble":
+        raise FerSweepError(
+            f"run {run.info.run_id} is an ensemble: export takes one training run (each of its "
+            f"members: {run.data.tags.get(MEMBERS_TAG, '?')}); python -m fer_sweep.serve "
+            f"--run-id {run.info.run_id} registers the ensemble as one model."
+        )
     model, mean, std, meta = run_model(run, args.tracking_uri)
     out = args.out or Path(f"{run.info.run_id}.onnx")
     x = None if args.no_check else run_dataset(client, run, args.data_root).test.x.numpy()
