@@ -135,6 +135,35 @@ def test_stop_at_min_lr_is_off_by_default_and_needs_the_plateau_scheduler(tmp_pa
         _conf(tmp_path, "trainer.early_stopping.patience=0")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=resnet_fast", "model.dropout=0.5"], r"model.dropout=0.5 acts after .* has none"),
+        (["optimizer.nesterov=true"], r"nesterov=true needs momentum"),
+        (["optimizer=adam", "optimizer.momentum=0.9"], r"momentum and optimizer.nesterov are SGD"),
+        (["optimizer=adam", "optimizer.betas=[0.9]"], r"betas=\[0.9\] must be two numbers"),
+        (["optimizer=adam", "optimizer.betas=[0.9,1.0]"], r"must be two numbers in \[0, 1\)"),
+        (["model=resnet", "transforms.crop=64"], r"transforms.crop=64 is larger than the 48x48"),
+        (["scheduler=cosine", "trainer.stop_at_min_lr=true"], r"scheduler=cosine has no such"),
+    ],
+    ids=[
+        "dropout_no_head",
+        "nesterov",
+        "adam_momentum",
+        "betas_len",
+        "betas_range",
+        "crop",
+        "floor",
+    ],
+)
+def test_settings_torch_would_ignore_or_refuse_late_are_refused_by_the_schema(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    """Before the data loads and any run opens; a grid's bad job, before its good ones train."""
+    with pytest.raises(ConfigError, match=message):
+        _conf(tmp_path, *overrides)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

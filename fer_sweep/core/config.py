@@ -88,6 +88,12 @@ class ModelConfig:
         _one_of("model.builder", self.builder, ("cnn", "resnet"))
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must lie in [0, 1).")
         _require(all(h > 0 for h in self.hidden), f"model.hidden={self.hidden} must be positive.")
+        _require(
+            self.dropout == 0 or bool(self.hidden),
+            f"model.dropout={self.dropout} acts after the head's hidden layers and model="
+            f"{self.name} has none (model.hidden=[]): add one (model.hidden=[500]) or set "
+            "model.dropout=0.",
+        )
         if self.builder == "cnn":
             _require(
                 bool(self.conv_channels) and all(c > 0 for c in self.conv_channels),
@@ -161,6 +167,11 @@ class TransformsConfig:
             self.crop >= 0,
             f"transforms.crop={self.crop} must be a size in pixels, or 0 for no crop.",
         )
+        _require(  # every source is decoded to 48x48 (core.dataset.IMAGE_SIZE)
+            self.crop <= 48,
+            f"transforms.crop={self.crop} is larger than the 48x48 images; choose a crop of at "
+            "most 48 pixels, or transforms.crop=0 for none.",
+        )
         _require(
             0.0 <= self.erase <= 1.0,
             f"transforms.erase={self.erase} is a probability per image, 0..1.",
@@ -196,6 +207,22 @@ class OptimizerConfig:
             self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0."
         )
         _require(self.momentum >= 0, f"optimizer.momentum={self.momentum} must be >= 0.")
+        if self.name == "sgd":
+            _require(
+                not self.nesterov or self.momentum > 0,
+                "optimizer.nesterov=true needs momentum: set optimizer.momentum (e.g. 0.9).",
+            )
+        else:
+            _require(
+                self.momentum == 0 and not self.nesterov,
+                f"optimizer.momentum and optimizer.nesterov are SGD's; {self.name} takes "
+                "optimizer.betas instead.",
+            )
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optimizer.betas={self.betas} must be two numbers in [0, 1) (Adam's default: "
+            "[0.9, 0.999]).",
+        )
 
 
 @dataclass
@@ -392,6 +419,12 @@ class Config:
 
     def __post_init__(self) -> None:
         """Checks that span two groups (each group checks its own settings)."""
+        _require(
+            not self.trainer.stop_at_min_lr or self.scheduler.name == "plateau",
+            f"trainer.stop_at_min_lr stops where the plateau scheduler cannot lower the rate; "
+            f"scheduler={self.scheduler.name} has no such floor: use scheduler=plateau or "
+            "trainer.stop_at_min_lr=false.",
+        )
         _require(
             self.transforms.crop == 0 or self.model.builder == "resnet",
             f"transforms.crop={self.transforms.crop} trains on smaller images than it evaluates, "
