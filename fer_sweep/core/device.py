@@ -73,7 +73,7 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     """trainer.amp -> the precision a run really uses, "bf16" (autocast) or "fp32".
 
     auto: bf16 on CUDA devices that support it and on CPUs with native bf16 (every model of
-    Table 2 trains faster there, and its accuracy matches fp32: docs/results.md); fp32 on MPS
+    Table 2 trains faster there; row 1's accuracy matched fp32's: docs/results.md); fp32 on MPS
     and on other CPUs. An explicit bf16 on a device without it is refused.
     """
     if setting == "fp32":
