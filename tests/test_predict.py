@@ -210,14 +210,17 @@ def test_csv_and_json_match_the_training_path(
         np.testing.assert_allclose([r[c] for c in CLASSES], ref[r["image"]], atol=1e-5, rtol=0)
 
 
+def _ranked(jobs: list) -> list:
+    """The trained runs, highest best_val_acc first (ties: the newest), as --run-id best ranks."""
+    return sorted(
+        jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time), reverse=True
+    )
+
+
 def test_best_picks_the_highest_best_val_acc(
     store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, jobs = store["client"], store["jobs"]
-    # the two trained runs, highest best_val_acc first (ties: the newest)
-    ranked = sorted(
-        jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time), reverse=True
-    )
+    client, ranked = store["client"], _ranked(store["jobs"])
     # decoys that must never be picked: a FAILED job run with a perfect score, and a better
     # FINISHED one without a model (skipped, and said so)
     job = {"fer_sweep.role": "job", "synthetic": "false"}  # what a FER2013 job run carries
@@ -244,9 +247,7 @@ def test_best_is_a_fer2013_run_before_any_synthetic_one(
     store: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, jobs = store["client"], store["jobs"]
-    better, worse = sorted(
-        jobs, key=lambda r: (r.data.metrics["best_val_acc"], r.info.start_time), reverse=True
-    )
+    better, worse = _ranked(jobs)
     was = {r.info.run_id: r.data.tags["synthetic"] for r in jobs}
     client.set_tag(better.info.run_id, "synthetic", "true")  # easy faces score higher
     client.set_tag(worse.info.run_id, "synthetic", "false")
