@@ -8,10 +8,13 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from fer_sweep.core.device import resolve_precision
 from tests.conftest import migrated_store, run_cli, start_cli, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
@@ -66,6 +69,33 @@ def test_diverging_job_fails_alone_and_the_sweep_exits_non_zero(
     assert parent.info.status == "FAILED"
 
 
+def _interrupted_in_third_epoch(args: list[str], uri: str, cwd: Path) -> tuple[str, Any]:
+    """Start the CLI with ``args``, SIGTERM it once two epochs are logged (so in the third);
+    returns its KILLED run (id and run), whose checkpoint is left in ``cwd``/checkpoints."""
+    # Create the store first: this polls it while the job runs, and two processes that
+    # first touch a new sqlite file race in MLflow's schema migration.
+    MlflowClient(uri).search_experiments()
+    proc = start_cli([*args, f"mlflow.tracking_uri={uri}"], cwd)
+    deadline = time.time() + 300
+    run_id = None
+    while time.time() < deadline and proc.poll() is None:
+        exp = MlflowClient(uri).get_experiment_by_name("fer_sweep")
+        runs = _runs(uri, "fer_sweep") if exp else []
+        if runs and len(_history(uri, runs[0].info.run_id, "val_acc")) >= 2:
+            run_id = runs[0].info.run_id
+            break
+        time.sleep(0.05)
+    assert run_id is not None, "the run never reached its second epoch"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)  # stdout and stderr together
+    assert proc.returncode != 0
+    assert "KILLED" in out and "trainer.resume" in out
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert (cwd / "checkpoints" / f"{run_id}.pt").exists()
+    return run_id, run
+
+
 def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     tmp_path: Path, data_overrides: list[str]
 ) -> None:
@@ -89,28 +119,7 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     (ref_run,) = _runs(ref_uri, "fer_sweep")
 
     uri = migrated_store(tmp_path / "m.db")
-    # Create the store first: this test polls it while the job runs, and two processes that
-    # first touch a new sqlite file race in MLflow's schema migration.
-    MlflowClient(uri).search_experiments()
-    proc = start_cli([*args, f"mlflow.tracking_uri={uri}"], tmp_path)
-    # Wait until two epochs are logged, then interrupt in the middle of the third.
-    deadline = time.time() + 300
-    run_id = None
-    while time.time() < deadline and proc.poll() is None:
-        exp = MlflowClient(uri).get_experiment_by_name("fer_sweep")
-        runs = _runs(uri, "fer_sweep") if exp else []
-        if runs and len(_history(uri, runs[0].info.run_id, "val_acc")) >= 2:
-            run_id = runs[0].info.run_id
-            break
-        time.sleep(0.05)
-    assert run_id is not None, "the run never reached its second epoch"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)  # stdout and stderr together
-    assert proc.returncode != 0
-    assert "KILLED" in out and "trainer.resume" in out
-    run = MlflowClient(uri).get_run(run_id)
-    assert run.info.status == "KILLED"
-    assert (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+    run_id, run = _interrupted_in_third_epoch(args, uri, tmp_path)
 
     resumed = run_cli([*args, f"mlflow.tracking_uri={uri}", "trainer.resume=auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -133,6 +142,56 @@ def test_sigterm_then_resume_gives_exactly_the_uninterrupted_metrics(
     for key in ("test_acc", "test_loss", "best_val_acc", "best_epoch"):
         assert runs[0].data.metrics[key] == ref_run.data.metrics[key], key
     assert not (tmp_path / "checkpoints" / f"{run_id}.pt").exists()
+
+
+def test_a_run_resumed_on_another_machine_keeps_its_precision(
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
+    """trainer.amp=auto picks bf16 only on CPUs with native bf16: a run that began on such a
+    machine and is continued on another (or the other way round) keeps its first precision,
+    instead of changing its arithmetic halfway while its params name the first."""
+    here = resolve_precision("auto", torch.device("cpu"))
+    began = "fp32" if here == "bf16" else "bf16"  # what "the other machine" picked
+    args = [
+        "model=cnn2",
+        "trainer.epochs=6",
+        "data.limit_per_class=30",
+        "trainer.device=cpu",
+        "trainer.checkpoint_every_s=0",
+        "trainer.progress=false",
+        "mlflow.log_model=false",
+        "mlflow.figures=false",
+        *data_overrides,
+    ]
+    ref_uri = migrated_store(tmp_path / "ref.db")  # uninterrupted, all in this machine's choice
+    ref = run_cli([*args, f"mlflow.tracking_uri={ref_uri}"], cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    (ref_run,) = _runs(ref_uri, "fer_sweep")
+    assert ref_run.data.params["trainer.precision"] == here
+
+    db = tmp_path / "m.db"
+    uri = migrated_store(db)
+    run_id, _ = _interrupted_in_third_epoch(args, uri, tmp_path)
+    first = len(_history(uri, run_id, "train_loss"))  # the epochs this machine trained
+    assert 2 <= first < 6
+    with sqlite3.connect(db) as con:  # as the machine it began on logged it
+        con.execute(
+            "UPDATE params SET value = ? WHERE run_uuid = ? AND key = 'trainer.precision'",
+            (began, run_id),
+        )
+    resumed = run_cli([*args, f"mlflow.tracking_uri={uri}", "trainer.resume=auto"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"began in {began}: it continues in {began} here too" in resumed.stdout
+    (run,) = _runs(uri, "fer_sweep")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert run.data.params["trainer.precision"] == began
+    # the epochs logged before the interruption are this machine's arithmetic (the same as the
+    # reference's); every epoch after it ran in the other precision, so none matches
+    mine = _history(uri, run_id, "train_loss")
+    ref_losses = _history(ref_uri, ref_run.info.run_id, "train_loss")
+    assert len(mine) == len(ref_losses) == 6
+    assert mine[:first] == ref_losses[:first]
+    assert all(a != b for a, b in zip(mine[first:], ref_losses[first:], strict=True)), mine
 
 
 def test_eight_parallel_writers_on_a_new_default_store(

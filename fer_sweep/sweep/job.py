@@ -31,10 +31,16 @@ from fer_sweep.core.checkpoint import State, best_path
 from fer_sweep.core.config import Config, validate
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.dataset import CLASSES, Dataset, Split
-from fer_sweep.core.device import device_name, pick_device, resolve_precision
+from fer_sweep.core.device import (
+    cpu_has_fast_bf16,
+    device_name,
+    pick_device,
+    resolve_precision,
+)
 from fer_sweep.core.evaluate import evaluate
 from fer_sweep.core.models import describe, summary_text
 from fer_sweep.core.train import Result, fit
+from fer_sweep.errors import ConfigError
 from fer_sweep.sweep import progress, store, tracking
 from fer_sweep.sweep.compose import hydra_job
 from fer_sweep.sweep.identity import (
@@ -201,6 +207,8 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> tuple[float, boo
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
     resume_id = resumable_run(client, exp_id, conf, flat)
+    if resume_id is not None:
+        _keep_precision(client.get_run(resume_id).data.params, conf, resume_id)
     cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
     plan = _plan_epochs(client, conf, data, resume_id, started)
     run_id = open_run(client, exp_id, conf, cfg, config_hash(cfg), parent_id, overrides, resume_id)
@@ -231,6 +239,31 @@ def _place(conf: Config, multirun: bool, job_num: int) -> None:
         conf.trainer.device,
         device_name(torch.device(conf.trainer.device)),
         conf.trainer.amp,
+    )
+
+
+def _keep_precision(params: dict[str, str], conf: Config, run_id: str) -> None:
+    """A resumed run keeps the precision it began in: trainer.amp=auto picks by the machine
+    (bf16 only on CPUs with native bf16), and a run continued on another machine must not
+    change its arithmetic halfway while its params name the first one."""
+    began = params.get("trainer.precision")
+    if began not in ("bf16", "fp32") or began == conf.trainer.amp:
+        return
+    device = torch.device(conf.trainer.device)
+    try:
+        conf.trainer.amp = resolve_precision(began, device)
+    except ConfigError:
+        raise ConfigError(
+            f"run {run_id} began in {began}, which {device} cannot run; continue it on a "
+            "device that can, or leave trainer.resume out to start a new run."
+        ) from None
+    slower = began == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16()
+    log.warning(
+        "run %s began in %s: it continues in %s here too%s",
+        run_id,
+        began,
+        began,
+        " (emulated on this CPU, slower than fp32)" if slower else "",
     )
 
 
