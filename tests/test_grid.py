@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep.sweep.validation import grid_key, sweep_jobs
@@ -52,3 +57,56 @@ def test_a_sweeps_fingerprint_is_the_one_it_began_with() -> None:
         "3b5ae58c222f750f"
     )
     assert grid_key(OmegaConf.create({"hydra": {"sweeper": {"_target_": "x.Optuna"}}})) is None
+
+
+def test_another_hydra_apps_grid_is_still_checked_before_its_first_job(tmp_path: Path) -> None:
+    """fer_sweep's plugin points Hydra's `hydra/sweeper=basic` at its sweeper for every Hydra app
+    in the environment; an app without fer_sweep's up-front validation keeps Hydra's own check:
+    an option that does not exist stops the sweep before any job runs, not after some ran."""
+    (tmp_path / "conf" / "db").mkdir(parents=True)
+    (tmp_path / "conf" / "config.yaml").write_text("defaults:\n  - db: mysql\n  - _self_\n")
+    (tmp_path / "conf" / "db" / "mysql.yaml").write_text("name: mysql\n")
+    (tmp_path / "app.py").write_text(
+        "import hydra\n\n\n"
+        "@hydra.main(version_base=None, config_path='conf', config_name='config')\n"
+        "def main(cfg):\n    print('ran', cfg.db.name, flush=True)\n\n\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "app.py", "-m", "db=mysql,nosuch", "hydra.sweep.dir=out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "nosuch" in proc.stderr, proc.stderr[-2000:]
+    assert "ran" not in proc.stdout, proc.stdout  # before: job 0 ran, then job 1 failed
+    assert "FerSweepSweeper" in _sweeper_of(tmp_path)  # it was fer_sweep's sweeper all along
+
+
+def _sweeper_of(app_dir: Path) -> str:
+    """The sweeper class that `hydra/sweeper=basic` names in ``app_dir``'s app."""
+    out = subprocess.run(
+        [sys.executable, "app.py", "--cfg", "hydra", "--package", "hydra.sweeper"],
+        cwd=app_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return out.stdout
+
+
+def test_fer_sweeps_own_grid_is_composed_once_not_twice() -> None:
+    """fer_sweep's jobs were all composed and checked before the parent run opened: its sweeper
+    skips Hydra's second composition of every batch (~0.15 s a job) for them alone."""
+    from hydra_plugins.fer_sweep_plugin import PARENT_CALLBACK, FerSweepSweeper
+
+    sweeper = FerSweepSweeper(max_batch_size=None, params=None)
+    sweeper.hydra_context = None  # no config loader: any composition would fail
+    own = {"callbacks": {"mlflow_parent": {"_target_": PARENT_CALLBACK}}}
+    sweeper.config = OmegaConf.create({"hydra": own})
+    sweeper.validate_batch_is_legal([["model=cnn2"]])
+    sweeper.config = OmegaConf.create({"hydra": {"callbacks": {}}})
+    with pytest.raises((AttributeError, AssertionError)):  # Hydra's check, which composes
+        sweeper.validate_batch_is_legal([["model=cnn2"]])

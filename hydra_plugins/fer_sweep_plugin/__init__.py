@@ -16,7 +16,9 @@ sweep's parent run opened (fer_sweep.sweep.validation: one composition per combi
 config-group options, the schema for the values), so this sweeper skips the second pass.
 Everything else — the grid, the batches, the params, the launchers — is the basic sweeper's.
 Hydra finds it as a plugin in this namespace package; it is the default grid sweeper
-(this package points Hydra's own `hydra/sweeper=basic` entry at it).
+(this package points Hydra's own `hydra/sweeper=basic` entry at it). That entry, like the
+``schema`` options, is registered for every Hydra app in the environment: an app without
+fer_sweep's parent-run callback keeps the basic sweeper's check unchanged.
 """
 
 from collections.abc import Sequence
@@ -29,12 +31,21 @@ from omegaconf import MISSING
 
 from fer_sweep.core.config import SCHEMA_GROUPS, schema_defaults
 
+PARENT_CALLBACK = "fer_sweep.sweep.tracking.MultirunParentCallback"
+
 
 class FerSweepSweeper(BasicSweeper):
-    """The basic sweeper, trusting fer_sweep's up-front validation of every job."""
+    """The basic sweeper, trusting fer_sweep's up-front validation of every job.
+
+    Hydra's `hydra/sweeper=basic` is one entry for every Hydra app in the environment: another
+    app (without fer_sweep's callback, which validates) keeps the basic sweeper's own check."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Done once for the whole grid in MultirunParentCallback.on_multirun_start."""
+        """fer_sweep's jobs: done once for the whole grid in
+        MultirunParentCallback.on_multirun_start; any other app's: Hydra's check."""
+        callbacks = (self.config.hydra.get("callbacks") or {}).values() if self.config else ()
+        if not any(c.get("_target_") == PARENT_CALLBACK for c in callbacks):
+            super().validate_batch_is_legal(batch)
 
 
 # The default grid sweeper: Hydra's own `hydra/sweeper=basic` entry, pointed at this sweeper.
