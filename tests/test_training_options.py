@@ -179,6 +179,53 @@ def test_cpu_checkpoint_holds_no_cuda_state_and_never_initialises_cuda(
     assert not torch.cuda.is_initialized()
 
 
+def test_a_stop_between_the_best_weights_and_the_checkpoint_keeps_a_matching_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The best weights and the checkpoint are two files, written one after the other: a
+    process stopped between the two writes must leave the weights that the checkpoint's
+    best_epoch names (not a later epoch's, which its history no longer holds)."""
+    from fer_sweep.core import checkpoint as ck
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    path = tmp_path / "run.pt"
+
+    def save(epoch: int, best_epoch: int) -> None:
+        weights = {k: torch.full_like(v, float(best_epoch)) for k, v in net.state_dict().items()}
+        state = ck.State(epoch=epoch, best_epoch=best_epoch, best_val_acc=0.1 * best_epoch)
+        state.best_weights, state.best_changed = weights, True
+        ck.save_checkpoint(path, state, net, opt, None, CPU)
+
+    def best_of(state: ck.State) -> float:
+        assert state.best_weights is not None
+        return float(state.best_weights["weight"].flatten()[0])
+
+    save(epoch=0, best_epoch=0)
+    real = ck._atomic_save
+
+    def killed_at_the_checkpoint(obj: object, target: Path) -> None:
+        if target == path:
+            raise KeyboardInterrupt  # after the best weights' write, before the checkpoint's
+        real(obj, target)
+
+    monkeypatch.setattr(ck, "_atomic_save", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        save(epoch=1, best_epoch=1)
+    monkeypatch.setattr(ck, "_atomic_save", real)
+    state = ck.load_checkpoint(path, net, opt, None, CPU)
+    assert (state.epoch, state.best_epoch, best_of(state)) == (0, 0, 0.0)
+
+    save(epoch=2, best_epoch=2)  # the next checkpoint: its best file alone is left
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["run.best-3.pt", "run.pt"]
+    assert best_of(ck.load_checkpoint(path, net, opt, None, CPU)) == 2.0
+    # a checkpoint of older code, whose best weights had no epoch in their name
+    ck.best_path(path, 2).rename(tmp_path / "run.best.pt")
+    assert best_of(ck.load_checkpoint(path, net, opt, None, CPU)) == 2.0
+    ck.remove_checkpoint(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("old_checkpoint", [False, True])
 def test_a_resumed_runs_train_seconds_count_every_stretch(
     synthetic_root: Path, tmp_path: Path, old_checkpoint: bool

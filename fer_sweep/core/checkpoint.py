@@ -53,12 +53,14 @@ def save_checkpoint(
     ema: AveragedModel | None = None,
 ) -> None:
     """Atomic: write a temporary file beside the target, then rename over it. The best weights
-    go to their own file (``best_path``), rewritten only when they changed since the last
-    checkpoint: most epochs of a long run do not beat the best."""
+    go to their own file, written only when they changed since the last checkpoint (most epochs
+    of a long run do not beat the best), and named by their epoch (``best_path``): the
+    checkpoint names the one that belongs to it, so a process stopped between the two writes
+    leaves a pair that still matches; older best files go once the checkpoint is in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if state.best_changed and state.best_weights is not None:
-        _atomic_save(state.best_weights, best_path(path))
-        state.best_changed = False
+    wrote_best = state.best_changed and state.best_weights is not None
+    if wrote_best:
+        _atomic_save(state.best_weights, best_path(path, state.best_epoch))
     blob = {
         "epoch": state.epoch,
         "epochs": state.epochs,
@@ -80,11 +82,32 @@ def save_checkpoint(
         "rng_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
     _atomic_save(blob, path)
+    if wrote_best:
+        state.best_changed = False
+        keep = best_path(path, state.best_epoch)
+        for old in _best_files(path):
+            if old != keep:
+                old.unlink(missing_ok=True)
 
 
-def best_path(path: Path) -> Path:
-    """<run id>.best.pt beside <run id>.pt."""
+def best_path(path: Path, epoch: int) -> Path:
+    """<run id>.best-<epoch>.pt beside <run id>.pt: the weights of that epoch (1-based)."""
+    return path.with_name(f"{path.stem}.best-{epoch + 1}{path.suffix}")
+
+
+def _best_files(path: Path) -> list[Path]:
+    """Every best-weights file of the run at ``path`` (<run id>.best.pt: older code's)."""
+    return [*path.parent.glob(f"{path.stem}.best-*{path.suffix}"), _legacy_best(path)]
+
+
+def _legacy_best(path: Path) -> Path:
     return path.with_name(f"{path.stem}.best{path.suffix}")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A run's checkpoint and its best weights, once the run no longer needs them."""
+    for f in (path, *_best_files(path)):
+        f.unlink(missing_ok=True)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -105,7 +128,9 @@ def load_checkpoint(
     arbitrary pickles)."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        best = best_path(path)
+        best = best_path(path, blob["best_epoch"])
+        if not best.exists():  # a checkpoint of older code: one unnamed best file
+            best = _legacy_best(path)
         best_weights = (
             torch.load(best, map_location="cpu", weights_only=True) if best.exists() else None
         )

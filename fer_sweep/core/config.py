@@ -300,7 +300,8 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch intra-op threads; null = torch's default
     progress: bool = True  # a progress bar per epoch
-    # <run id>.pt (the run's state) and <run id>.best.pt (its best weights), deleted at the end
+    # <run id>.pt (the run's state) and <run id>.best-<epoch>.pt (its best weights), deleted at
+    # the end
     checkpoint_dir: str = "checkpoints"
     resume: str | None = None  # null | auto | <mlflow run id>: continue an interrupted run
     checkpoint_every_s: float = 60.0  # at most one checkpoint per this many s; 0 = every epoch

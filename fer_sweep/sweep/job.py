@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_sweep.core import budget, figures, interrupt, runtime
 from fer_sweep.core.augment import check_crop
-from fer_sweep.core.checkpoint import State, best_path
+from fer_sweep.core.checkpoint import State, remove_checkpoint
 from fer_sweep.core.config import Config, validate
 from fer_sweep.core.data import load_dataset
 from fer_sweep.core.dataset import CLASSES, Dataset, Split
@@ -391,8 +391,7 @@ def _train_and_log(
         tracking.retry(client.set_terminated, run_id, status="FINISHED")
     except Pruned as stop:
         _mark_pruned(client, run_id, stop)
-        ckpt.unlink(missing_ok=True)
-        best_path(ckpt).unlink(missing_ok=True)
+        remove_checkpoint(ckpt)
         raise
     except BaseException as err:
         if hooks is not None:  # the run's own mark follows: its trial failed with it
@@ -400,8 +399,7 @@ def _train_and_log(
                 tracking.set_tags(client, run_id, {TRIAL_STATE: "FAIL"})
         _mark_stopped(client, run_id, err, ckpt, conf.trainer.checkpoint_every_s)
         raise
-    ckpt.unlink(missing_ok=True)
-    best_path(ckpt).unlink(missing_ok=True)
+    remove_checkpoint(ckpt)
     return result.state.best_val_acc
 
 
