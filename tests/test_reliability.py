@@ -14,8 +14,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from fer_sweep.core.checkpoint import in_training
 from fer_sweep.core.device import resolve_precision
-from tests.conftest import migrated_store, run_cli, start_cli, tiny_run
+from tests.conftest import migrated_store, one_error_line, run_cli, start_cli, tiny_run
 
 pytestmark = pytest.mark.slow  # every test here starts the CLI or trains
 
@@ -192,6 +193,61 @@ def test_a_run_resumed_on_another_machine_keeps_its_precision(
     assert len(mine) == len(ref_losses) == 6
     assert mine[:first] == ref_losses[:first]
     assert all(a != b for a, b in zip(mine[first:], ref_losses[first:], strict=True)), mine
+
+
+def test_a_run_that_another_process_trains_is_never_continued_twice(
+    tmp_path: Path, data_overrides: list[str]
+) -> None:
+    """While a process trains a run (its checkpoint on disk, its status RUNNING), a second
+    process does not continue it too: trainer.resume=<its id> is refused in one line, and
+    trainer.resume=auto leaves it alone and starts a run of its own."""
+    args = [
+        "model=cnn2",
+        "trainer.epochs=100000",  # trains until this test stops it
+        "data.limit_per_class=30",
+        "trainer.checkpoint_every_s=0",
+        "trainer.progress=false",
+        "mlflow.log_model=false",
+        "mlflow.figures=false",
+        *data_overrides,
+    ]
+    uri = migrated_store(tmp_path / "m.db")
+    MlflowClient(uri).search_experiments()  # the store exists before two processes use it
+    first = start_cli([*args, f"mlflow.tracking_uri={uri}"], tmp_path)
+    second = None
+    try:
+        deadline, run_id = time.time() + 300, None
+        while time.time() < deadline and first.poll() is None and run_id is None:
+            runs = (
+                _runs(uri, "fer_sweep")
+                if MlflowClient(uri).get_experiment_by_name("fer_sweep")
+                else []
+            )
+            if runs and (tmp_path / "checkpoints" / f"{runs[0].info.run_id}.pt").exists():
+                run_id = runs[0].info.run_id
+            time.sleep(0.05)
+        assert run_id is not None, "the first process never wrote a checkpoint"
+
+        # refused at once (before: it trained the same run beside the first, until killed)
+        twice = run_cli(
+            [*args, f"mlflow.tracking_uri={uri}", f"trainer.resume={run_id}"], tmp_path, timeout=240
+        )
+        one_error_line(twice, run_id, "being trained right now", "pid ")
+        second = start_cli([*args, f"mlflow.tracking_uri={uri}", "trainer.resume=auto"], tmp_path)
+        deadline = time.time() + 300
+        while time.time() < deadline and second.poll() is None and len(_runs(uri, "fer_sweep")) < 2:
+            time.sleep(0.05)
+        assert len(_runs(uri, "fer_sweep")) == 2  # a run of its own, beside the first
+        assert first.poll() is None  # the first trains on, alone on its run
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.communicate(timeout=60)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags.get("fer_sweep.resumes") is None
+    # once its process has ended, the run is free to continue: the lock went with the process
+    assert not in_training(tmp_path / "checkpoints" / f"{run_id}.pt")
 
 
 def test_eight_parallel_writers_on_a_new_default_store(

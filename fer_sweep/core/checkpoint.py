@@ -3,12 +3,13 @@ atomically, at most once per trainer.checkpoint_every_s, read back by trainer.re
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -106,8 +107,38 @@ def _legacy_best(path: Path) -> Path:
 
 def remove_checkpoint(path: Path) -> None:
     """A run's checkpoint and its best weights, once the run no longer needs them."""
-    for f in (path, *_best_files(path)):
+    for f in (path, *_best_files(path), _lock_path(path)):
         f.unlink(missing_ok=True)
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_suffix(".lock")
+
+
+def claim(path: Path) -> IO[str] | None:
+    """Lock <run id>.lock beside the checkpoint for as long as the returned file stays open:
+    the process that trains a run holds it, so no second process continues the same run at
+    the same time. None: a live process holds it. The lock ends with its process however that
+    ends (kill, reboot, node lost): no stale lock is ever left to clear by hand."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(_lock_path(path), "a")  # noqa: SIM115 (held open: the open file IS the lock)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def in_training(path: Path) -> bool:
+    """Whether a live process trains the run whose checkpoint is ``path`` right now."""
+    if not _lock_path(path).exists():
+        return False
+    held = claim(path)
+    if held is None:
+        return True
+    held.close()
+    return False
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

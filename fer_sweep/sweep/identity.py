@@ -11,15 +11,18 @@ setting comes with a default that keeps the old behaviour).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fer_sweep.core.checkpoint import claim, in_training
 from fer_sweep.core.config import Config
 from fer_sweep.errors import FerSweepError
 from fer_sweep.sweep import store, tracking
@@ -104,7 +107,13 @@ def resumable_run(
     if resume == "auto":
         runs = _candidates(client, exp_id, "attributes.status != 'FINISHED'", flat)
         resume = next(
-            (r.info.run_id for r in runs if (ckpt_dir / f"{r.info.run_id}.pt").exists()), None
+            (
+                r.info.run_id
+                for r in runs
+                if (ckpt_dir / f"{r.info.run_id}.pt").exists()
+                and not in_training(ckpt_dir / f"{r.info.run_id}.pt")  # not another's, live
+            ),
+            None,
         )
         if resume is None:
             log.info("trainer.resume=auto: no interrupted run of this config; starting a new one")
@@ -126,6 +135,8 @@ def resumable_run(
                 f"trainer.resume={resume}: that run was trained with different "
                 "settings; resume it with the same overrides."
             )
+        if in_training(ckpt_dir / f"{resume}.pt"):
+            raise FerSweepError(being_trained(resume, run.data.tags))
     return resume or None
 
 
@@ -141,3 +152,23 @@ def earlier_runs(
         (r.info.run_id for r in runs if (ckpt_dir / f"{r.info.run_id}.pt").exists()), None
     )
     return finished, resumable
+
+
+def being_trained(run_id: str, tags: dict[str, str]) -> str:
+    """The one line for a run that another live process is training."""
+    where = f" (pid {tags.get('fer_sweep.pid', '?')} on {tags.get('fer_sweep.host', '?')})"
+    return (
+        f"run {run_id} is being trained right now by another process{where}; "
+        "wait for it to end or stop it first (SIGTERM), then continue it."
+    )
+
+
+@contextlib.contextmanager
+def claimed(ckpt: Path, run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
+    """This process trains ``run_id`` until the block ends (checkpoint.claim), so
+    trainer.resume and sweep.resume in another process leave it alone."""
+    lock = claim(ckpt)
+    if lock is None:  # another process claimed it since resumable_run looked
+        raise FerSweepError(being_trained(run_id, tags or {}))
+    with lock:
+        yield

@@ -44,6 +44,7 @@ from fer_sweep.errors import ConfigError
 from fer_sweep.sweep import progress, store, tracking
 from fer_sweep.sweep.compose import hydra_job
 from fer_sweep.sweep.identity import (
+    claimed,
     config_hash,
     earlier_runs,
     job_config,
@@ -207,20 +208,30 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> tuple[float, boo
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
     resume_id = resumable_run(client, exp_id, conf, flat)
-    if resume_id is not None:
-        _keep_precision(client.get_run(resume_id).data.params, conf, resume_id)
-    cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
-    plan = _plan_epochs(client, conf, data, resume_id, started)
-    run_id = open_run(client, exp_id, conf, cfg, config_hash(cfg), parent_id, overrides, resume_id)
-    if hooks is not None:
-        hooks.run_id = run_id
-        tracking.set_tags(client, run_id, hooks.tags)
-    pacer = None
-    if plan is not None:
-        pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
-    best = _train_and_log(
-        client, run_id, conf, cfg, data, plan, pacer, resume_id is not None, hooks
-    )
+    ckpt_dir = Path(conf.trainer.checkpoint_dir)
+    with contextlib.ExitStack() as held:
+        if resume_id is not None:
+            resumed_run = client.get_run(resume_id)
+            held.enter_context(
+                claimed(ckpt_dir / f"{resume_id}.pt", resume_id, resumed_run.data.tags)
+            )
+            _keep_precision(resumed_run.data.params, conf, resume_id)
+        cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
+        plan = _plan_epochs(client, conf, data, resume_id, started)
+        run_id = open_run(
+            client, exp_id, conf, cfg, config_hash(cfg), parent_id, overrides, resume_id
+        )
+        if resume_id is None:  # a new run's id is unknown to any other process yet
+            held.enter_context(claimed(ckpt_dir / f"{run_id}.pt", run_id))
+        if hooks is not None:
+            hooks.run_id = run_id
+            tracking.set_tags(client, run_id, hooks.tags)
+        pacer = None
+        if plan is not None:
+            pacer = budget.Pacer(started + conf.trainer.time_budget_min * 60 - plan.final_s, cap)
+        best = _train_and_log(
+            client, run_id, conf, cfg, data, plan, pacer, resume_id is not None, hooks
+        )
     return best, True
 
 
