@@ -9,6 +9,9 @@ processes. Arrangements run one after another, then again in reverse order, so t
 of the machine shows up as a difference between the two rounds.
 
     FER2013_ROOT=... python scripts/cores_choice.py --model resnet --transforms aug --seconds 60
+
+--alt OVERRIDE (repeatable) adds one arrangement more: one job on every core, eager, with that
+Hydra override (e.g. trainer.channels_last=false, trainer.amp=bf16), timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import platform
 import time
 from typing import Any
 
+Plan = tuple[int, int, bool, str | None]  # jobs, threads each, compiled, one more override
 
-def _worker(args: argparse.Namespace, threads: int, compiled: bool, barrier: Any, out: Any) -> None:
+
+def _worker(
+    args: argparse.Namespace, threads: int, compiled: bool, alt: str | None, barrier: Any, out: Any
+) -> None:
     import torch
 
     from fer_sweep.core.data import load_dataset
@@ -36,6 +43,7 @@ def _worker(args: argparse.Namespace, threads: int, compiled: bool, barrier: Any
             f"transforms={args.transforms}",
             "trainer.device=cpu",
             f"trainer.compile={str(compiled).lower()}",
+            *([alt] if alt else []),
         ]
     )
     data = load_dataset(conf.data)
@@ -48,12 +56,13 @@ def _worker(args: argparse.Namespace, threads: int, compiled: bool, barrier: Any
     out.put(images / (time.perf_counter() - t0))
 
 
-def arrangement(args: argparse.Namespace, jobs: int, threads: int, compiled: bool) -> float:
+def arrangement(args: argparse.Namespace, plan: Plan) -> float:
     """The images/s of ``jobs`` processes of ``threads`` threads each, summed."""
+    jobs, threads, compiled, alt = plan
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(jobs), ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(args, threads, compiled, barrier, out))
+        ctx.Process(target=_worker, args=(args, threads, compiled, alt, barrier, out))
         for _ in range(jobs)
     ]
     for p in procs:
@@ -71,17 +80,26 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="timed window per arrangement")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("--no-compile", action="store_true", help="eager arrangements only")
+    p.add_argument(
+        "--alt",
+        action="append",
+        default=[],
+        help="one more arrangement: 1 job, "
+        "every core, eager, with this Hydra override (repeatable)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     cores = os.cpu_count() or 1
-    plans = [(1, cores, False), (cores, 1, False)]
+    plans: list[Plan] = [(1, cores, False, None), (cores, 1, False, None)]
     if not args.no_compile:
-        plans += [(1, cores, True), (cores, 1, True)]
+        plans += [(1, cores, True, None), (cores, 1, True, None)]
+    plans += [(1, cores, False, alt) for alt in args.alt]
     results: dict[str, list[float]] = {}
     for plan in [*plans, *reversed(plans)]:
-        jobs, threads, compiled = plan
+        jobs, threads, compiled, alt = plan
         name = f"{jobs} job(s) x {threads} thread(s){' compiled' if compiled else ''}"
-        ips = arrangement(args, *plan)
+        name += f" {alt}" if alt else ""
+        ips = arrangement(args, plan)
         results.setdefault(name, []).append(round(ips, 1))
         print(f"{name}: {ips:.1f} img/s", flush=True)
     print(f"\n{args.model} + {args.transforms}, {cores} cores ({platform.processor() or '?'}):")
