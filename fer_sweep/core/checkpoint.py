@@ -3,7 +3,6 @@ atomically, at most once per trainer.checkpoint_every_s, read back by trainer.re
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
@@ -16,6 +15,11 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fer_sweep.errors import FerSweepError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; a run there is not guarded against a second process
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,8 @@ def claim(path: Path) -> IO[str] | None:
     ends (kill, reboot, node lost): no stale lock is ever left to clear by hand."""
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(_lock_path(path), "a")  # noqa: SIM115 (held open: the open file IS the lock)
+    if fcntl is None:
+        return f
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
