@@ -98,10 +98,11 @@ def _candidates(client: MlflowClient, exp_id: str, where: str, flat: dict[str, s
 
 def resumable_run(
     client: MlflowClient, exp_id: str, conf: Config, flat: dict[str, str]
-) -> str | None:
-    """The interrupted run that trainer.resume names (auto: this config's newest one that left a
-    checkpoint), checked against its checkpoint and settings; None: a new run. Changes nothing,
-    so a job knows before it measures or creates anything whether it continues a run."""
+) -> Any | None:
+    """The interrupted run (MLflow's) that trainer.resume names (auto: this config's newest one
+    that left a checkpoint and no live process trains), checked against its checkpoint and
+    settings; None: a new run. Changes nothing, so a job knows before it measures or creates
+    anything whether it continues a run (the job then claims it: ``claimed``)."""
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
     resume = conf.trainer.resume
     if resume == "auto":
@@ -135,9 +136,8 @@ def resumable_run(
                 f"trainer.resume={resume}: that run was trained with different "
                 "settings; resume it with the same overrides."
             )
-        if in_training(ckpt_dir / f"{resume}.pt"):
-            raise FerSweepError(being_trained(resume, run.data.tags))
-    return resume or None
+        return run
+    return None
 
 
 def earlier_runs(
@@ -154,21 +154,18 @@ def earlier_runs(
     return finished, resumable
 
 
-def being_trained(run_id: str, tags: dict[str, str]) -> str:
-    """The one line for a run that another live process is training."""
-    where = f" (pid {tags.get('fer_sweep.pid', '?')} on {tags.get('fer_sweep.host', '?')})"
-    return (
-        f"run {run_id} is being trained right now by another process{where}; "
-        "wait for it to end or stop it first (SIGTERM), then continue it."
-    )
-
-
 @contextlib.contextmanager
 def claimed(ckpt: Path, run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
     """This process trains ``run_id`` until the block ends (checkpoint.claim), so
-    trainer.resume and sweep.resume in another process leave it alone."""
+    trainer.resume and sweep.resume in another process leave it alone; a run that a live
+    process trains already is refused in one line."""
     lock = claim(ckpt)
-    if lock is None:  # another process claimed it since resumable_run looked
-        raise FerSweepError(being_trained(run_id, tags or {}))
+    if lock is None:
+        tags = tags or {}
+        where = f"pid {tags.get('fer_sweep.pid', '?')} on {tags.get('fer_sweep.host', '?')}"
+        raise FerSweepError(
+            f"run {run_id} is being trained right now by another process ({where}); "
+            "wait for it to end or stop it first (SIGTERM), then continue it."
+        )
     with lock:
         yield

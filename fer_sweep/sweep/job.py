@@ -207,15 +207,13 @@ def _run_job(cfg: DictConfig, hooks: RunHooks | None = None) -> tuple[float, boo
     )
     check_crop(conf.transforms.crop, tuple(data.train.x.shape[-2:]))  # before the run exists
 
-    resume_id = resumable_run(client, exp_id, conf, flat)
+    earlier = resumable_run(client, exp_id, conf, flat)  # the interrupted run it continues
+    resume_id = earlier.info.run_id if earlier is not None else None
     ckpt_dir = Path(conf.trainer.checkpoint_dir)
     with contextlib.ExitStack() as held:
-        if resume_id is not None:
-            resumed_run = client.get_run(resume_id)
-            held.enter_context(
-                claimed(ckpt_dir / f"{resume_id}.pt", resume_id, resumed_run.data.tags)
-            )
-            _keep_precision(resumed_run.data.params, conf, resume_id)
+        if earlier is not None:
+            held.enter_context(claimed(ckpt_dir / f"{resume_id}.pt", resume_id, earlier.data.tags))
+            _keep_precision(earlier.data.params, conf, resume_id)
         cap = conf.trainer.epochs  # a time budget's plans never exceed trainer.epochs
         plan = _plan_epochs(client, conf, data, resume_id, started)
         run_id = open_run(
